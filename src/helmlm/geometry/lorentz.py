@@ -1,0 +1,207 @@
+"""Pure functions on the Lorentz model (hyperboloid) of hyperbolic space.
+
+Convention (MATH.md section 1): a point is ``x = (x_t, x_s)`` in ``R^(1+n)`` with
+``<x, x>_L = -x_t^2 + |x_s|^2 = -c`` and ``x_t > 0``; the sectional curvature is ``K = -1/c``. ``n`` is the
+*space dim*, ``n + 1`` the *ambient dim*. The time coordinate is always index 0 of the last axis.
+
+Every function takes the curvature parameter ``c`` as a float or a tensor (broadcastable against the point's
+leading axes with a trailing singleton, e.g. a 0-d tensor), so it can be learned.
+
+Precision policy: the functions here are the manifold operations of the models. Inputs in a low-precision float
+type (bf16/fp16) are promoted to fp32 before any arithmetic, because ``|x_s|^2`` is ~1e3-1e4 in these models and a
+bf16 mantissa loses ``c`` entirely. fp32 and fp64 inputs are computed in their own precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "as_curvature",
+    "minkowski_inner",
+    "time_from_space",
+    "lift",
+    "origin",
+    "sq_distance",
+    "distance",
+    "expmap0",
+    "logmap0",
+    "project",
+    "rescale_curvature",
+    "lorentz_normalize",
+    "centroid",
+    "manifold_violation",
+    "max_radius",
+]
+
+# Largest geodesic radius (in units of sqrt(c)) that expmap0 maps without overflowing |x|^2, per precision:
+# cosh(r)^2 must stay below the dtype's max (fp32 ~3.4e38 -> r < 44.4, fp64 ~1.8e308 -> r < 354).
+_MAX_RADIUS = {torch.float32: 40.0, torch.float64: 350.0}
+
+
+def _promote(x: Tensor) -> Tensor:
+    """Upcast bf16/fp16 to fp32; fp32 and fp64 pass through (the manifold-op precision policy)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def max_radius(dtype: torch.dtype) -> float:
+    """Largest geodesic radius / sqrt(c) that :func:`expmap0` represents in ``dtype`` (larger radii are clamped)."""
+    return _MAX_RADIUS.get(dtype, _MAX_RADIUS[torch.float32])
+
+
+def as_curvature(c: float | Tensor, like: Tensor) -> Tensor:
+    """Return ``c`` as a tensor on ``like``'s device, in ``like``'s (promoted) dtype; a tensor keeps its graph."""
+    dtype = _promote(like).dtype
+    if isinstance(c, Tensor):
+        return c.to(device=like.device, dtype=dtype)
+    return torch.tensor(float(c), device=like.device, dtype=dtype)
+
+
+def minkowski_inner(x: Tensor, y: Tensor, keepdim: bool = False) -> Tensor:
+    """Minkowski inner product ``<x, y>_L = -x_t y_t + x_s . y_s`` over the last axis."""
+    x, y = _promote(x), _promote(y)
+    out = (x[..., 1:] * y[..., 1:]).sum(-1, keepdim=True) - x[..., :1] * y[..., :1]
+    return out if keepdim else out.squeeze(-1)
+
+
+def time_from_space(space: Tensor, c: float | Tensor) -> Tensor:
+    """Time coordinate of the point with space part ``s``: ``sqrt(|s|^2 + c)`` (shape ``(..., 1)``)."""
+    space = _promote(space)
+    return (space.square().sum(-1, keepdim=True) + as_curvature(c, space)).sqrt()
+
+
+def lift(space: Tensor, c: float | Tensor) -> Tensor:
+    """The unique hyperboloid point with space part ``s``: ``(sqrt(|s|^2 + c), s)``."""
+    space = _promote(space)
+    return torch.cat([time_from_space(space, c), space], dim=-1)
+
+
+def origin(space_dim: int, c: float | Tensor, *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """The origin ``o = (sqrt(c), 0, ..., 0)`` of the hyperboloid with ``space_dim`` space coordinates."""
+    o = torch.zeros(space_dim + 1, dtype=dtype, device=device)
+    o[0] = as_curvature(c, o).sqrt()
+    return o
+
+
+def sq_distance(x: Tensor, y: Tensor, c: float | Tensor | None = None) -> Tensor:
+    """Squared Lorentzian distance ``d2(x, y) = -2c - 2<x, y>_L``.
+
+    Computed as ``<x - y, x - y>_L``, which equals the formula on the manifold but does not cancel catastrophically
+    for nearby points; clamped at 0. ``c`` is accepted for symmetry with the other functions and is not needed.
+    """
+    d = _promote(x) - _promote(y)
+    return minkowski_inner(d, d).clamp_min(0)
+
+
+def distance(x: Tensor, y: Tensor, c: float | Tensor) -> Tensor:
+    """Geodesic distance ``sqrt(c) * arcosh(-<x, y>_L / c)``.
+
+    Uses the equivalent ``2 sqrt(c) asinh(sqrt(d2) / (2 sqrt(c)))`` (since ``d2 = 4c sinh^2(d / (2 sqrt c))``), which
+    is accurate for nearby points where arcosh of a number close to 1 is not.
+    """
+    d2 = sq_distance(x, y)
+    sqrt_c = as_curvature(c, d2).sqrt()
+    return 2 * sqrt_c * torch.asinh(d2.sqrt() / (2 * sqrt_c))
+
+
+def _sinhc(r: Tensor) -> Tensor:
+    """sinh(r) / r, with its Taylor series near 0 (where the ratio is 0/0)."""
+    small = r < 1e-3
+    safe = torch.where(small, torch.ones_like(r), r)
+    return torch.where(small, 1 + r * r / 6, torch.sinh(safe) / safe)
+
+
+def _asinhc(r: Tensor) -> Tensor:
+    """asinh(r) / r, with its Taylor series near 0."""
+    small = r < 1e-3
+    safe = torch.where(small, torch.ones_like(r), r)
+    return torch.where(small, 1 - r * r / 6, torch.asinh(safe) / safe)
+
+
+def _norm(v: Tensor) -> Tensor:
+    """Euclidean norm over the last axis (keepdim) whose gradient is finite at 0."""
+    sq = v.square().sum(-1, keepdim=True)
+    return torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt() * (sq > 0)
+
+
+def expmap0(u: Tensor, c: float | Tensor) -> Tensor:
+    """Exponential map at the origin of a tangent vector given by its space part ``u``.
+
+    ``expmap0(u) = (sqrt(c) cosh(|u|/sqrt(c)), sqrt(c) sinh(|u|/sqrt(c)) u/|u|)``. The space part is written as
+    ``u * sinh(r)/r`` (stable as ``|u| -> 0``) and the time is recomputed from it, so the result lies on the
+    hyperboloid to working precision. The radius ``r = |u|/sqrt(c)`` is clamped at :func:`max_radius` so that
+    huge inputs give finite points instead of ``inf``.
+    """
+    u = _promote(u)
+    sqrt_c = as_curvature(c, u).sqrt()
+    r = _norm(u) / sqrt_c
+    r_clamped = r.clamp_max(max_radius(u.dtype))
+    # When clamped, shrink u to the clamped radius before scaling: u * (r_clamped / r) * sinhc(r_clamped).
+    shrink = torch.where(r > r_clamped, r_clamped / torch.where(r > 0, r, torch.ones_like(r)), torch.ones_like(r))
+    space = u * shrink * _sinhc(r_clamped)
+    return lift(space, c)
+
+
+def logmap0(x: Tensor, c: float | Tensor) -> Tensor:
+    """Logarithmic map at the origin, returning the tangent vector's space part.
+
+    ``logmap0(x) = sqrt(c) asinh(|x_s|/sqrt(c)) x_s/|x_s|``. Only the space part is used (the asinh form), which is
+    stable near the origin, unlike ``arcosh(x_t/sqrt(c))``.
+    """
+    xs = _promote(x)[..., 1:]
+    sqrt_c = as_curvature(c, xs).sqrt()
+    r = _norm(xs) / sqrt_c
+    return xs * _asinhc(r)
+
+
+def project(x: Tensor, c: float | Tensor) -> Tensor:
+    """Project onto the hyperboloid by recomputing the time coordinate from the space part (``lift(x_s)``)."""
+    return lift(_promote(x)[..., 1:], c)
+
+
+def rescale_curvature(x: Tensor, c_from: float | Tensor, c_to: float | Tensor) -> Tensor:
+    """Map a point of the ``c_from`` hyperboloid onto the ``c_to`` one: ``x * sqrt(c_to / c_from)``."""
+    x = _promote(x)
+    return x * (as_curvature(c_to, x) / as_curvature(c_from, x)).sqrt()
+
+
+def lorentz_normalize(a: Tensor, c: float | Tensor, eps: float = 1e-8) -> Tensor:
+    """Rescale a time-like vector onto the hyperboloid: ``sqrt(c) a / sqrt(|<a, a>_L|)``.
+
+    For ``a`` a positive combination of hyperboloid points this is their weighted Lorentzian centroid. ``eps``
+    bounds the denominator away from 0.
+    """
+    a = _promote(a)
+    denom = minkowski_inner(a, a, keepdim=True).abs().clamp_min(eps).sqrt()
+    return as_curvature(c, a).sqrt() * a / denom
+
+
+def centroid(x: Tensor, c: float | Tensor, weights: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    """Weighted Lorentzian centroid of points ``x`` (``(..., M, D)``) with weights ``(..., K, M)`` (or uniform).
+
+    ``a = weights @ x``, ``mu = sqrt(c) a / sqrt(|<a, a>_L|)``. With ``weights=None`` returns the centroid of the
+    ``M`` points (shape ``(..., D)``); with weights, one centroid per weight row (shape ``(..., K, D)``).
+    """
+    x = _promote(x)
+    a = x.mean(dim=-2) if weights is None else _promote(weights).to(x.dtype) @ x
+    return lorentz_normalize(a, c, eps)
+
+
+def manifold_violation(x: Tensor, c: float | Tensor, relative_to: str = "curvature") -> Tensor:
+    """Constraint violation ``|<x, x>_L + c|`` of each point, evaluated in fp64, relative to ``c`` or to ``x_t^2``.
+
+    ``relative_to="curvature"`` divides by ``c``: "is this point on *this* hyperboloid", meaningful while
+    ``x_t^2`` is not orders of magnitude above ``c`` (fp32 rounding alone contributes ~``1e-7 x_t^2 / c``).
+    ``relative_to="scale"`` divides by ``x_t^2 = |x_s|^2 + c``: the error relative to the size of the terms,
+    i.e. "on the manifold to the precision its coordinates can hold", meaningful at any norm.
+    Evaluating in fp64 measures the *stored* point, not the rounding of the check. Points on the lower sheet
+    (``x_t <= 0``) report ``inf``.
+    """
+    if relative_to not in ("curvature", "scale"):
+        raise ValueError(f"relative_to must be 'curvature' or 'scale', got {relative_to!r}")
+    x64 = x.detach().double()
+    c64 = as_curvature(c, x64).detach()
+    err = (minkowski_inner(x64, x64) + c64).abs()
+    v = err / (c64 if relative_to == "curvature" else x64[..., 0].square())
+    return torch.where(x64[..., 0] > 0, v, torch.full_like(v, float("inf")))

@@ -1,0 +1,184 @@
+"""The HELM decoder: one model class whose blocks are assembled from the config's geometry choice.
+
+``HELMForCausalLM`` with ``geometry="lorentz"`` is HELM-D (Lorentz embedding -> blocks of [hyperbolic RMSNorm ->
+Lorentz MHA with HoPE -> Lorentzian residual -> hyperbolic RMSNorm -> HFFN -> Lorentzian residual] -> LorentzLinear
+-> hyperbolic RMSNorm -> linear head over the full Lorentz vector); with ``geometry="euclidean"`` it is the
+LLaMA-style twin (embedding -> pre-norm blocks with RoPE MHA and SwiGLU -> RMSNorm -> head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from helmlm.models.config import HELMConfig
+from helmlm.nn import (
+    LorentzEmbedding,
+    LorentzFeedForward,
+    LorentzLinear,
+    LorentzResidual,
+    LorentzRMSNorm,
+    LorentzSelfAttention,
+    RMSNorm,
+    SelfAttention,
+    SwiGLU,
+    document_causal_mask,
+    rotary_tables,
+)
+
+
+class InputError(ValueError):
+    """Invalid model input (token ids, shapes, lengths); the message says what was wrong and what to do."""
+
+
+class LorentzBlock(nn.Module):
+    """Pre-norm hyperbolic block: ``h = res1(h, attn(norm1(h)))``, ``h = res2(h, ffn(norm2(h)))``."""
+
+    def __init__(self, config: HELMConfig):
+        super().__init__()
+        width, c, eps = config.hidden_size, config.curvature, config.rms_norm_eps
+        scale = config.resolved_residual_scale()
+        self.attn_norm = LorentzRMSNorm(width - 1, eps, c)
+        self.attn = LorentzSelfAttention(width, config.num_attention_heads, c, config.resolved_attention_temperature())
+        self.attn_residual = LorentzResidual(scale=scale, curvature=c)
+        self.ffn_norm = LorentzRMSNorm(width - 1, eps, c)
+        self.ffn = LorentzFeedForward(width, config.intermediate_size, c)
+        self.ffn_residual = LorentzResidual(scale=scale, curvature=c)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        h = self.attn_residual(h, self.attn(self.attn_norm(h), cos, sin, mask))
+        return self.ffn_residual(h, self.ffn(self.ffn_norm(h)))
+
+
+class EuclideanBlock(nn.Module):
+    """Pre-norm LLaMA block: ``h = h + attn(norm1(h))``, ``h = h + ffn(norm2(h))``."""
+
+    def __init__(self, config: HELMConfig):
+        super().__init__()
+        width, eps = config.hidden_size, config.rms_norm_eps
+        self.attn_norm = RMSNorm(width, eps)
+        self.attn = SelfAttention(width, config.num_attention_heads)
+        self.ffn_norm = RMSNorm(width, eps)
+        self.ffn = SwiGLU(width, config.intermediate_size)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class HELMPreTrainedModel(PreTrainedModel):
+    config_class = HELMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LorentzBlock", "EuclideanBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Plain ``nn.Linear``: PyTorch's default (as the reference); embeddings of the twin: N(0, 0.02);
+        helmlm layers: their own ``reset_parameters`` (documented on each layer)."""
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        elif isinstance(module, nn.Linear) or (
+            type(module).__module__.startswith("helmlm.nn") and hasattr(module, "reset_parameters")
+        ):
+            module.reset_parameters()
+
+
+class HELMModel(HELMPreTrainedModel):
+    """Embedding, blocks and final normalisation; returns the last hidden states ``(B, N, hidden_size)``."""
+
+    def __init__(self, config: HELMConfig):
+        config.validate()
+        super().__init__(config)
+        width, c = config.hidden_size, config.curvature
+        if config.is_lorentz:
+            self.embed = LorentzEmbedding(config.vocab_size, width - 1, c, manifold_table=not config.project_emb)
+            self.layers = nn.ModuleList(LorentzBlock(config) for _ in range(config.num_hidden_layers))
+            self.final_proj = LorentzLinear(width, width - 1, curvature=c)
+            self.norm = LorentzRMSNorm(width - 1, config.rms_norm_eps, c)
+        else:
+            self.embed = nn.Embedding(config.vocab_size, width)
+            self.layers = nn.ModuleList(EuclideanBlock(config) for _ in range(config.num_hidden_layers))
+            self.final_proj = None
+            self.norm = RMSNorm(width, config.rms_norm_eps)
+        self.post_init()
+
+    def check_inputs(self, input_ids: Tensor, document_ids: Tensor | None, position_ids: Tensor | None) -> None:
+        """Clear errors for bad inputs, raised before any layer runs (skipped while compiling)."""
+        cfg = self.config
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dim() != 2:
+            raise InputError(f"input_ids must be an integer tensor of shape (batch, seq_len); got "
+                             f"dtype {input_ids.dtype}, shape {tuple(input_ids.shape)}")
+        n = input_ids.shape[1]
+        if n == 0:
+            raise InputError("input_ids is empty (seq_len 0); pass at least one token")
+        if n > cfg.max_position_embeddings:
+            raise InputError(f"sequence length {n} exceeds max_position_embeddings={cfg.max_position_embeddings}; "
+                             "split the input into windows or build the model with a larger max_position_embeddings")
+        for name, t in (("document_ids", document_ids), ("position_ids", position_ids)):
+            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+                raise InputError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(t.shape)}")
+        if torch.compiler.is_compiling():
+            return
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = hi if hi >= cfg.vocab_size else lo
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); check that the "
+                             "tokenizer matches the model (vocab_size in the model config)")
+
+    def forward(self, input_ids: Tensor, document_ids: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        self.check_inputs(input_ids, document_ids, position_ids)
+        h = self.embed(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        cos, sin = rotary_tables(position_ids, self.config.rotary_dim, self.config.rope_theta, h.dtype)
+        mask = None if document_ids is None else document_causal_mask(document_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        if self.final_proj is not None:
+            return self.norm(self.final_proj(h, return_space=True), space_only=True)
+        return self.norm(h)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """Mean next-token cross-entropy (fp32): position ``t`` predicts ``labels[t + 1]``; ``-100`` is ignored, and
+    with ``document_ids`` no position predicts a token of another document."""
+    targets = labels[:, 1:]
+    if document_ids is not None:
+        targets = targets.masked_fill(document_ids[:, 1:] != document_ids[:, :-1], -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+class HELMForCausalLM(HELMPreTrainedModel):
+    """A HELM decoder with a linear language-model head (over the full Lorentz vector for ``lorentz``).
+
+    ``forward(input_ids, labels=None, document_ids=None, position_ids=None)``: ``document_ids`` ``(B, N)`` mark
+    the packed documents of each row, and tokens attend only within their own document; ``labels`` are the
+    input ids (shifted inside, ``-100`` ignored). Returns a ``CausalLMOutputWithPast`` with ``logits`` and, given
+    labels, ``loss``.
+    """
+
+    def __init__(self, config: HELMConfig):
+        super().__init__(config)
+        self.model = HELMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        hidden = self.model(input_ids, document_ids=document_ids, position_ids=position_ids)
+        logits = self.lm_head(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, labels, document_ids)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)

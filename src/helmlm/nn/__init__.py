@@ -1,0 +1,32 @@
+"""Hyperbolic (Lorentz) layers and their Euclidean twins."""
+
+from helmlm.nn.attention import (
+    LorentzSelfAttention,
+    SelfAttention,
+    document_causal_mask,
+    lorentz_sdpa,
+    naive_lorentz_attention,
+)
+from helmlm.nn.embedding import LorentzEmbedding
+from helmlm.nn.ffn import LorentzFeedForward, SwiGLU
+from helmlm.nn.linear import LorentzLinear
+from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
+from helmlm.nn.residual import LorentzResidual
+from helmlm.nn.rotary import apply_rotary, rotary_tables
+
+__all__ = [
+    "LorentzEmbedding",
+    "LorentzFeedForward",
+    "LorentzLinear",
+    "LorentzRMSNorm",
+    "LorentzResidual",
+    "LorentzSelfAttention",
+    "RMSNorm",
+    "SelfAttention",
+    "SwiGLU",
+    "apply_rotary",
+    "document_causal_mask",
+    "lorentz_sdpa",
+    "naive_lorentz_attention",
+    "rotary_tables",
+]

@@ -1,0 +1,126 @@
+"""Multi-head self-attention: hyperbolic (Lorentz, with HoPE) and the Euclidean twin (RoPE).
+
+Hyperbolic attention (MATH.md section 3) scores ``l_ij = (2c + 2<q_i, k_j>_L) / tau`` and returns the Lorentzian
+centroid of the values with weights ``softmax(l_i)``. Writing ``q~ = (-q_t, q_s)``, ``2c + 2<q, k>_L = 2c + 2 q~.k``;
+the constant cancels in the softmax and ``sum_j alpha_ij v_j`` is an ordinary attention output, so
+
+    o = lorentz_normalize(SDPA(q~ * 2/tau, k, v, scale=1))
+
+exactly. Running on ``scaled_dot_product_attention`` gives flash / memory-efficient kernels and O(N) memory.
+:func:`naive_lorentz_attention` is the direct formula, kept as the test oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from helmlm.geometry import lift, lorentz_normalize, minkowski_inner
+from helmlm.geometry.lorentz import _promote
+from helmlm.nn.rotary import apply_rotary
+
+
+def document_causal_mask(document_ids: Tensor) -> Tensor:
+    """Boolean mask ``(B, 1, N, N)``, True where query ``i`` may attend key ``j``: ``j <= i`` and same document.
+
+    ``document_ids`` (``(B, N)`` integers) label the packed documents of each row (padding may use its own label).
+    The diagonal is always allowed, so no row is fully masked.
+    """
+    n = document_ids.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
+    return (same_doc & causal).unsqueeze(1)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
+    """SDPA over ``(B, H, N, d)`` tensors; causal when ``mask`` is None, else the given boolean mask."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def lorentz_sdpa(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, temperature: Tensor,
+                 mask: Tensor | None = None) -> Tensor:
+    """Hyperbolic attention of Lorentz points ``q, k, v`` (``(B, H, N, D)``, time first) through SDPA.
+
+    Runs in fp32 or higher even under autocast: the output's Lorentz norm ``o_t^2 - |o_s|^2`` is a cancellation
+    of large terms, and bf16 values (8-bit mantissa) would not even satisfy the constraint individually.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = _promote(q), _promote(k), _promote(v)
+        sign = torch.ones(q.shape[-1], dtype=q.dtype, device=q.device)
+        sign[0] = -1.0
+        q_tilde = q * (sign * (2.0 / temperature.to(q.dtype)))
+        return lorentz_normalize(_attend(q_tilde, k, v, mask, scale=1.0), curvature)
+
+
+def naive_lorentz_attention(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, temperature: Tensor,
+                            mask: Tensor | None = None) -> Tensor:
+    """The direct formula (N x N scores, softmax, Lorentzian centroid); the oracle for :func:`lorentz_sdpa`."""
+    n = q.shape[-2]
+    scores = (2 * curvature + 2 * minkowski_inner(q.unsqueeze(-2), k.unsqueeze(-3))) / temperature
+    if mask is None:
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return lorentz_normalize(weights @ v, curvature)
+
+
+class LorentzSelfAttention(nn.Module):
+    """Hyperbolic multi-head self-attention with HoPE (HELM-D).
+
+    The input is a Lorentz point with ``width`` ambient coordinates. Each of the ``heads`` heads has
+    ``head_ambient = width / heads`` coordinates, i.e. ``head_space = head_ambient - 1`` space coordinates
+    produced by an affine map of the whole input; HoPE rotates the query/key space parts; the heads' output points
+    are concatenated (``heads * head_ambient = width`` features) and mapped affinely to ``width - 1`` space
+    coordinates, then lifted. ``temperature`` is the learnable score divisor ``tau`` (init ``sqrt(width)``).
+    """
+
+    def __init__(self, width: int, heads: int, curvature: float = 1.0, temperature: float | None = None):
+        super().__init__()
+        self.width, self.heads, self.curvature = width, heads, curvature
+        self.head_ambient = width // heads
+        self.head_space = self.head_ambient - 1
+        self.qkv = nn.Linear(width, 3 * heads * self.head_space)
+        self.out = nn.Linear(heads * self.head_ambient, width - 1)
+        self.init_temperature = math.sqrt(width) if temperature is None else temperature
+        self.temperature = nn.Parameter(torch.tensor(self.init_temperature))
+
+    def reset_parameters(self) -> None:
+        self.qkv.reset_parameters()
+        self.out.reset_parameters()
+        nn.init.constant_(self.temperature, self.init_temperature)
+
+    def project_qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Space parts of q, k (rotated) and v, each ``(B, N, H, head_space)``."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_space)).unbind(-3)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        q, k, v = (lift(t, self.curvature).transpose(1, 2) for t in self.project_qkv(x, cos, sin))
+        o = lorentz_sdpa(q, k, v, self.curvature, self.temperature, mask)  # (B, H, N, head_ambient)
+        return lift(self.out(o.transpose(1, 2).flatten(-2)), self.curvature)
+
+
+class SelfAttention(nn.Module):
+    """Euclidean multi-head self-attention with RoPE (the LLaMA twin): no biases, SDPA, output projection."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.width, self.heads = width, heads
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def reset_parameters(self) -> None:
+        self.qkv.reset_parameters()
+        self.out.reset_parameters()
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.out(o.transpose(1, 2).flatten(-2))

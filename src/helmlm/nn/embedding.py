@@ -1,0 +1,46 @@
+"""Token embeddings on the hyperboloid."""
+
+from __future__ import annotations
+
+import geoopt
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from helmlm.geometry import expmap0, lift
+
+
+class LorentzEmbedding(nn.Module):
+    """A table of Lorentz points, looked up by token id.
+
+    ``manifold_table=True`` (HELM default): the table stores full points (time included) as a geoopt
+    ``ManifoldParameter`` on ``Lorentz(k=c)``, to be trained with Riemannian Adam; initialised at geodesic radius 1
+    around the origin in uniformly random directions. ``manifold_table=False`` (the reference's ``project_emb``):
+    a Euclidean table of space parts, ``N(0, 1)`` initialised, lifted on lookup.
+    """
+
+    def __init__(self, num_embeddings: int, space_dim: int, curvature: float = 1.0, manifold_table: bool = True):
+        super().__init__()
+        self.num_embeddings, self.space_dim, self.curvature = num_embeddings, space_dim, curvature
+        self.manifold_table = manifold_table
+        if manifold_table:
+            manifold = geoopt.Lorentz(k=curvature)
+            self.weight = geoopt.ManifoldParameter(torch.empty(num_embeddings, space_dim + 1), manifold=manifold)
+        else:
+            self.weight = nn.Parameter(torch.empty(num_embeddings, space_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.manifold_table:
+            direction = F.normalize(torch.randn(self.num_embeddings, self.space_dim, dtype=torch.float64), dim=-1)
+            self.weight.copy_(expmap0(direction, self.curvature))
+        else:
+            nn.init.normal_(self.weight)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        emb = F.embedding(input_ids, self.weight)
+        return emb if self.manifold_table else lift(emb, self.curvature)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, space_dim={self.space_dim}, manifold_table={self.manifold_table}"
