@@ -155,3 +155,23 @@ class HELMConfig(PretrainedConfig):
         config = cls(**data)
         config.validate()
         return config
+
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped with helmlm (``configs/*.yaml`` in a checkout)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path, **overrides: Any) -> HELMConfig:
+    """A :class:`HELMConfig` from a YAML path or a preset name (e.g. ``helm_d_tiny``), with field overrides."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        preset = PRESETS_DIR / f"{path.stem if path.suffix == '.yaml' else name_or_path}.yaml"
+        if not preset.is_file():
+            raise FileNotFoundError(
+                f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(available_presets())}")
+        path = preset
+    return HELMConfig.from_yaml(path, **overrides)

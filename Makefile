@@ -1,0 +1,33 @@
+# Set-up and the two everyday jobs. `make demo` and `make test` create .venv on first use (idempotent).
+# TORCH_SPEC pins the CPU wheel that these machines carry; on a GPU machine install your own torch first, e.g.
+#   make setup TORCH_SPEC=torch
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.helmlm-installed
+
+.PHONY: setup demo test test-all bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC) -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/helmlm smoke
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m ''
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py --threads 2
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

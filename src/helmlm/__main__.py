@@ -1,0 +1,5 @@
+import sys
+
+from helmlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""The ``helmlm`` command line. Every subcommand is a thin wrapper over a documented library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _cmd_smoke(args: argparse.Namespace) -> int:
+    """Forward/backward smoke run: build a model, overfit one fixed random batch, print loss and tokens/s."""
+    import geoopt
+    import torch
+
+    from helmlm.models import HELMForCausalLM, load_config
+    from helmlm.models.params import count_parameters
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = load_config(args.config, max_position_embeddings=max(args.seq_len, 1))
+    model = HELMForCausalLM(config).train()
+    n_params = count_parameters(config)["total"]
+    # Riemannian Adam treats the Lorentz embedding (a geoopt ManifoldParameter) on its manifold, the rest as Adam.
+    optimizer = geoopt.optim.RiemannianAdam(model.parameters(), lr=args.lr, stabilize=10)
+    batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len))
+    print(f"helmlm smoke: {config.geometry} model, {n_params:,} parameters, batch {args.batch} x {args.seq_len} "
+          f"tokens, {torch.get_num_threads()} threads{', bf16 autocast' if args.bf16 else ''}", flush=True)
+    losses, start = [], None
+    for step in range(args.steps + 1):  # step 0 is a warm-up, not timed
+        if step == 1:
+            start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            print(f"error: non-finite loss {loss.item()} at step {step}", file=sys.stderr)
+            return 1
+        losses.append(loss.item())
+        if step % max(1, args.steps // 5) == 0 or step == args.steps:
+            print(f"  step {step:4d}  loss {loss.item():.4f}", flush=True)
+    elapsed = time.perf_counter() - start
+    tokens_per_s = args.batch * args.seq_len * args.steps / elapsed
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; train throughput {tokens_per_s:,.0f} tokens/s")
+    if args.json:
+        print(json.dumps({"params": n_params, "loss_first": losses[0], "loss_last": losses[-1],
+                          "tokens_per_s": tokens_per_s}))
+    return 0
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    """Print parameter counts of configs (paths or preset names)."""
+    from helmlm.models import load_config
+    from helmlm.models.params import count_parameters
+
+    rows = [(name, count_parameters(load_config(name))) for name in args.configs]
+    print(f"{'config':<28}{'total':>16}{'embedding':>14}{'head':>14}{'non-embedding':>16}")
+    for name, c in rows:
+        print(f"{name:<28}{c['total']:>16,}{c['embedding']:>14,}{c['head']:>14,}{c['non_embedding']:>16,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from helmlm import __version__
+
+    parser = argparse.ArgumentParser(prog="helmlm", description="Hyperbolic large language models.")
+    parser.add_argument("--version", action="version", version=f"helmlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    smoke = sub.add_parser("smoke", help="tiny forward/backward run that prints loss and tokens/s")
+    smoke.add_argument("--config", default="helm_d_tiny", help="preset name or YAML path (default: helm_d_tiny)")
+    smoke.add_argument("--steps", type=int, default=20)
+    smoke.add_argument("--batch", type=int, default=4)
+    smoke.add_argument("--seq-len", type=int, default=128)
+    smoke.add_argument("--lr", type=float, default=3e-3)
+    smoke.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    smoke.add_argument("--seed", type=int, default=0)
+    smoke.add_argument("--bf16", action="store_true", help="run under CPU bf16 autocast")
+    smoke.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    smoke.set_defaults(func=_cmd_smoke)
+
+    params = sub.add_parser("params", help="print parameter counts of configs")
+    params.add_argument("configs", nargs="+", help="preset names or YAML paths")
+    params.set_defaults(func=_cmd_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("steps", "batch", "seq_len"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:  # ConfigError/InputError are ValueErrors with clear messages
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
