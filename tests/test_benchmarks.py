@@ -1,0 +1,70 @@
+"""Smoke test of benchmarks/throughput.py: tiny presets, tiny settings, every stdout line parsed as JSON.
+
+Uses ``--isolation fork`` (torch/helmlm imported once, one forked process per measurement) so that the eight
+measurements take seconds; the default ``exec`` isolation shares all other code and costs ~5 s of imports per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+CONFIGS = {
+    "configs/helm_d_tiny.yaml": ("helm_d_tiny", "lorentz"),
+    "configs/llama_tiny.yaml": ("llama_tiny", "euclidean"),
+}
+SEQ_LENS = (16, 32)
+MODES = ("train", "eval")
+REQUIRED = {
+    "model", "geometry", "params", "batch", "seq_len", "mode", "tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
+    "activation_mb", "threads", "dtype", "autocast", "steps", "warmup", "torch", "command",
+}
+
+
+def test_throughput_script_tiny_presets():
+    cmd = [sys.executable, str(SCRIPT), "--config", *CONFIGS, "--seq-len", *map(str, SEQ_LENS), "--batch", "2",
+           "--steps", "2", "--warmup", "1", "--threads", "1", "--isolation", "fork"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line must be JSON
+    runs = [r for r in lines if not r.get("summary")]
+    assert [r.get("summary") for r in lines].count(True) == 1 and lines[-1]["summary"] is True
+
+    expected = {(name, n, mode) for name, _ in CONFIGS.values() for n in SEQ_LENS for mode in MODES}
+    assert len(runs) == len(expected)
+    assert {(r["model"], r["seq_len"], r["mode"]) for r in runs} == expected
+
+    geometry = dict(CONFIGS.values())
+    for r in runs:
+        assert REQUIRED <= r.keys(), REQUIRED - r.keys()
+        assert "error" not in r
+        assert r["geometry"] == geometry[r["model"]]
+        assert isinstance(r["params"], int) and r["params"] > 1_000_000
+        assert (r["batch"], r["steps"], r["warmup"], r["threads"]) == (2, 2, 1, 1)
+        assert r["dtype"] == "float32" and r["autocast"] is None
+        assert r["tokens_per_s"] > 0
+        assert r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
+        assert r["activation_mb"] == pytest.approx(r["peak_rss_mb"] - r["baseline_rss_mb"], abs=0.11)
+        if r["mode"] == "train":
+            assert math.isfinite(r["loss"])
+        argv = shlex.split(r["command"])
+        assert "--single" not in argv
+        assert argv[argv.index("--seq-len") + 1] == str(r["seq_len"])
+        assert argv[argv.index("--mode") + 1] == r["mode"]
+        assert CONFIGS[argv[argv.index("--config") + 1]][0] == r["model"]
+
+    summary = lines[-1]
+    assert summary["failed_runs"] == 0
+    assert {(x["seq_len"], x["mode"]) for x in summary["tokens_per_s_ratio"]} == {
+        (n, mode) for n in SEQ_LENS for mode in MODES}
+    assert all(x["tokens_per_s_ratio"] > 0 and x["numerator"] == "helm_d_tiny" for x in summary["tokens_per_s_ratio"])
+    assert set(summary["eval_activation_growth"]) == {"helm_d_tiny", "llama_tiny"}
