@@ -73,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", nargs="+", type=int, default=[256, 1024], metavar="INT")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mode", nargs="+", choices=("train", "eval"), default=["train", "eval"])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--threads", type=int, default=_available_cores(),
                         help="torch.set_num_threads (default: all cores available to this process)")
     parser.add_argument("--bf16", action="store_true", help="run under CPU autocast to bfloat16")

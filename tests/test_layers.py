@@ -313,8 +313,11 @@ def test_lorentz_residual_scale_sets_the_magnitude():
     assert learned.log_scale is not None and learned.log_scale.requires_grad
     with torch.no_grad():
         learned.log_scale.fill_(math.log(3.0))
-    torch.testing.assert_close(learned(x, y)[..., 1:].norm(dim=-1), 3.0 * normalised_sum(1.0)[..., 1:].norm(dim=-1),
+    out = learned(x, y)
+    torch.testing.assert_close(out[..., 1:].norm(dim=-1), 3.0 * normalised_sum(1.0)[..., 1:].norm(dim=-1),
                                rtol=1e-12, atol=0)
+    out[..., 0].sum().backward()  # the log-scale and the weight are trained
+    assert learned.log_scale.grad.abs().item() > 0 and learned.weight.grad.abs().item() > 0
 
     per_token = torch.rand(2, 7, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.1
     unscaled = LorentzResidual(curvature=c).double()

@@ -81,8 +81,12 @@ class HELMConfig(PretrainedConfig):
 
     @property
     def head_dim(self) -> int:
-        """Per-head width: ambient coordinates for Lorentz heads, features for Euclidean heads."""
-        return self.hidden_size // self.num_attention_heads
+        """Per-head width: ambient coordinates for Lorentz heads, features for Euclidean heads.
+
+        (Defined for any head count, because transformers probes it inside ``__init__``; ``validate`` rejects
+        non-positive head counts with a message naming the field.)"""
+        heads = self.num_attention_heads
+        return self.hidden_size // heads if isinstance(heads, int) and heads > 0 else 0
 
     @property
     def rotary_dim(self) -> int:
