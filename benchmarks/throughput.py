@@ -22,13 +22,17 @@ What is measured
       the warm-up and timed steps only (where the reset is not possible, the process-lifetime ``ru_maxrss`` is
       used; ``peak_rss_source`` says which). ``activation_mb = peak - baseline``.
       In ``train`` mode it also contains the gradients and AdamW's two moment buffers, allocated on the first
-      step; ``grad_optimizer_mb`` is their analytic size (3 x parameter bytes) for reference.
+      step; ``grad_optimizer_mb`` is their analytic size (3 x parameter bytes) for reference. With ``--compile``
+      the compilation runs in the first warm-up step, so its memory is counted too.
     * Configs are interleaved (for each seq_len, for each mode, for each repeat, for each config), so that load
       from other processes affects the compared models alike; with ``--repeat N`` the line reports the run with
       the best tokens/s (all runs' values are in ``tokens_per_s_runs``).
 
 Each line carries the ``command`` that reproduces it. Numbers taken while other processes use the CPU are
-provisional (``loadavg_1m`` is recorded at the start of each run).
+provisional: ``loadavg_1m`` (at the start of each run), ``cpu_s`` (process CPU time over the timed steps) and
+``involuntary_ctx_switches`` (preemptions during the timed steps) show how contended the run was. With several
+threads on a shared machine every parallel op waits for its slowest thread, which penalises models that run many
+small ops (HELM-D's Lorentz operations) far more than matmul-bound ones; compare with ``--threads 1``.
 
 Usage (from the repository root)::
 
@@ -94,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if any(n < 2 for n in args.seq_len):
         parser.error("--seq-len values must be >= 2 (the loss predicts token t+1 from token t)")
+    for name in ("config", "seq_len"):
+        values = getattr(args, name)
+        if len(set(values)) != len(values):
+            parser.error(f"--{name.replace('_', '-')} has duplicates: {values}")
     for path in args.config:
         if not Path(path).is_file():
             parser.error(f"config file not found: {path}")
@@ -244,16 +252,20 @@ def run_single(args: argparse.Namespace) -> dict:
     log(f"  built {model_name(path)} ({params:,} params); baseline RSS {baseline:.0f} MB; "
         f"{args.warmup} warm-up + {args.steps} timed steps")
 
+    import resource
+
     loss = None
     for _ in range(args.warmup):
         loss = step()
     times = []
+    usage0, cpu0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
     start = time.perf_counter()
     for _ in range(args.steps):
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
+    cpu_s, usage1 = time.process_time() - cpu0, resource.getrusage(resource.RUSAGE_SELF)
 
     peak = _proc_status_kb("VmHWM") / 1024 if reset else ru_maxrss_mb()
     peak = max(peak, baseline)  # the fall-back ru_maxrss is >= any earlier RSS anyway; never report below it
@@ -270,6 +282,8 @@ def run_single(args: argparse.Namespace) -> dict:
         "tokens_per_s": round(args.batch * seq_len * args.steps / elapsed, 2),
         "step_ms_median": round(1000 * statistics.median(times), 2),
         "elapsed_s": round(elapsed, 3),
+        "cpu_s": round(cpu_s, 3),  # process CPU time over the timed steps (all threads)
+        "involuntary_ctx_switches": usage1.ru_nivcsw - usage0.ru_nivcsw,  # preemptions: a busy machine
         "steps": args.steps,
         "warmup": args.warmup,
         "peak_rss_mb": round(peak, 1),

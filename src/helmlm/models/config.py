@@ -150,10 +150,19 @@ class HELMConfig(PretrainedConfig):
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
-        data = dict(data.get("model", data))
-        unknown = set(data) - set(cls().to_dict()) - {"name"}
+        data = data.get("model", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of model fields (optionally under 'model:'), "
+                              f"got {type(data).__name__}")
+        data = dict(data)
+        known = set(cls().to_dict())
+        unknown = sorted(set(data) - known - {"name"})
         if unknown:
-            raise ConfigError(f"{path}: unknown model keys {sorted(unknown)}")
+            import difflib
+
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                     for k in unknown]
+            raise ConfigError(f"{path}: unknown model keys {', '.join(hints)}")
         data.pop("name", None)
         data.update(overrides)
         config = cls(**data)
