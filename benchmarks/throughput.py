@@ -207,6 +207,7 @@ def run_single(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process; returns the JSON record."""
     import contextlib
     import gc
+    import resource
     import statistics
 
     loadavg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -227,6 +228,7 @@ def run_single(args: argparse.Namespace) -> dict:
     model.train(train)
     forward = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
@@ -251,8 +253,6 @@ def run_single(args: argparse.Namespace) -> dict:
     baseline = current_rss_mb()
     log(f"  built {model_name(path)} ({params:,} params); baseline RSS {baseline:.0f} MB; "
         f"{args.warmup} warm-up + {args.steps} timed steps")
-
-    import resource
 
     loss = None
     for _ in range(args.warmup):

@@ -58,32 +58,80 @@ def as_curvature(c: float | Tensor, like: Tensor) -> Tensor:
     return torch.tensor(float(c), device=like.device, dtype=dtype)
 
 
+def _time_sign(x: Tensor) -> Tensor:
+    """The metric signature ``(-1, 1, ..., 1)`` as a vector matching ``x``'s last axis."""
+    sign = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    sign[0] = -1
+    return sign
+
+
 def minkowski_inner(x: Tensor, y: Tensor, keepdim: bool = False) -> Tensor:
-    """Minkowski inner product ``<x, y>_L = -x_t y_t + x_s . y_s`` over the last axis."""
+    """Minkowski inner product ``<x, y>_L = -x_t y_t + x_s . y_s`` over the last axis.
+
+    Written as ``sum(x * y * sign)`` with the signature vector ``sign = (-1, 1, ..., 1)``: no slicing, so the
+    backward pass does not materialise zero-padded slice gradients.
+    """
     x, y = _promote(x), _promote(y)
-    out = (x[..., 1:] * y[..., 1:]).sum(-1, keepdim=True) - x[..., :1] * y[..., :1]
-    return out if keepdim else out.squeeze(-1)
+    prod = x.square() if x is y else x * y
+    return (prod * _time_sign(prod)).sum(-1, keepdim=keepdim)
 
 
-def time_from_space(space: Tensor, c: float | Tensor) -> Tensor:
+def time_from_space(space: Tensor, c: float | Tensor, accurate: bool = False) -> Tensor:
     """Time coordinate of the point with space part ``s``: ``sqrt(|s|^2 + c)`` (shape ``(..., 1)``).
 
-    For fp32 input the squared norm is accumulated in fp64 and the result rounded once: at the models' working
-    norms (|s| ~ 50-90) fp32 accumulation alone moves ``<x, x>_L`` by ~1e-3 c, fp64 accumulation leaves only the
-    final rounding of ``x_t`` (measured: 7.2e-4 -> 2.1e-4 relative to c at |s| = 45). The extra cost is that of one
-    elementwise pass, small next to the layers' matmuls.
+    ``accurate=True`` accumulates ``|s|^2`` of an fp32 input in fp64 and rounds once. Use it where points have
+    large norms and must sit on the hyperboloid to fp32's limit (the residual stream, |s| ~ 50-100): fp32
+    accumulation moves ``<x, x>_L`` by up to ~1e-3 c there (measured 1.4e-3 at |s| = 77), fp64 accumulation leaves
+    only the rounding of ``x_t`` (6.5e-4). It costs an fp64 copy of ``s`` (PyTorch materialises the cast), about
+    1 % of a HELM-D training step per call site, so the layers use it for the residual stream only.
     """
     space = _promote(space)
-    if space.dtype == torch.float32:
-        sq = space.double().square().sum(-1, keepdim=True)
+    if accurate and space.dtype == torch.float32:
+        sq = space.square().sum(-1, keepdim=True, dtype=torch.float64)
         return (sq + as_curvature(c, space).double()).sqrt().float()
     return (space.square().sum(-1, keepdim=True) + as_curvature(c, space)).sqrt()
 
 
-def lift(space: Tensor, c: float | Tensor) -> Tensor:
-    """The unique hyperboloid point with space part ``s``: ``(sqrt(|s|^2 + c), s)``."""
+class _Lift(torch.autograd.Function):
+    """``lift`` with a one-pass backward: ``d/ds = g_s + (g_t / t) s``, ``d/dc = sum(g_t / 2t)``.
+
+    Autograd's version of the same graph (cat, sqrt, sum, pow) takes three to four passes over ``s`` in the
+    backward; ``lift`` runs ~10 times per block, so this is a measurable share of a HELM training step on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, space: Tensor, c: Tensor, accurate: bool) -> Tensor:
+        time = time_from_space(space, c, accurate)
+        ctx.save_for_backward(space, time)
+        ctx.c_shape = c.shape
+        return torch.cat([time, space], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        space, time = ctx.saved_tensors
+        coef = grad[..., :1] / time
+        grad_space = torch.addcmul(grad[..., 1:], space, coef) if ctx.needs_input_grad[0] else None
+        grad_c = None
+        if ctx.needs_input_grad[1]:
+            grad_c = coef / 2
+            while grad_c.dim() > len(ctx.c_shape):
+                grad_c = grad_c.sum(0)
+            for dim, size in enumerate(ctx.c_shape):
+                if size == 1:
+                    grad_c = grad_c.sum(dim, keepdim=True)
+        return grad_space, grad_c, None
+
+
+def lift(space: Tensor, c: float | Tensor, accurate: bool = False) -> Tensor:
+    """The unique hyperboloid point with space part ``s``: ``(sqrt(|s|^2 + c), s)``.
+
+    ``accurate``: accumulate ``|s|^2`` in fp64 for fp32 inputs (see :func:`time_from_space`).
+    """
     space = _promote(space)
-    return torch.cat([time_from_space(space, c), space], dim=-1)
+    c = as_curvature(c, space)
+    if c.dim() > space.dim():  # a curvature with more axes than the points: plain autograd handles broadcasting
+        return torch.cat([time_from_space(space, c, accurate), space], dim=-1)
+    return _Lift.apply(space, c, accurate)
 
 
 def origin(space_dim: int, c: float | Tensor, *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
@@ -193,7 +241,7 @@ def lorentz_normalize(a: Tensor, c: float | Tensor, eps: float = 1e-8) -> Tensor
     """
     a = _promote(a)
     denom = minkowski_inner(a, a, keepdim=True).abs().clamp_min(eps).sqrt()
-    return as_curvature(c, a).sqrt() * a / denom
+    return a * (as_curvature(c, a).sqrt() / denom)  # one pass over `a`; the factor is per point
 
 
 def centroid(x: Tensor, c: float | Tensor, weights: Tensor | None = None, eps: float = 1e-8) -> Tensor:

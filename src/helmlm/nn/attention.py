@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from helmlm.geometry import lift, lorentz_normalize, minkowski_inner
 from helmlm.geometry.lorentz import _promote
+from helmlm.nn.linear import aligned_linear
 from helmlm.nn.rotary import apply_rotary
 
 
@@ -102,7 +103,7 @@ class LorentzSelfAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
         q, k, v = (lift(t, self.curvature).transpose(1, 2) for t in self.project_qkv(x, cos, sin))
         o = lorentz_sdpa(q, k, v, self.curvature, self.temperature, mask)  # (B, H, N, head_ambient)
-        return lift(self.out(o.transpose(1, 2).flatten(-2)), self.curvature)
+        return lift(aligned_linear(o.transpose(1, 2).flatten(-2), self.out.weight, self.out.bias), self.curvature)
 
 
 class SelfAttention(nn.Module):

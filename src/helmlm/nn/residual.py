@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from helmlm.geometry import lift, lorentz_normalize
+from helmlm.geometry import lift, lorentz_normalize, minkowski_inner
 from helmlm.geometry.lorentz import _promote
 
 
@@ -49,12 +49,15 @@ class LorentzResidual(nn.Module):
         if weight is None:
             weight = self.weight if self.weight is not None else self.fixed_weight
         x, y = _promote(x), _promote(y)
-        z = lorentz_normalize(x + weight * y, self.curvature, self.eps)
-        if self.log_scale is not None:
-            return lift(self.log_scale.exp() * z[..., 1:], self.curvature)
-        if self.fixed_scale is not None:
-            return lift(self.fixed_scale * z[..., 1:], self.curvature)
-        return z
+        a = torch.addcmul(x, weight, y) if isinstance(weight, torch.Tensor) else x + weight * y
+        if self.log_scale is None and self.fixed_scale is None:
+            return lorentz_normalize(a, self.curvature, self.eps)
+        # Only the space part of the normalised point survives the rescale: fold normalisation and scale into one
+        # per-point factor on a_s, then recompute the time.
+        scale = self.log_scale.exp() if self.log_scale is not None else self.fixed_scale
+        inner = minkowski_inner(a, a, keepdim=True).abs().clamp_min(self.eps)
+        factor = scale * math.sqrt(self.curvature) / inner.sqrt()
+        return lift(a[..., 1:] * factor, self.curvature, accurate=True)
 
     def extra_repr(self) -> str:
         w = "learnable" if self.weight is not None else self.fixed_weight
