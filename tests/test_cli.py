@@ -57,3 +57,13 @@ def test_bad_inputs_exit_nonzero(capsys, tmp_path):
     assert main(["params", str(typo)]) == 2
     assert "hiden_size" in capsys.readouterr().err
     assert main(["smoke", "--steps", "0"]) == 2
+
+
+def test_public_api_reexports():
+    import helmlm
+    from helmlm.compat import load_reference
+    from helmlm.models import HELMForCausalLM
+
+    assert helmlm.HELMForCausalLM is HELMForCausalLM and helmlm.load_reference is load_reference
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        helmlm.nope  # noqa: B018
