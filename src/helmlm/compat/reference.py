@@ -72,21 +72,50 @@ def reference_config(**reference_flags: Any) -> HELMConfig:
             f"unknown reference flags {unknown}; the reference namespace (config/args.py) has "
             f"{', '.join(sorted(REFERENCE_DEFAULTS))}")
     flags = {**REFERENCE_DEFAULTS, **reference_flags}
-    if flags["model_name"] != "HELM_D":
-        if flags["model_name"] == "HELM_MiCE":
-            raise ReferenceCompatError("model_name='HELM_MiCE' checkpoints are not supported yet; only 'HELM_D'")
-        raise ReferenceCompatError(f"model_name must be 'HELM_D' or 'HELM_MiCE', got {flags['model_name']!r}")
-    layers, width, heads = parse_arch(flags["arch"])
-    config = HELMConfig(
-        vocab_size=int(flags["vocab_size"]), hidden_size=width, num_hidden_layers=layers,
-        num_attention_heads=heads, intermediate_size=4 * width, max_position_embeddings=int(flags["max_seq_len"]),
-        geometry="lorentz", curvature=1.0, rope_theta=_HELM_D_ROPE_THETA, residual_scale=4.0 * width ** 0.5,
-        attention_temperature=float(width) ** 0.5, rms_norm_eps=1e-8, project_emb=False,
-    )
+    name = flags["model_name"]
+    if name == "HELM_D":
+        layers, width, heads = parse_arch(flags["arch"])
+        config = HELMConfig(
+            vocab_size=int(flags["vocab_size"]), hidden_size=width, num_hidden_layers=layers,
+            num_attention_heads=heads, intermediate_size=4 * width,
+            max_position_embeddings=int(flags["max_seq_len"]), geometry="lorentz", curvature=1.0,
+            rope_theta=_HELM_D_ROPE_THETA, residual_scale=4.0 * width ** 0.5,
+            attention_temperature=float(width) ** 0.5, rms_norm_eps=1e-8, project_emb=False,
+        )
+        where = f"arch {flags['arch']!r} (width {width}, {heads} heads)"
+    elif name == "HELM_MiCE":
+        if flags["q_lora_rank"]:
+            raise ReferenceCompatError(
+                f"q_lora_rank={flags['q_lora_rank']}: the reference's low-rank query path does not run (its "
+                "q_norm has the wrong size), so no checkpoint can have been trained with it; use q_lora_rank=0")
+        if flags["max_seq_len"] > flags["original_seq_len"]:
+            raise ReferenceCompatError(
+                f"max_seq_len={flags['max_seq_len']} > original_seq_len={flags['original_seq_len']} selects the "
+                "reference's YaRN path, which crashes there (undefined args.mscale); no such checkpoint exists")
+        dim, heads = int(flags["dim"]), int(flags["n_heads"])
+        config = HELMConfig(
+            vocab_size=int(flags["vocab_size"]), hidden_size=dim, num_hidden_layers=int(flags["n_layers"]),
+            num_attention_heads=heads, intermediate_size=int(flags["inter_dim"]),
+            max_position_embeddings=int(flags["max_seq_len"]), geometry="lorentz", attention="mla", ffn="moe",
+            curvature=1.0, rope_theta=float(flags["rope_theta"]), residual_scale=dim ** 0.5,
+            attention_temperature=(heads * (flags["qk_nope_head_dim"] + flags["qk_rope_head_dim"])) ** 0.5,
+            rms_norm_eps=1e-8, project_emb=bool(flags["project_emb"]),
+            kv_lora_rank=int(flags["kv_lora_rank"]), qk_nope_head_dim=int(flags["qk_nope_head_dim"]),
+            qk_rope_head_dim=int(flags["qk_rope_head_dim"]), v_head_dim=int(flags["v_head_dim"]),
+            n_dense_layers=int(flags["n_dense_layers"]), n_routed_experts=int(flags["n_routed_experts"]),
+            n_activated_experts=int(flags["n_activated_experts"]), n_shared_experts=int(flags["n_shared_experts"]),
+            moe_intermediate_size=int(flags["mice_inter_dim"]), score_func=flags["score_func"],
+            route_scale=float(flags["route_scale"]), n_expert_groups=int(flags["n_expert_groups"]),
+            n_limited_groups=int(flags["n_limited_groups"]), expert_curvatures=[1.0] * int(flags["n_routed_experts"]),
+            learn_expert_curvature=bool(flags["train_curv"]), moe_combine="reference",
+        )
+        where = f"HELM_MiCE flags (dim {dim}, {heads} heads)"
+    else:
+        raise ReferenceCompatError(f"model_name must be 'HELM_D' or 'HELM_MiCE', got {name!r}")
     try:
         config.validate()
     except ConfigError as err:
-        raise ReferenceCompatError(f"arch {flags['arch']!r} (width {width}, {heads} heads) is invalid: {err}") from None
+        raise ReferenceCompatError(f"{where} {'is' if where.startswith('arch') else 'are'} invalid: {err}") from None
     return config
 
 
@@ -146,8 +175,67 @@ def _helm_d_key_map(config: HELMConfig) -> tuple[dict[str, list[str]], set[str]]
     return key_map, dead
 
 
+def _helm_mice_key_map(config: HELMConfig) -> tuple[dict[str, list[str]], set[str]]:
+    """As :func:`_helm_d_key_map`, for the reference's LorentzDeepSeekV3 (HMLA + MiCE)."""
+    key_map: dict[str, list[str]] = {
+        "model.embed.weight": ["embed.weight" if config.project_emb else "embed.embedding"],
+        "model.final_proj.weight": ["final_proj.linear.weight"],
+        "model.final_proj.bias": ["final_proj.linear.bias"],
+        "model.norm.weight": ["norm.weight"],
+        "lm_head.weight": ["head.weight"],
+    }
+    dead = {"embed.add_pos.w_y", "embed.add_pos.scale", "attn_mask", "freqs_cis"}
+    experts = range(config.n_routed_experts)
+    for i in range(config.num_hidden_layers):
+        ref, ours = f"layers.{i}", f"model.layers.{i}"
+        for lin in ("wq", "wkv_a", "wkv_b", "wo"):
+            for p in ("weight", "bias"):
+                key_map[f"{ours}.attn.{lin}.{p}"] = [f"{ref}.attn.{lin}.linear.{p}"]
+        key_map[f"{ours}.attn.kv_norm.weight"] = [f"{ref}.attn.kv_norm.weight"]
+        key_map[f"{ours}.attn.temperature"] = [f"{ref}.attn.softmax_scale"]
+        key_map[f"{ours}.attn_norm.weight"] = [f"{ref}.attn_norm.weight"]
+        key_map[f"{ours}.ffn_norm.weight"] = [f"{ref}.ffn_norm.weight"]
+        key_map[f"{ours}.attn_residual.weight"] = [f"{ref}.attn_res.w_y"]
+        key_map[f"{ours}.ffn_residual.weight"] = [f"{ref}.ffn_res.w_y"]
+        dead.add(f"{ref}.attn.bias")
+        if config.is_moe_layer(i):
+            key_map[f"{ours}.ffn.gate.weight"] = [f"{ref}.ffn.gate.weight"]
+            key_map[f"{ours}.ffn.gate.bias"] = [f"{ref}.ffn.gate.bias"]
+            for w in ("w1", "w2", "w3"):
+                for p, ours_p in (("weight", w), ("bias", "b" + w[1])):
+                    key_map[f"{ours}.ffn.experts.{ours_p}"] = [f"{ref}.ffn.experts.{j}.{w}.linear.{p}" for j in experts]
+                    if config.n_shared_experts:
+                        key_map[f"{ours}.ffn.shared.{w}.{p}"] = [f"{ref}.ffn.shared_experts.{w}.linear.{p}"]
+            key_map[f"{ours}.ffn.experts.log_curvature"] = [f"{ref}.ffn.experts.{j}.expert_manifold.k" for j in experts]
+            if config.n_shared_experts:
+                key_map[f"{ours}.ffn.shared_residual.weight"] = [f"{ref}.ffn.add_experts.w_y"]
+                key_map[f"{ours}.ffn.shared_residual.log_scale"] = [f"{ref}.ffn.add_experts.scale"]
+        else:
+            for w in ("w1", "w2", "w3"):
+                for p in ("weight", "bias"):
+                    key_map[f"{ours}.ffn.{w}.{p}"] = [f"{ref}.ffn.{w}.linear.{p}"]
+    return key_map, dead
+
+
+_STACKED = (".ffn.experts.w1", ".ffn.experts.w2", ".ffn.experts.w3", ".ffn.experts.b1", ".ffn.experts.b2",
+            ".ffn.experts.b3")
+
+
+def _convert(name: str, tensors: list[Tensor]) -> Tensor:
+    """Combine the reference tensors of one helmlm parameter: stack experts, log the curvatures, fuse q/k/v."""
+    if name.endswith(".ffn.experts.log_curvature"):
+        values = torch.stack([t.reshape(()) for t in tensors])
+        if (values <= 0).any():
+            raise ReferenceCompatError(f"{name}: the checkpoint has non-positive expert curvatures {values.tolist()}")
+        return values.log()
+    if name.endswith(_STACKED):
+        return torch.stack(tensors)
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+
 def _curvature(state: dict[str, Tensor]) -> float:
-    values = {k: float(v) for k, v in state.items() if _is_curvature_alias(k) and v.numel() == 1}
+    values = {k: float(v) for k, v in state.items()
+              if _is_curvature_alias(k) and v.numel() == 1 and ".experts." not in k}
     distinct = sorted(set(values.values()))
     if len(distinct) > 1:
         by_value = {val: [k for k, v in values.items() if v == val][:3] for val in distinct}
@@ -174,11 +262,12 @@ def load_reference(
     """
     config = reference_config(**reference_flags)
     state = _read_state_dict(state_dict_or_path)
-    key_map, dead = _helm_d_key_map(config)
+    key_map, dead = (_helm_mice_key_map if config.attention == "mla" else _helm_d_key_map)(config)
 
     needed = {k for keys in key_map.values() for k in keys}
     missing = sorted(needed - set(state))
     unexpected = sorted(k for k in state if k not in needed and k not in dead and not _is_curvature_alias(k))
+    model_name = reference_flags.get("model_name", REFERENCE_DEFAULTS["model_name"])
     if missing or unexpected:
         parts = []
         if missing:
@@ -186,8 +275,10 @@ def load_reference(
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:12]}{' ...' if len(unexpected) > 12 else ''}")
         raise ReferenceCompatError(
-            f"reference state dict does not match a HELM_D model with arch {reference_flags.get('arch', REFERENCE_DEFAULTS['arch'])!r}: "
-            + "; ".join(parts) + ". Check model_name and arch against the checkpoint's training flags.")
+            f"reference state dict does not match a {model_name} model "
+            + (f"with arch {reference_flags.get('arch', REFERENCE_DEFAULTS['arch'])!r}: " if model_name == "HELM_D"
+               else "with these flags: ")
+            + "; ".join(parts) + ". Check model_name and the architecture flags against the checkpoint's.")
 
     config.curvature = _curvature(state)
     if dtype is None:
@@ -197,7 +288,7 @@ def load_reference(
     ours = model.state_dict()
     mapped = {}
     for name, ref_keys in key_map.items():
-        tensor = torch.cat([state[k] for k in ref_keys]) if len(ref_keys) > 1 else state[ref_keys[0]]
+        tensor = _convert(name, [state[k] for k in ref_keys])
         tensor = tensor.reshape(ours[name].shape) if tensor.numel() == ours[name].numel() == 1 else tensor
         if tuple(tensor.shape) != tuple(ours[name].shape):
             shapes = ", ".join(f"{k} {tuple(state[k].shape)}" for k in ref_keys)
@@ -211,5 +302,7 @@ def load_reference(
         raise ReferenceCompatError(
             f"the checkpoint was built with max_seq_len={freqs.shape[0]} (freqs_complex buffer), but "
             f"max_seq_len={config.max_position_embeddings} was given; pass max_seq_len={freqs.shape[0]}")
-    model.load_state_dict(mapped, strict=True)
+    # Buffers we own and the reference does not store (the MoE token counters) keep their initial values.
+    own = {k for k in ours if k not in mapped and k.endswith("tokens_per_expert")}
+    model.load_state_dict(mapped, strict=not own)
     return model.eval()

@@ -9,8 +9,10 @@ from typing import Any
 from transformers import PretrainedConfig
 
 GEOMETRIES = ("lorentz", "euclidean")
-ATTENTIONS = ("mha",)
-FFNS = ("dense",)
+ATTENTIONS = ("mha", "mla")
+FFNS = ("dense", "moe")
+SCORE_FUNCS = ("softmax", "sigmoid")
+MOE_COMBINES = ("paper", "reference")
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,25 @@ class HELMConfig(PretrainedConfig):
         project_emb: bool = False,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
+        # attention="mla" (HMLA): ambient dims per head, as in the reference
+        kv_lora_rank: int = 16,
+        qk_nope_head_dim: int = 17,
+        qk_rope_head_dim: int = 17,
+        v_head_dim: int = 17,
+        # ffn="moe" (MiCE): the first n_dense_layers blocks keep a dense FFN
+        n_dense_layers: int = 1,
+        n_routed_experts: int = 4,
+        n_activated_experts: int = 2,
+        n_shared_experts: int = 1,
+        moe_intermediate_size: int | None = None,
+        score_func: str = "softmax",
+        route_scale: float = 1.0,
+        n_expert_groups: int = 1,
+        n_limited_groups: int = 1,
+        expert_curvatures: list[float] | None = None,
+        learn_expert_curvature: bool = True,
+        moe_combine: str = "paper",
+        moe_renormalize: bool | None = None,
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -72,6 +93,24 @@ class HELMConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.project_emb = project_emb
         self.initializer_range = initializer_range
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.n_dense_layers = n_dense_layers
+        self.n_routed_experts = n_routed_experts
+        self.n_activated_experts = n_activated_experts
+        self.n_shared_experts = n_shared_experts
+        self.moe_intermediate_size = (self.intermediate_size // 2 if moe_intermediate_size is None
+                                      else moe_intermediate_size)
+        self.score_func = score_func
+        self.route_scale = route_scale
+        self.n_expert_groups = n_expert_groups
+        self.n_limited_groups = n_limited_groups
+        self.expert_curvatures = None if expert_curvatures is None else [float(c) for c in expert_curvatures]
+        self.learn_expert_curvature = learn_expert_curvature
+        self.moe_combine = moe_combine
+        self.moe_renormalize = moe_renormalize
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -90,16 +129,38 @@ class HELMConfig(PretrainedConfig):
 
     @property
     def rotary_dim(self) -> int:
-        """Coordinates rotated by (Ho)PE per head: the head's space part (Lorentz) or the whole head."""
+        """Coordinates rotated by (Ho)PE per head: the head's space part (Lorentz MHA), the decoupled rotary key's
+        space part (HMLA: ``qk_rope_head_dim - 1``), or the whole head (Euclidean MHA)."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim - 1 if self.is_lorentz else self.qk_rope_head_dim
         return self.head_dim - 1 if self.is_lorentz else self.head_dim
 
     def resolved_residual_scale(self) -> float | None:
+        """Lorentzian residual space multiplier: ``4 sqrt(W)`` for HELM-D (MHA), ``sqrt(W)`` for HELM-MiCE (MLA)."""
         if not self.is_lorentz:
             return None
-        return 4.0 * math.sqrt(self.hidden_size) if self.residual_scale is None else self.residual_scale
+        if self.residual_scale is not None:
+            return self.residual_scale
+        return (4.0 if self.attention == "mha" else 1.0) * math.sqrt(self.hidden_size)
 
     def resolved_attention_temperature(self) -> float:
-        return math.sqrt(self.hidden_size) if self.attention_temperature is None else self.attention_temperature
+        """Initial score divisor: ``sqrt(W)`` (MHA), ``sqrt(heads * (nope + rope))`` (MLA), as in the reference."""
+        if self.attention_temperature is not None:
+            return self.attention_temperature
+        if self.attention == "mla":
+            return math.sqrt(self.num_attention_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim))
+        return math.sqrt(self.hidden_size)
+
+    def resolved_expert_curvatures(self) -> list[float]:
+        """Initial curvature of each routed expert: the configured list, else evenly spaced in [0.1, 2.0] (the
+        reference's intended, unused list)."""
+        if self.expert_curvatures is not None:
+            return list(self.expert_curvatures)
+        n = self.n_routed_experts
+        return [0.1 + 1.9 * i / (n - 1) for i in range(n)] if n > 1 else [1.0]
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.ffn == "moe" and index >= self.n_dense_layers
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first inconsistent field and how to fix it."""
@@ -117,20 +178,64 @@ class HELMConfig(PretrainedConfig):
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.curvature <= 0:
             raise ConfigError(f"curvature must be > 0 (sectional curvature -1/c), got {self.curvature}")
+        if not self.is_lorentz and (self.attention != "mha" or self.ffn != "dense"):
+            raise ConfigError("geometry='euclidean' supports attention='mha' and ffn='dense' only so far "
+                              "(the DeepSeek-style twin with MLA and MoE is not implemented yet)")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                positive_int(name)
+            if self.qk_rope_head_dim < 3 or self.v_head_dim < 2:
+                raise ConfigError(f"qk_rope_head_dim must be >= 3 and v_head_dim >= 2 (ambient coordinates, one "
+                                  f"is time); got {self.qk_rope_head_dim} and {self.v_head_dim}")
+        if self.ffn == "moe":
+            for name in ("n_routed_experts", "n_activated_experts", "moe_intermediate_size",
+                         "n_expert_groups", "n_limited_groups"):
+                positive_int(name)
+            if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+                raise ConfigError(f"n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
+            if not isinstance(self.n_dense_layers, int) or self.n_dense_layers < 0:
+                raise ConfigError(f"n_dense_layers must be an integer >= 0, got {self.n_dense_layers!r}")
+            if self.n_activated_experts > self.n_routed_experts:
+                raise ConfigError(f"n_activated_experts={self.n_activated_experts} (top-k) exceeds "
+                                  f"n_routed_experts={self.n_routed_experts}")
+            if self.n_routed_experts % self.n_expert_groups:
+                raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not divisible by "
+                                  f"n_expert_groups={self.n_expert_groups}")
+            if self.n_limited_groups > self.n_expert_groups:
+                raise ConfigError(f"n_limited_groups={self.n_limited_groups} exceeds "
+                                  f"n_expert_groups={self.n_expert_groups}")
+            if self.n_expert_groups > 1 and (self.n_routed_experts // self.n_expert_groups) * \
+                    self.n_limited_groups < self.n_activated_experts:
+                raise ConfigError(f"n_limited_groups={self.n_limited_groups} groups of "
+                                  f"{self.n_routed_experts // self.n_expert_groups} experts cannot hold "
+                                  f"n_activated_experts={self.n_activated_experts}")
+            if self.score_func not in SCORE_FUNCS:
+                raise ConfigError(f"score_func must be one of {', '.join(SCORE_FUNCS)}; got {self.score_func!r}")
+            if self.moe_combine not in MOE_COMBINES:
+                raise ConfigError(f"moe_combine must be one of {', '.join(MOE_COMBINES)}; got {self.moe_combine!r}")
+            curv = self.resolved_expert_curvatures()
+            if len(curv) != self.n_routed_experts or min(curv) <= 0:
+                raise ConfigError(f"expert_curvatures must list {self.n_routed_experts} positive values, got {curv}")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.attention == "mha" and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
                 "every head gets hidden_size / num_attention_heads coordinates")
         if self.rotary_dim % 2:
-            what = (f"each head has {self.head_dim} ambient coordinates, so its space part (rotated by HoPE) has "
-                    f"{self.rotary_dim}" if self.is_lorentz
-                    else f"each head has {self.rotary_dim} coordinates")
+            if self.attention == "mla":
+                what = (f"qk_rope_head_dim={self.qk_rope_head_dim} ambient coordinates, so the rotary key's space "
+                        f"part has {self.rotary_dim}")
+            elif self.is_lorentz:
+                what = (f"each head has {self.head_dim} ambient coordinates, so its space part (rotated by HoPE) "
+                        f"has {self.rotary_dim}")
+            else:
+                what = f"each head has {self.rotary_dim} coordinates"
             raise ConfigError(
                 f"rotary dim {self.rotary_dim} is odd ({what}, with hidden_size={self.hidden_size} and "
                 f"num_attention_heads={self.num_attention_heads}); rotary embeddings rotate coordinate pairs, so "
-                "choose a width/head count whose rotated dim is even")
+                + ("choose an odd qk_rope_head_dim" if self.attention == "mla"
+                   else "choose a width/head count whose rotated dim is even"))
         if self.is_lorentz and self.intermediate_size < 2:
             raise ConfigError(f"intermediate_size must be >= 2 for a Lorentz FFN, got {self.intermediate_size}")
         if self.project_emb and not self.is_lorentz:

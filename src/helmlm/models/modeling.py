@@ -18,10 +18,12 @@ from helmlm.models.config import HELMConfig
 from helmlm.nn import (
     LorentzEmbedding,
     LorentzFeedForward,
+    LorentzLatentAttention,
     LorentzLinear,
     LorentzResidual,
     LorentzRMSNorm,
     LorentzSelfAttention,
+    MiCE,
     RMSNorm,
     SelfAttention,
     SwiGLU,
@@ -37,15 +39,27 @@ class InputError(ValueError):
 class LorentzBlock(nn.Module):
     """Pre-norm hyperbolic block: ``h = res1(h, attn(norm1(h)))``, ``h = res2(h, ffn(norm2(h)))``."""
 
-    def __init__(self, config: HELMConfig):
+    def __init__(self, config: HELMConfig, index: int = 0):
         super().__init__()
         width, c, eps = config.hidden_size, config.curvature, config.rms_norm_eps
-        scale = config.resolved_residual_scale()
+        scale, tau = config.resolved_residual_scale(), config.resolved_attention_temperature()
         self.attn_norm = LorentzRMSNorm(width - 1, eps, c)
-        self.attn = LorentzSelfAttention(width, config.num_attention_heads, c, config.resolved_attention_temperature())
+        if config.attention == "mla":
+            self.attn = LorentzLatentAttention(width, config.num_attention_heads, config.kv_lora_rank,
+                                               config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim,
+                                               c, tau, eps)
+        else:
+            self.attn = LorentzSelfAttention(width, config.num_attention_heads, c, tau)
         self.attn_residual = LorentzResidual(scale=scale, curvature=c)
         self.ffn_norm = LorentzRMSNorm(width - 1, eps, c)
-        self.ffn = LorentzFeedForward(width, config.intermediate_size, c)
+        if config.is_moe_layer(index):
+            self.ffn = MiCE(width, config.moe_intermediate_size, config.n_routed_experts, config.n_activated_experts,
+                            config.n_shared_experts, config.resolved_expert_curvatures(),
+                            config.learn_expert_curvature, config.score_func, config.route_scale,
+                            config.n_expert_groups, config.n_limited_groups, config.moe_combine,
+                            config.moe_renormalize, c)
+        else:
+            self.ffn = LorentzFeedForward(width, config.intermediate_size, c)
         self.ffn_residual = LorentzResidual(scale=scale, curvature=c)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
@@ -97,7 +111,7 @@ class HELMModel(HELMPreTrainedModel):
         width, c = config.hidden_size, config.curvature
         if config.is_lorentz:
             self.embed = LorentzEmbedding(config.vocab_size, width - 1, c, manifold_table=not config.project_emb)
-            self.layers = nn.ModuleList(LorentzBlock(config) for _ in range(config.num_hidden_layers))
+            self.layers = nn.ModuleList(LorentzBlock(config, i) for i in range(config.num_hidden_layers))
             self.final_proj = LorentzLinear(width, width - 1, curvature=c)
             self.norm = LorentzRMSNorm(width - 1, config.rms_norm_eps, c)
         else:

@@ -9,13 +9,20 @@ from helmlm.nn.attention import (
 )
 from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.ffn import LorentzFeedForward, SwiGLU
-from helmlm.nn.linear import LorentzLinear
+from helmlm.nn.latent_attention import LorentzLatentAttention
+from helmlm.nn.linear import LorentzLinear, aligned_linear
+from helmlm.nn.mice import Gate, LorentzExperts, MiCE
 from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
 from helmlm.nn.residual import LorentzResidual
 from helmlm.nn.rotary import apply_rotary, rotary_tables
 
 __all__ = [
+    "Gate",
     "LorentzEmbedding",
+    "LorentzExperts",
+    "LorentzLatentAttention",
+    "MiCE",
+    "aligned_linear",
     "LorentzFeedForward",
     "LorentzLinear",
     "LorentzRMSNorm",

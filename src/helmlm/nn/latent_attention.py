@@ -1,0 +1,76 @@
+"""HMLA: hyperbolic multi-head latent attention (MATH.md section 4).
+
+Per token: a query ``q_s = W_q x`` split per head into ``q_nope`` (``nope_dim`` coords) and ``q_pe`` (``rope_dim - 1``
+coords, rotated by HoPE); ``[c_kv, k_pe] = W_kva x`` with ``k_pe`` one rotary key shared by all heads; the latent point
+``c^ = lift(RMSNorm(c_kv))`` (``kv_rank + 1`` ambient coords); per head ``[k_nope, v_s] = W_kvb c^``. Then
+``q = lift([q_nope, q_pe])``, ``k = lift([k_nope, k_pe])``, ``v = lift(v_s)`` and hyperbolic attention exactly as in
+:mod:`helmlm.nn.attention` (SDPA on the Minkowski form, learnable divisor ``tau``). The heads' output points are
+concatenated and mapped by a LorentzLinear.
+
+Each ``*_dim`` counts *ambient* coordinates as in the reference (``qk_head = nope_dim + rope_dim``, one of which is
+time). What a compact cache needs per token is ``c_kv`` and ``k_pe`` (and the per-head time scalars of k and v);
+:meth:`LorentzLatentAttention.compress` returns exactly that, :meth:`expand` rebuilds k and v from it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from helmlm.geometry import lift
+from helmlm.nn.attention import lorentz_sdpa
+from helmlm.nn.linear import LorentzLinear
+from helmlm.nn.norm import LorentzRMSNorm
+from helmlm.nn.rotary import apply_rotary
+
+
+class LorentzLatentAttention(nn.Module):
+    def __init__(self, width: int, heads: int, kv_rank: int, nope_dim: int, rope_dim: int, v_dim: int,
+                 curvature: float = 1.0, temperature: float | None = None, eps: float = 1e-8):
+        super().__init__()
+        self.width, self.heads, self.kv_rank = width, heads, kv_rank
+        self.nope_dim, self.rope_dim, self.v_dim = nope_dim, rope_dim, v_dim
+        self.qk_head = nope_dim + rope_dim  # ambient coords of a query/key point
+        self.curvature = curvature
+        self.wq = LorentzLinear(width, heads * (self.qk_head - 1), curvature=curvature)
+        self.wkv_a = LorentzLinear(width, kv_rank + rope_dim - 1, curvature=curvature)
+        self.kv_norm = LorentzRMSNorm(kv_rank, eps, curvature)
+        self.wkv_b = LorentzLinear(kv_rank + 1, heads * (nope_dim + v_dim - 1), curvature=curvature)
+        self.wo = LorentzLinear(heads * v_dim, width - 1, curvature=curvature)
+        self.init_temperature = math.sqrt(heads * self.qk_head) if temperature is None else temperature
+        self.temperature = nn.Parameter(torch.tensor(self.init_temperature))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.temperature, self.init_temperature)
+
+    def compress(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """What a latent cache stores per token: ``c_kv`` (``kv_rank``) and the rotated ``k_pe`` (``rope_dim - 1``)."""
+        c_kv, k_pe = self.wkv_a(x, return_space=True).split([self.kv_rank, self.rope_dim - 1], dim=-1)
+        return c_kv, apply_rotary(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
+
+    def expand(self, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (Lorentz points, ``(B, N, H, qk_head)`` and ``(B, N, H, v_dim)``) from the latent."""
+        kv = self.wkv_b(self.kv_norm(c_kv, space_only=True), return_space=True)
+        k_nope, v = kv.unflatten(-1, (self.heads, -1)).split([self.nope_dim, self.v_dim - 1], dim=-1)
+        k_pe = k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], -1)
+        return lift(torch.cat([k_nope, k_pe], dim=-1), self.curvature), lift(v, self.curvature)
+
+    def query(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        q = self.wq(x, return_space=True).unflatten(-1, (self.heads, self.qk_head - 1))
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim - 1], dim=-1)
+        return lift(torch.cat([q_nope, apply_rotary(q_pe, cos, sin)], dim=-1), self.curvature)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        q = self.query(x, cos, sin)
+        k, v = self.expand(*self.compress(x, cos, sin))
+        # Fused kernels want one head dim for q, k and v: zero-pad the shorter side. Exact: zero coordinates add
+        # nothing to q~.k, and the zero coordinates of v give zero output coordinates, which are dropped.
+        width = max(self.qk_head, self.v_dim)
+        q, k = (F.pad(t, (0, width - self.qk_head)) for t in (q, k))
+        v = F.pad(v, (0, width - self.v_dim))
+        o = lorentz_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.curvature,
+                         self.temperature, mask)[..., : self.v_dim]
+        return self.wo(o.transpose(1, 2).flatten(-2))
