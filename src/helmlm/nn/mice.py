@@ -31,6 +31,7 @@ from helmlm.nn.ffn import LorentzFeedForward
 from helmlm.nn.residual import LorentzResidual
 
 COMBINE_MODES = ("paper", "reference")
+_LOG_C_LIMIT = 9.2
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
@@ -104,8 +105,10 @@ class LorentzExperts(nn.Module):
 
     @property
     def curvatures(self) -> Tensor:
-        """The experts' curvature parameters ``c_i`` (positive by construction)."""
-        return self.log_curvature.exp()
+        """The experts' curvature parameters ``c_i``: ``exp(log c_i)`` with ``log c_i`` clamped to ``[-9.2, 9.2]``
+        (``c_i`` in [1e-4, 1e4]), so they stay positive and finite after any optimizer step (a bare ``exp``
+        underflows to 0 or overflows after a huge one)."""
+        return self.log_curvature.clamp(-_LOG_C_LIMIT, _LOG_C_LIMIT).exp()
 
     def forward(self, x: Tensor) -> Tensor:
         """All experts on all tokens: ``x (T, width)`` on the input manifold -> ``(n, T, width)`` on it too."""
