@@ -53,14 +53,20 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    """Print parameter counts of configs (paths or preset names)."""
+    """Print parameter counts of configs (paths or preset names): trainable total, embedding, head, the rest, and
+    active per token (total less the routed experts a token does not use)."""
     from helmlm.models import load_config
     from helmlm.models.params import count_parameters
 
     rows = [(name, count_parameters(load_config(name))) for name in args.configs]
-    print(f"{'config':<28}{'total':>16}{'embedding':>14}{'head':>14}{'non-embedding':>16}")
+    if args.json:
+        for name, c in rows:
+            print(json.dumps({"config": name, **c}))
+        return 0
+    print(f"{'config':<24}{'total':>15}{'active':>15}{'embedding':>14}{'head':>14}{'non-embedding':>15}")
     for name, c in rows:
-        print(f"{name:<28}{c['total']:>16,}{c['embedding']:>14,}{c['head']:>14,}{c['non_embedding']:>16,}")
+        print(f"{name:<24}{c['total']:>15,}{c['active']:>15,}{c['embedding']:>14,}{c['head']:>14,}"
+              f"{c['non_embedding']:>15,}")
     return 0
 
 
@@ -85,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     params = sub.add_parser("params", help="print parameter counts of configs")
     params.add_argument("configs", nargs="+", help="preset names or YAML paths")
+    params.add_argument("--json", action="store_true", help="one JSON line per config instead of a table")
     params.set_defaults(func=_cmd_params)
     return parser
 

@@ -13,6 +13,7 @@ ATTENTIONS = ("mha", "mla")
 FFNS = ("dense", "moe")
 SCORE_FUNCS = ("softmax", "sigmoid")
 MOE_COMBINES = ("paper", "reference")
+MOE_DISPATCHES = ("auto", "grouped", "dense")
 
 
 class ConfigError(ValueError):
@@ -22,8 +23,9 @@ class ConfigError(ValueError):
 class HELMConfig(PretrainedConfig):
     """Configuration of a HELM decoder (a ``transformers.PretrainedConfig``, so it saves as ``config.json``).
 
-    A block is assembled from the choices ``geometry`` (``lorentz`` | ``euclidean``), ``attention`` (``mha``) and
-    ``ffn`` (``dense``), so a Euclidean baseline differs from its hyperbolic twin only in geometry.
+    A block is assembled from the choices ``geometry`` (``lorentz`` | ``euclidean``), ``attention`` (``mha`` |
+    ``mla``) and ``ffn`` (``dense`` | ``moe``), so a Euclidean baseline differs from its hyperbolic twin only in
+    geometry: HELM-D <-> LLaMA (``mha`` + ``dense``), HELM-MiCE <-> DeepSeek-V3 style (``mla`` + ``moe``).
 
     Widths: for ``geometry="lorentz"``, ``hidden_size`` is the *ambient* width ``W`` of the residual stream
     (``W - 1`` space coordinates plus time, the reference's ``W`` of ``L6_W390_A6``) and ``intermediate_size`` the
@@ -33,6 +35,12 @@ class HELMConfig(PretrainedConfig):
     Defaults that depend on the width are resolved at model build when left ``None``: ``residual_scale``
     (Lorentzian residual space multiplier; ``4 sqrt(W)`` as in HELM-D) and ``attention_temperature`` (initial
     score divisor ``tau``; ``sqrt(W)``).
+
+    MLA dims (``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``) count ambient
+    coordinates for ``lorentz`` (as the reference; the rotary part has ``qk_rope_head_dim - 1`` space coordinates)
+    and features for ``euclidean``. MoE: the first ``n_dense_layers`` blocks keep a dense FFN; routed layers add
+    ``moe_balance_alpha`` times their sequence-level balance loss to the training loss; ``moe_dispatch`` picks
+    grouped (sparse) or dense expert computation (``auto``: grouped where a kernel exists, dense for fp64).
     """
 
     model_type = "helm"
@@ -75,6 +83,8 @@ class HELMConfig(PretrainedConfig):
         learn_expert_curvature: bool = True,
         moe_combine: str = "paper",
         moe_renormalize: bool | None = None,
+        moe_balance_alpha: float = 1e-4,
+        moe_dispatch: str = "auto",
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -111,6 +121,8 @@ class HELMConfig(PretrainedConfig):
         self.learn_expert_curvature = learn_expert_curvature
         self.moe_combine = moe_combine
         self.moe_renormalize = moe_renormalize
+        self.moe_balance_alpha = moe_balance_alpha
+        self.moe_dispatch = moe_dispatch
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -159,6 +171,13 @@ class HELMConfig(PretrainedConfig):
         n = self.n_routed_experts
         return [0.1 + 1.9 * i / (n - 1) for i in range(n)] if n > 1 else [1.0]
 
+    def resolved_moe_renormalize(self) -> bool:
+        """Renormalise the selected routing weights to sum 1: the configured value, else as the combination mode
+        implies (the paper and the Euclidean twin renormalise; the reference only for sigmoid scores)."""
+        if self.moe_renormalize is not None:
+            return bool(self.moe_renormalize)
+        return not self.is_lorentz or self.moe_combine == "paper" or self.score_func == "sigmoid"
+
     def is_moe_layer(self, index: int) -> bool:
         return self.ffn == "moe" and index >= self.n_dense_layers
 
@@ -178,13 +197,10 @@ class HELMConfig(PretrainedConfig):
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.curvature <= 0:
             raise ConfigError(f"curvature must be > 0 (sectional curvature -1/c), got {self.curvature}")
-        if not self.is_lorentz and (self.attention != "mha" or self.ffn != "dense"):
-            raise ConfigError("geometry='euclidean' supports attention='mha' and ffn='dense' only so far "
-                              "(the DeepSeek-style twin with MLA and MoE is not implemented yet)")
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 positive_int(name)
-            if self.qk_rope_head_dim < 3 or self.v_head_dim < 2:
+            if self.is_lorentz and (self.qk_rope_head_dim < 3 or self.v_head_dim < 2):
                 raise ConfigError(f"qk_rope_head_dim must be >= 3 and v_head_dim >= 2 (ambient coordinates, one "
                                   f"is time); got {self.qk_rope_head_dim} and {self.v_head_dim}")
         if self.ffn == "moe":
@@ -211,6 +227,14 @@ class HELMConfig(PretrainedConfig):
                                   f"n_activated_experts={self.n_activated_experts}")
             if self.score_func not in SCORE_FUNCS:
                 raise ConfigError(f"score_func must be one of {', '.join(SCORE_FUNCS)}; got {self.score_func!r}")
+            if self.moe_dispatch not in MOE_DISPATCHES:
+                raise ConfigError(f"moe_dispatch must be one of {', '.join(MOE_DISPATCHES)}; "
+                                  f"got {self.moe_dispatch!r}")
+            if not isinstance(self.moe_balance_alpha, (int, float)) or self.moe_balance_alpha < 0:
+                raise ConfigError(f"moe_balance_alpha must be a number >= 0, got {self.moe_balance_alpha!r}")
+            if self.is_lorentz and self.moe_intermediate_size < 2:
+                raise ConfigError(f"moe_intermediate_size must be >= 2 for Lorentz experts (ambient width, one "
+                                  f"coordinate is time), got {self.moe_intermediate_size}")
             if self.moe_combine not in MOE_COMBINES:
                 raise ConfigError(f"moe_combine must be one of {', '.join(MOE_COMBINES)}; got {self.moe_combine!r}")
             curv = self.resolved_expert_curvatures()
@@ -223,9 +247,11 @@ class HELMConfig(PretrainedConfig):
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
                 "every head gets hidden_size / num_attention_heads coordinates")
         if self.rotary_dim % 2:
-            if self.attention == "mla":
+            if self.attention == "mla" and self.is_lorentz:
                 what = (f"qk_rope_head_dim={self.qk_rope_head_dim} ambient coordinates, so the rotary key's space "
                         f"part has {self.rotary_dim}")
+            elif self.attention == "mla":
+                what = f"qk_rope_head_dim={self.qk_rope_head_dim}"
             elif self.is_lorentz:
                 what = (f"each head has {self.head_dim} ambient coordinates, so its space part (rotated by HoPE) "
                         f"has {self.rotary_dim}")
@@ -234,7 +260,8 @@ class HELMConfig(PretrainedConfig):
             raise ConfigError(
                 f"rotary dim {self.rotary_dim} is odd ({what}, with hidden_size={self.hidden_size} and "
                 f"num_attention_heads={self.num_attention_heads}); rotary embeddings rotate coordinate pairs, so "
-                + ("choose an odd qk_rope_head_dim" if self.attention == "mla"
+                + ("choose an odd qk_rope_head_dim" if self.attention == "mla" and self.is_lorentz
+                   else "choose an even qk_rope_head_dim" if self.attention == "mla"
                    else "choose a width/head count whose rotated dim is even"))
         if self.is_lorentz and self.intermediate_size < 2:
             raise ConfigError(f"intermediate_size must be >= 2 for a Lorentz FFN, got {self.intermediate_size}")

@@ -3,7 +3,8 @@
 ``HELMForCausalLM`` with ``geometry="lorentz"`` is HELM-D (Lorentz embedding -> blocks of [hyperbolic RMSNorm ->
 Lorentz MHA with HoPE -> Lorentzian residual -> hyperbolic RMSNorm -> HFFN -> Lorentzian residual] -> LorentzLinear
 -> hyperbolic RMSNorm -> linear head over the full Lorentz vector); with ``geometry="euclidean"`` it is the
-LLaMA-style twin (embedding -> pre-norm blocks with RoPE MHA and SwiGLU -> RMSNorm -> head).
+LLaMA-style twin (embedding -> pre-norm blocks with RoPE MHA and SwiGLU -> RMSNorm -> head). ``attention="mla"``
+and ``ffn="moe"`` swap in HMLA and MiCE (HELM-MiCE), or MLA and MoE for the DeepSeek-style twin.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from helmlm.models.config import HELMConfig
 from helmlm.nn import (
+    LatentAttention,
+    MoE,
     LorentzEmbedding,
     LorentzFeedForward,
     LorentzLatentAttention,
@@ -28,6 +31,7 @@ from helmlm.nn import (
     SelfAttention,
     SwiGLU,
     document_causal_mask,
+    routed_layers,
     rotary_tables,
 )
 
@@ -57,30 +61,42 @@ class LorentzBlock(nn.Module):
                             config.n_shared_experts, config.resolved_expert_curvatures(),
                             config.learn_expert_curvature, config.score_func, config.route_scale,
                             config.n_expert_groups, config.n_limited_groups, config.moe_combine,
-                            config.moe_renormalize, c)
+                            config.resolved_moe_renormalize(), c, config.moe_dispatch)
         else:
             self.ffn = LorentzFeedForward(width, config.intermediate_size, c)
         self.ffn_residual = LorentzResidual(scale=scale, curvature=c)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None) -> Tensor:
         h = self.attn_residual(h, self.attn(self.attn_norm(h), cos, sin, mask))
-        return self.ffn_residual(h, self.ffn(self.ffn_norm(h)))
+        x = self.ffn_norm(h)
+        return self.ffn_residual(h, self.ffn(x, valid) if isinstance(self.ffn, MiCE) else self.ffn(x))
 
 
 class EuclideanBlock(nn.Module):
-    """Pre-norm LLaMA block: ``h = h + attn(norm1(h))``, ``h = h + ffn(norm2(h))``."""
+    """Pre-norm block: ``h = h + attn(norm1(h))``, ``h = h + ffn(norm2(h))``; LLaMA (MHA + SwiGLU) or
+    DeepSeek-style (MLA + MoE after the first ``n_dense_layers``)."""
 
-    def __init__(self, config: HELMConfig):
+    def __init__(self, config: HELMConfig, index: int = 0):
         super().__init__()
         width, eps = config.hidden_size, config.rms_norm_eps
         self.attn_norm = RMSNorm(width, eps)
-        self.attn = SelfAttention(width, config.num_attention_heads)
+        if config.attention == "mla":
+            self.attn = LatentAttention(width, config.num_attention_heads, config.kv_lora_rank,
+                                        config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, eps)
+        else:
+            self.attn = SelfAttention(width, config.num_attention_heads)
         self.ffn_norm = RMSNorm(width, eps)
-        self.ffn = SwiGLU(width, config.intermediate_size)
+        if config.is_moe_layer(index):
+            self.ffn = MoE(width, config.moe_intermediate_size, config.n_routed_experts, config.n_activated_experts,
+                           config.n_shared_experts, config.score_func, config.route_scale, config.n_expert_groups,
+                           config.n_limited_groups, config.resolved_moe_renormalize(), config.moe_dispatch)
+        else:
+            self.ffn = SwiGLU(width, config.intermediate_size)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None) -> Tensor:
         h = h + self.attn(self.attn_norm(h), cos, sin, mask)
-        return h + self.ffn(self.ffn_norm(h))
+        x = self.ffn_norm(h)
+        return h + (self.ffn(x, valid) if isinstance(self.ffn, MoE) else self.ffn(x))
 
 
 class HELMPreTrainedModel(PreTrainedModel):
@@ -116,12 +132,13 @@ class HELMModel(HELMPreTrainedModel):
             self.norm = LorentzRMSNorm(width - 1, config.rms_norm_eps, c)
         else:
             self.embed = nn.Embedding(config.vocab_size, width)
-            self.layers = nn.ModuleList(EuclideanBlock(config) for _ in range(config.num_hidden_layers))
+            self.layers = nn.ModuleList(EuclideanBlock(config, i) for i in range(config.num_hidden_layers))
             self.final_proj = None
             self.norm = RMSNorm(width, config.rms_norm_eps)
         self.post_init()
 
-    def check_inputs(self, input_ids: Tensor, document_ids: Tensor | None, position_ids: Tensor | None) -> None:
+    def check_inputs(self, input_ids: Tensor, document_ids: Tensor | None, position_ids: Tensor | None,
+                     attention_mask: Tensor | None = None) -> None:
         """Clear errors for bad inputs, raised before any layer runs (skipped while compiling)."""
         cfg = self.config
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dim() != 2:
@@ -133,7 +150,8 @@ class HELMModel(HELMPreTrainedModel):
         if n > cfg.max_position_embeddings:
             raise InputError(f"sequence length {n} exceeds max_position_embeddings={cfg.max_position_embeddings}; "
                              "split the input into windows or build the model with a larger max_position_embeddings")
-        for name, t in (("document_ids", document_ids), ("position_ids", position_ids)):
+        for name, t in (("document_ids", document_ids), ("position_ids", position_ids),
+                        ("attention_mask", attention_mask)):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise InputError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(t.shape)}")
@@ -144,20 +162,39 @@ class HELMModel(HELMPreTrainedModel):
             bad = hi if hi >= cfg.vocab_size else lo
             raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); check that the "
                              "tokenizer matches the model (vocab_size in the model config)")
+        if attention_mask is not None and document_ids is not None and int(document_ids.min()) < 0:
+            raise InputError("document_ids must be >= 0 when an attention_mask is given (negative ids are used "
+                             "internally for padding)")
 
-    def forward(self, input_ids: Tensor, document_ids: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor:
-        self.check_inputs(input_ids, document_ids, position_ids)
+    def forward(self, input_ids: Tensor, document_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        """``attention_mask (B, N)``: 1 for real tokens, 0 for padding. Each padding token becomes a one-token
+        document of its own (ids ``-1 - position``), so no real token attends to padding, no attention row is
+        empty, no loss target crosses into padding, and routed layers leave padding out of their balance loss and
+        statistics."""
+        self.check_inputs(input_ids, document_ids, position_ids, attention_mask)
+        valid = None if attention_mask is None else attention_mask.bool()
+        document_ids = padded_document_ids(document_ids, attention_mask)
         h = self.embed(input_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         cos, sin = rotary_tables(position_ids, self.config.rotary_dim, self.config.rope_theta, h.dtype)
         mask = None if document_ids is None else document_causal_mask(document_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, valid)
         if self.final_proj is not None:
             return self.norm(self.final_proj(h, return_space=True), space_only=True)
         return self.norm(h)
+
+
+def padded_document_ids(document_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor | None:
+    """Document ids with every padding token (``attention_mask == 0``) made a one-token document ``-1 - position``;
+    real tokens keep ``document_ids`` (or 0). ``None`` when neither is given."""
+    if attention_mask is None:
+        return document_ids
+    n = attention_mask.shape[-1]
+    pad_ids = -1 - torch.arange(n, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), 0 if document_ids is None else document_ids, pad_ids)
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, document_ids: Tensor | None = None) -> Tensor:
@@ -172,10 +209,12 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, document_ids: Tensor | None =
 class HELMForCausalLM(HELMPreTrainedModel):
     """A HELM decoder with a linear language-model head (over the full Lorentz vector for ``lorentz``).
 
-    ``forward(input_ids, labels=None, document_ids=None, position_ids=None)``: ``document_ids`` ``(B, N)`` mark
-    the packed documents of each row, and tokens attend only within their own document; ``labels`` are the
-    input ids (shifted inside, ``-100`` ignored). Returns a ``CausalLMOutputWithPast`` with ``logits`` and, given
-    labels, ``loss``.
+    ``forward(input_ids, labels=None, document_ids=None, position_ids=None, attention_mask=None)``:
+    ``document_ids`` ``(B, N)`` mark the packed documents of each row, and tokens attend only within their own
+    document; ``attention_mask`` marks real tokens (see :meth:`HELMModel.forward`); ``labels`` are the input ids
+    (shifted inside, ``-100`` ignored). Returns a ``MoeCausalLMOutputWithPast`` with ``logits``; for models with
+    routed layers ``aux_loss``, the sum of their sequence-level balance losses; given labels, ``loss`` =
+    cross-entropy + ``moe_balance_alpha * aux_loss``.
     """
 
     def __init__(self, config: HELMConfig):
@@ -190,9 +229,17 @@ class HELMForCausalLM(HELMPreTrainedModel):
         labels: Tensor | None = None,
         document_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        hidden = self.model(input_ids, document_ids=document_ids, position_ids=position_ids)
+    ) -> MoeCausalLMOutputWithPast:
+        hidden = self.model(input_ids, document_ids=document_ids, position_ids=position_ids,
+                            attention_mask=attention_mask)
         logits = self.lm_head(hidden)
-        loss = None if labels is None else causal_lm_loss(logits, labels, document_ids)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        aux = [layer.aux_loss for _, layer in routed_layers(self.model)]
+        aux_loss = torch.stack(aux).sum() if aux else None
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, padded_document_ids(document_ids, attention_mask))
+            if aux_loss is not None and self.config.moe_balance_alpha:
+                loss = loss + self.config.moe_balance_alpha * aux_loss
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits)

@@ -9,15 +9,34 @@ from helmlm.nn.attention import (
 )
 from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.ffn import LorentzFeedForward, SwiGLU
-from helmlm.nn.latent_attention import LorentzLatentAttention
+from helmlm.nn.latent_attention import LatentAttention, LorentzLatentAttention
 from helmlm.nn.linear import LorentzLinear, aligned_linear
-from helmlm.nn.mice import Gate, LorentzExperts, MiCE
+from helmlm.nn.mice import LorentzExperts, MiCE
+from helmlm.nn.moe import Experts, MoE
 from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
 from helmlm.nn.residual import LorentzResidual
 from helmlm.nn.rotary import apply_rotary, rotary_tables
+from helmlm.nn.routing import (
+    Gate,
+    RoutedFFN,
+    balance_step,
+    routed_layers,
+    routing_stats,
+    sequence_balance_loss,
+    update_balance_bias,
+)
 
 __all__ = [
+    "Experts",
     "Gate",
+    "LatentAttention",
+    "MoE",
+    "RoutedFFN",
+    "balance_step",
+    "routed_layers",
+    "routing_stats",
+    "sequence_balance_loss",
+    "update_balance_bias",
     "LorentzEmbedding",
     "LorentzExperts",
     "LorentzLatentAttention",

@@ -10,6 +10,9 @@ concatenated and mapped by a LorentzLinear.
 Each ``*_dim`` counts *ambient* coordinates as in the reference (``qk_head = nope_dim + rope_dim``, one of which is
 time). What a compact cache needs per token is ``c_kv`` and ``k_pe`` (and the per-head time scalars of k and v);
 :meth:`LorentzLatentAttention.compress` returns exactly that, :meth:`expand` rebuilds k and v from it.
+
+:class:`LatentAttention` is the Euclidean twin (DeepSeek-V2/V3 MLA without query compression): the same structure
+with plain linear maps, RMSNorm on the latent, RoPE, and softmax scale ``1 / sqrt(nope + rope)``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from helmlm.geometry import lift
-from helmlm.nn.attention import lorentz_sdpa
+from helmlm.nn.attention import _attend, lorentz_sdpa
 from helmlm.nn.linear import LorentzLinear
-from helmlm.nn.norm import LorentzRMSNorm
+from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
 from helmlm.nn.rotary import apply_rotary
 
 
@@ -73,4 +76,49 @@ class LorentzLatentAttention(nn.Module):
         v = F.pad(v, (0, width - self.v_dim))
         o = lorentz_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.curvature,
                          self.temperature, mask)[..., : self.v_dim]
+        return self.wo(o.transpose(1, 2).flatten(-2))
+
+
+class LatentAttention(nn.Module):
+    """Euclidean multi-head latent attention (the DeepSeek-style twin of :class:`LorentzLatentAttention`).
+
+    ``q = W_q x`` per head ``[q_nope (nope_dim), q_pe (rope_dim)]``; ``[c_kv, k_pe] = W_kva x``; per head
+    ``[k_nope, v] = W_kvb RMSNorm(c_kv)``; RoPE on ``q_pe`` and the shared ``k_pe``; SDPA; ``W_o``. No biases.
+    Dims count features (no time coordinate). :meth:`compress`/:meth:`expand` mirror the hyperbolic layer's.
+    """
+
+    def __init__(self, width: int, heads: int, kv_rank: int, nope_dim: int, rope_dim: int, v_dim: int,
+                 eps: float = 1e-8):
+        super().__init__()
+        self.width, self.heads, self.kv_rank = width, heads, kv_rank
+        self.nope_dim, self.rope_dim, self.v_dim = nope_dim, rope_dim, v_dim
+        self.qk_head = nope_dim + rope_dim
+        self.wq = nn.Linear(width, heads * self.qk_head, bias=False)
+        self.wkv_a = nn.Linear(width, kv_rank + rope_dim, bias=False)
+        self.kv_norm = RMSNorm(kv_rank, eps)
+        self.wkv_b = nn.Linear(kv_rank, heads * (nope_dim + v_dim), bias=False)
+        self.wo = nn.Linear(heads * v_dim, width, bias=False)
+
+    def compress(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        c_kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        return c_kv, apply_rotary(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
+
+    def expand(self, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        kv = self.wkv_b(self.kv_norm(c_kv).to(c_kv.dtype))
+        k_nope, v = kv.unflatten(-1, (self.heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
+        k_pe = k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], -1)
+        return torch.cat([k_nope, k_pe], dim=-1), v
+
+    def query(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        q_nope, q_pe = self.wq(x).unflatten(-1, (self.heads, self.qk_head)).split([self.nope_dim, self.rope_dim], -1)
+        return torch.cat([q_nope, apply_rotary(q_pe, cos, sin)], dim=-1)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        q = self.query(x, cos, sin)
+        k, v = self.expand(*self.compress(x, cos, sin))
+        width = max(self.qk_head, self.v_dim)  # one head dim for fused kernels; zero padding is exact
+        q, k = (F.pad(t, (0, width - self.qk_head)) for t in (q, k))
+        v = F.pad(v.to(q.dtype), (0, width - self.v_dim))
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                    scale=1.0 / math.sqrt(self.qk_head))[..., : self.v_dim]
         return self.wo(o.transpose(1, 2).flatten(-2))

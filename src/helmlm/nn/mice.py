@@ -13,8 +13,10 @@ Combination (``combine``):
   in ascending expert index with a Lorentzian residual (weight = routing weight, fixed space scale 2), then combine
   shared and routed with a Lorentzian residual (learnable weight, learnable scale init 2) — for checkpoint parity.
 
-Dispatch is synchronisation-free: every expert runs as one batched matmul over all tokens and each token gathers its
-top-k outputs (exact; it computes ``E / k`` times the routed FLOPs, the price of having no data-dependent shapes).
+Dispatch (:mod:`helmlm.nn.routing`) is synchronisation-free: the (token, expert) pairs are sorted by expert on the
+device and each expert's HFFN runs as one grouped matmul over its rows. For fp64 (tests, parity) and where no grouped
+kernel exists, every expert runs on every token and each token gathers its top-k outputs (exact, ``E / k`` times the
+FLOPs).
 """
 
 from __future__ import annotations
@@ -25,52 +27,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift, lorentz_normalize, origin
+from helmlm.geometry import lift, lorentz_normalize, origin, time_from_space
 from helmlm.geometry.lorentz import _promote
 from helmlm.nn.ffn import LorentzFeedForward
 from helmlm.nn.residual import LorentzResidual
+from helmlm.nn.routing import ExpertRoute, Gate, RoutedFFN, grouped_linear
 
 COMBINE_MODES = ("paper", "reference")
 _LOG_C_LIMIT = 9.2
-SCORE_FUNCS = ("softmax", "sigmoid")
-
-
-class Gate(nn.Module):
-    """Top-k router: ``s = softmax|sigmoid(W_g x_s)`` in fp32 (or fp64 for fp64 inputs); ``bias`` only selects.
-
-    Returns ``(weights (T, k), indices (T, k), scores (T, E))``. Weights are the selected un-biased scores,
-    renormalised to sum 1 when ``renormalize``, times ``route_scale``. With ``n_groups > 1`` selection is limited to
-    the ``topk_groups`` groups with the highest sum of their top-2 biased scores (DeepSeek-V3).
-    """
-
-    def __init__(self, space_dim: int, n_experts: int, topk: int, score_func: str = "softmax",
-                 route_scale: float = 1.0, n_groups: int = 1, topk_groups: int = 1, renormalize: bool = True):
-        super().__init__()
-        self.n_experts, self.topk, self.score_func, self.route_scale = n_experts, topk, score_func, route_scale
-        self.n_groups, self.topk_groups, self.renormalize = n_groups, topk_groups, renormalize
-        self.weight = nn.Parameter(torch.empty(n_experts, space_dim))
-        self.register_buffer("bias", torch.zeros(n_experts))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.weight)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits = F.linear(x[..., 1:], self.weight)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
-        biased = scores + self.bias.to(scores.dtype)
-        if self.n_groups > 1:
-            grouped = biased.unflatten(-1, (self.n_groups, -1))
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-            keep = group_scores.topk(self.topk_groups, dim=-1).indices
-            blocked = torch.ones_like(group_scores, dtype=torch.bool).scatter(-1, keep, False)
-            biased = grouped.masked_fill(blocked.unsqueeze(-1), float("-inf")).flatten(-2)
-        indices = biased.topk(self.topk, dim=-1).indices
-        weights = scores.gather(-1, indices)
-        if self.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return weights * self.route_scale, indices, scores
 
 
 class LorentzExperts(nn.Module):
@@ -121,19 +85,38 @@ class LorentzExperts(nn.Module):
         out = torch.baddbmm(self.b2.unsqueeze(1), hidden, self.w2.transpose(1, 2))
         return lift(out, c_e) / to_expert
 
+    def forward_rows(self, x: Tensor, route: ExpertRoute) -> Tensor:
+        """Only the routed pairs: ``x (T, width)``, rows sorted by expert -> ``(rows, width)`` on the input manifold.
 
-class MiCE(nn.Module):
+        The same HFFN as :meth:`forward`, arranged as in :class:`LorentzFeedForward`: W1 and W3 as one grouped GEMM
+        (halves front-padded to a multiple of 8 columns, the padded columns of ``u`` are 0), and W2 acting on the
+        lifted hidden point ``(t, u)`` as ``W2[:, 1:] u + t W2[:, 0]``.
+        """
+        c_row = self.curvatures.to(x.dtype)[route.expert].unsqueeze(-1)  # (rows, 1)
+        to_expert = (c_row / self.curvature).sqrt()
+        xs = x[route.token] * to_expert
+        pad = -(self.hidden - 1) % 8
+        w13 = torch.cat([F.pad(self.w1, (0, 0, pad, 0)), F.pad(self.w3, (0, 0, pad, 0))], dim=1)
+        b13 = torch.cat([F.pad(self.b1, (pad, 0)), F.pad(self.b3, (pad, 0))], dim=1)
+        gate, up = grouped_linear(xs, w13, route, b13).unflatten(-1, (2, -1)).unbind(-2)
+        u = F.silu(gate) * up
+        w2_space = F.pad(self.w2[..., 1:], (pad, 0))
+        out = grouped_linear(u, w2_space, route, self.b2)
+        out = out + time_from_space(u, c_row) * self.w2[..., 0].to(out.dtype)[route.expert]
+        return lift(out, c_row) / to_expert
+
+
+class MiCE(RoutedFFN):
     """Mixture of curvature experts on Lorentz tokens ``(..., width)``; returns points on the input manifold.
 
-    ``tokens_per_expert`` (a buffer) accumulates the routed assignments of every forward pass, without a host
-    synchronisation, for the trainer's load-balancing bias update (read and reset once per optimizer step).
-    ``last_routing`` keeps the latest ``(indices, scores)`` for the balance loss and statistics.
+    ``forward(x, valid=None)``: ``valid`` marks real tokens (False for padding), which alone count in the routing
+    statistics and the balance loss (see :class:`~helmlm.nn.routing.RoutedFFN`).
     """
 
     def __init__(self, width: int, hidden: int, n_routed: int, topk: int, n_shared: int = 1,
                  curvatures: list[float] | None = None, learn_curvature: bool = True, score_func: str = "softmax",
                  route_scale: float = 1.0, n_groups: int = 1, topk_groups: int = 1, combine: str = "paper",
-                 renormalize: bool | None = None, curvature: float = 1.0):
+                 renormalize: bool | None = None, curvature: float = 1.0, dispatch: str = "auto"):
         super().__init__()
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
@@ -148,23 +131,22 @@ class MiCE(nn.Module):
         if combine == "reference":
             self.fold = LorentzResidual(weight=1.0, scale=2.0, curvature=curvature)
             self.shared_residual = LorentzResidual(scale=2.0, learn_scale=True, curvature=curvature)
-        self.register_buffer("tokens_per_expert", torch.zeros(n_routed), persistent=False)
-        self.last_routing: tuple[Tensor, Tensor] | None = None
+        self._init_routing(n_routed, dispatch)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _expert_rows_grouped(self, x: Tensor, route: ExpertRoute) -> Tensor:
+        return self.experts.forward_rows(x, route)
+
+    def _expert_outputs_dense(self, x: Tensor) -> Tensor:
+        return self.experts(x)
+
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         shape = x.shape
+        weights, indices = self.route(x[..., 1:], valid)
         x = x.reshape(-1, self.width)
-        weights, indices, scores = self.gate(x)
-        self.last_routing = (indices, scores)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.zeros_like(self.tokens_per_expert).scatter_add_(
-                0, indices.flatten(), torch.ones_like(indices.flatten(), dtype=self.tokens_per_expert.dtype))
-        expert_out = self.experts(x)  # (E, T, width)
-        tokens = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
         if self.combine == "reference":
             indices, order = indices.sort(dim=-1)  # fold in ascending expert index, as the reference does
             weights = weights.gather(-1, order)
-        routed = expert_out[indices, tokens]  # (T, k, width)
+        routed = self.routed_outputs(x, indices)  # (T, k, width)
         weights = weights.to(routed.dtype).unsqueeze(-1)
         if self.combine == "paper":
             total = (weights * routed).sum(1)
