@@ -32,12 +32,63 @@ def test_params_prints_counts(capsys):
 
 
 @pytest.mark.parametrize("small,twin", [("helm_d_tiny", "llama_tiny"), ("helm_d_small", "llama_small"),
-                                        ("helm_d_paper", "llama_paper")])
+                                        ("helm_d_paper", "llama_paper"), ("helm_mice_tiny", "deepseek_tiny"),
+                                        ("helm_mice_120m", "deepseek_120m"), ("helm_mice_1b", "deepseek_1b")])
 def test_twins_have_matched_parameter_counts(small, twin):
-    """Each LLaMA twin preset has its HELM-D's parameter count within 0.02 %."""
-    a, b = count_parameters(load_config(small))["total"], count_parameters(load_config(twin))["total"]
-    assert abs(a - b) / a < 2e-4
-    assert load_config(small).geometry == "lorentz" and load_config(twin).geometry == "euclidean"
+    """Each Euclidean twin preset has its hyperbolic model's parameter count within 0.02 % (and, for the MoE
+    twins, the active count within 1 %), with the same attention/FFN kinds."""
+    a, b = count_parameters(load_config(small)), count_parameters(load_config(twin))
+    assert abs(a["total"] - b["total"]) / a["total"] < 2e-4
+    assert abs(a["active"] - b["active"]) / a["active"] < 1e-2
+    ca, cb = load_config(small), load_config(twin)
+    assert ca.geometry == "lorentz" and cb.geometry == "euclidean"
+    assert (ca.attention, ca.ffn, ca.num_hidden_layers) == (cb.attention, cb.ffn, cb.num_hidden_layers)
+
+
+MICE_120M_FLAGS = dict(dim=390, n_layers=6, n_dense_layers=1, n_heads=6, n_routed_experts=4, n_activated_experts=2,
+                       n_shared_experts=1, inter_dim=1560, mice_inter_dim=780, kv_lora_rank=65, qk_nope_head_dim=33,
+                       qk_rope_head_dim=17, v_head_dim=33, train_curv=True, project_emb=False)
+MICE_1B_FLAGS = dict(dim=910, n_layers=16, n_dense_layers=1, n_heads=14, n_routed_experts=8, n_activated_experts=2,
+                     n_shared_experts=1, inter_dim=3640, mice_inter_dim=1820, kv_lora_rank=257, qk_nope_head_dim=65,
+                     qk_rope_head_dim=65, v_head_dim=65, train_curv=False, project_emb=True)
+
+
+@pytest.mark.parametrize("preset,flags,ref_trainable,dead,paper_mode_fewer,active_millions", [
+    # 120M: reference 126,357,120 trainable. Dead there: 2 embedding-residual scalars, 6 attention score biases,
+    # 20 gate biases (Parameters that only select, so never get a gradient; buffers here).
+    ("helm_mice_120m", MICE_120M_FLAGS, 126_357_120, 2 + 6 + 20, 10, 117.2),
+    # 1B: reference 966,829,461 total less 123 frozen curvatures; dead: 16 attention biases, 120 gate biases
+    # (project_emb has no embedding residual).
+    ("helm_mice_1b", MICE_1B_FLAGS, 966_829_461 - 123, 16 + 120, 30, 519.6),
+])
+def test_mice_paper_preset_counts_match_the_reference(preset, flags, ref_trainable, dead, paper_mode_fewer,
+                                                       active_millions):
+    """The reference-mode model of the paper's flags has the reference's trainable count less its dead
+    parameters; the preset (paper combination) has fewer by the reference combination's 2 learnable residual
+    scalars per MiCE layer; active parameters per token are the paper's."""
+    from helmlm.compat.reference import reference_config
+
+    reference_mode = count_parameters(reference_config(model_name="HELM_MiCE", vocab_size=128256, max_seq_len=2048,
+                                                       original_seq_len=4096, **flags))
+    assert reference_mode["total"] == ref_trainable - dead
+    ours = count_parameters(load_config(preset))
+    assert ours["total"] == reference_mode["total"] - paper_mode_fewer
+    assert round(ours["active"] / 1e6, 1) == active_millions
+
+
+def test_params_json_lines(capsys):
+    assert main(["params", "--json", "helm_mice_120m", "deepseek_120m"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["config"] for line in lines] == ["helm_mice_120m", "deepseek_120m"]
+    assert lines[0]["total"] == 126_357_082 and lines[0]["active"] < lines[0]["total"]
+
+
+@pytest.mark.parametrize("preset", ["helm_mice_tiny", "deepseek_tiny"])
+def test_smoke_moe_presets_learn(preset, capsys):
+    assert main(["smoke", "--config", preset, "--steps", "6", "--batch", "2", "--seq-len", "16", "--threads", "1",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["loss_last"] < summary["loss_first"] - 0.5
 
 
 def test_presets_all_validate():

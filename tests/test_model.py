@@ -1,4 +1,4 @@
-"""Tests of HELMForCausalLM (HELM-D and its Euclidean twin) on tiny configs: causality, document isolation, the
+"""Tests of HELMForCausalLM (HELM-D, HELM-MiCE and their Euclidean twins) on tiny configs: causality, document isolation, the
 loss, manifold constraints of the hidden states, bf16 autocast, input/config errors, dead parameters, config
 round trip."""
 
@@ -16,17 +16,28 @@ from helmlm.models import ConfigError, HELMConfig, HELMForCausalLM, InputError
 # ---------------------------------------------------------------------------------------------------------------
 VOCAB = 97
 MAX_POS = 64
-GEOMETRIES = ["lorentz", "euclidean"]
-# Lorentz: ambient width 34, 2 heads of 17 ambient = 16 (even) rotated space coordinates. Euclidean: 2 heads of 16.
-WIDTH = {"lorentz": 34, "euclidean": 32}
+# Architectures by name. Lorentz: ambient width 34, 2 heads of 17 ambient = 16 (even) rotated space coordinates.
+# Euclidean: 2 heads of 16. The MoE variants: HMLA/MLA (latent 8, 8 rotated dims) and 1 dense + 1 routed layer
+# (4 experts, top-2, 1 shared).
+_MOE = dict(attention="mla", ffn="moe", kv_lora_rank=8, n_dense_layers=1, n_routed_experts=4,
+            n_activated_experts=2, n_shared_experts=1, moe_intermediate_size=20)
+VARIANTS = {
+    "lorentz": dict(geometry="lorentz", hidden_size=34),
+    "euclidean": dict(geometry="euclidean", hidden_size=32),
+    "lorentz-mice": dict(geometry="lorentz", hidden_size=34, qk_nope_head_dim=9, qk_rope_head_dim=9,
+                         v_head_dim=9, **_MOE),
+    "euclidean-moe": dict(geometry="euclidean", hidden_size=32, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                          v_head_dim=8, **_MOE),
+}
+GEOMETRIES = list(VARIANTS)
 DTYPES = [torch.float32, torch.float64]
 # Packed rows of several documents, split differently per row (N = 24).
 DOC_LENGTHS = [[7, 9, 8], [12, 5, 7]]
 
 
 def tiny_config(geometry: str = "lorentz", **overrides) -> HELMConfig:
-    kwargs = dict(vocab_size=VOCAB, hidden_size=WIDTH.get(geometry, 34), num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=MAX_POS, geometry=geometry)
+    kwargs = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_POS,
+                  **VARIANTS.get(geometry, dict(geometry=geometry, hidden_size=34)))
     kwargs.update(overrides)
     return HELMConfig(**kwargs)
 
@@ -175,9 +186,10 @@ def test_packed_logits_depend_only_on_relative_positions(geometry):
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_loss_is_shifted_cross_entropy(geometry):
     """loss equals an explicit-loop shifted cross-entropy: plain, with -100 labels ignored, and with document_ids
-    excluding the targets that cross a document boundary."""
+    excluding the targets that cross a document boundary. (The balance loss is off here; see
+    test_loss_adds_the_weighted_balance_loss.)"""
     torch.manual_seed(0)
-    model = build_model(geometry)
+    model = build_model(geometry, moe_balance_alpha=0.0)
     ids, doc_ids = random_ids(2, 24, seed=5), packed_document_ids()
     labels = ids.clone()
     labels[0, 3] = labels[1, 15] = labels[1, 20] = -100
@@ -207,7 +219,7 @@ def test_lorentz_hidden_states_on_manifold_at_residual_scale():
     c, scale = model.config.curvature, model.config.resolved_residual_scale()
     states = lorentz_hidden_states(model, random_ids(2, 24, seed=6))
     for i, h in enumerate(states):
-        assert h.dtype == torch.float32 and h.shape == (2, 24, WIDTH["lorentz"])
+        assert h.dtype == torch.float32 and h.shape == (2, 24, VARIANTS["lorentz"]["hidden_size"])
         assert torch.isfinite(h).all()
         assert manifold_violation(h, c).max().item() <= 1e-3, f"hidden state {i}"
     for i, h in enumerate(states[1:-1]):
@@ -233,6 +245,37 @@ def test_lorentz_hidden_states_on_manifold_at_residual_scale():
     small = build_model("lorentz", curvature=1.5, residual_scale=scale / 4)
     ratios = residual_norms(model) / residual_norms(small)
     assert ((ratios > 2.0) & (ratios < 8.0)).all(), ratios
+
+
+@pytest.mark.parametrize("geometry", ["lorentz-mice", "euclidean-moe"])
+def test_loss_adds_the_weighted_balance_loss(geometry):
+    """With routed layers, loss = cross-entropy + moe_balance_alpha * aux_loss, aux_loss being the sum of the
+    layers' balance losses (each >= 1, the value of a perfectly balanced router); dense models have no aux_loss."""
+    torch.manual_seed(0)
+    ids = random_ids(2, 24, seed=5)
+    with torch.no_grad():
+        plain = build_model(geometry, moe_balance_alpha=0.0)(ids, labels=ids)
+        weighted = build_model(geometry, moe_balance_alpha=0.5)(ids, labels=ids)
+    n_routed = 1
+    assert plain.aux_loss is not None and plain.aux_loss.item() >= n_routed * (1 - 1e-6)
+    assert torch.equal(plain.logits, weighted.logits)
+    assert weighted.loss.item() == pytest.approx(plain.loss.item() + 0.5 * weighted.aux_loss.item(), rel=1e-6)
+    assert build_model("lorentz")(ids, labels=ids).aux_loss is None
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_right_padding_changes_nothing_real(geometry):
+    """With attention_mask, right padding leaves the real tokens' logits and the loss as without it (fp64)."""
+    torch.manual_seed(0)
+    model = build_model(geometry, torch.float64)
+    ids = random_ids(2, 20, seed=11)
+    padded = torch.cat([ids, random_ids(2, 4, seed=12)], dim=1)
+    mask = torch.cat([torch.ones(2, 20, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = model(ids, labels=ids)
+        with_pad = model(padded, labels=padded, attention_mask=mask)
+    assert torch.allclose(with_pad.logits[:, :20], alone.logits, atol=1e-10, rtol=0)
+    assert with_pad.loss.item() == pytest.approx(alone.loss.item(), rel=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
