@@ -33,7 +33,8 @@ def test_params_prints_counts(capsys):
 
 @pytest.mark.parametrize("small,twin", [("helm_d_tiny", "llama_tiny"), ("helm_d_small", "llama_small"),
                                         ("helm_d_paper", "llama_paper"), ("helm_mice_tiny", "deepseek_tiny"),
-                                        ("helm_mice_120m", "deepseek_120m"), ("helm_mice_1b", "deepseek_1b")])
+                                        ("helm_mice_small", "deepseek_small"), ("helm_mice_120m", "deepseek_120m"),
+                                        ("helm_mice_1b", "deepseek_1b")])
 def test_twins_have_matched_parameter_counts(small, twin):
     """Each Euclidean twin preset has its hyperbolic model's parameter count within 0.02 % (and, for the MoE
     twins, the active count within 1 %), with the same attention/FFN kinds."""

@@ -92,9 +92,10 @@ class LorentzExperts(nn.Module):
         (halves front-padded to a multiple of 8 columns, the padded columns of ``u`` are 0), and W2 acting on the
         lifted hidden point ``(t, u)`` as ``W2[:, 1:] u + t W2[:, 0]``.
         """
-        c_row = self.curvatures.to(x.dtype)[route.expert].unsqueeze(-1)  # (rows, 1)
+        # index_select, not x[idx]: its backward is index_add, ~5x faster on CPU than indexing's
+        c_row = self.curvatures.to(x.dtype).index_select(0, route.expert).unsqueeze(-1)  # (rows, 1)
         to_expert = (c_row / self.curvature).sqrt()
-        xs = x[route.token] * to_expert
+        xs = x.index_select(0, route.token) * to_expert
         pad = -(self.hidden - 1) % 8
         w13 = torch.cat([F.pad(self.w1, (0, 0, pad, 0)), F.pad(self.w3, (0, 0, pad, 0))], dim=1)
         b13 = torch.cat([F.pad(self.b1, (pad, 0)), F.pad(self.b3, (pad, 0))], dim=1)
@@ -102,7 +103,7 @@ class LorentzExperts(nn.Module):
         u = F.silu(gate) * up
         w2_space = F.pad(self.w2[..., 1:], (pad, 0))
         out = grouped_linear(u, w2_space, route, self.b2)
-        out = out + time_from_space(u, c_row) * self.w2[..., 0].to(out.dtype)[route.expert]
+        out = out + time_from_space(u, c_row) * self.w2[..., 0].to(out.dtype).index_select(0, route.expert)
         return lift(out, c_row) / to_expert
 
 

@@ -44,7 +44,7 @@ class Experts(nn.Module):
 
     def forward_rows(self, x: Tensor, route: ExpertRoute) -> Tensor:
         """Only the routed pairs: ``x (T, width)``, rows sorted by expert -> ``(rows, width)``."""
-        gate, up = grouped_linear(x[route.token], torch.cat([self.w1, self.w3], dim=1), route).chunk(2, dim=-1)
+        gate, up = grouped_linear(x.index_select(0, route.token), torch.cat([self.w1, self.w3], dim=1), route).chunk(2, dim=-1)
         return grouped_linear(F.silu(gate) * up, self.w2, route)
 
 

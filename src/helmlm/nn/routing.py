@@ -120,7 +120,7 @@ def grouped_linear(x: Tensor, weight: Tensor, route: ExpertRoute, bias: Tensor |
     y = F.grouped_mm(F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in, 0, pad_out)).to(x.dtype).transpose(1, 2),
                      offs=route.offs)
     y = y[:, :out_dim] if pad_out else y
-    return y if bias is None else y + bias.to(y.dtype)[route.expert]
+    return y if bias is None else y + bias.to(y.dtype).index_select(0, route.expert)
 
 
 def sequence_balance_loss(scores: Tensor, indices: Tensor, valid: Tensor | None = None) -> Tensor:
