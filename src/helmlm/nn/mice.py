@@ -31,7 +31,7 @@ from helmlm.geometry import lift, lorentz_normalize, origin, time_from_space
 from helmlm.geometry.lorentz import _promote
 from helmlm.nn.ffn import LorentzFeedForward
 from helmlm.nn.residual import LorentzResidual
-from helmlm.nn.routing import ExpertRoute, Gate, RoutedFFN, grouped_linear
+from helmlm.nn.routing import ExpertRoute, Gate, RoutedFFN, bias_weight, grouped_linear, with_bias_column
 
 COMBINE_MODES = ("paper", "reference")
 _LOG_C_LIMIT = 9.2
@@ -88,23 +88,25 @@ class LorentzExperts(nn.Module):
     def forward_rows(self, x: Tensor, route: ExpertRoute) -> Tensor:
         """Only the routed pairs: ``x (T, width)``, rows sorted by expert -> ``(rows, width)`` on the input manifold.
 
-        The same HFFN as :meth:`forward`, arranged as in :class:`LorentzFeedForward`: W1 and W3 as one grouped GEMM
-        (halves front-padded to a multiple of 8 columns, the padded columns of ``u`` are 0), and W2 acting on the
-        lifted hidden point ``(t, u)`` as ``W2[:, 1:] u + t W2[:, 0]``.
+        The same function as :meth:`forward`, arranged so that almost all work is in two grouped GEMMs:
+        - the per-expert scalings fold into the weights: with ``s = sqrt(c_i / c)``,
+          ``W1 (s x) + b1 = (s W1) x + b1``, and returning by ``1 / s`` maps ``lift_{c_i}(y)`` to
+          ``lift_c(y / s)``, so W2 and b2 are divided by ``s`` and the output is lifted with the base curvature;
+        - biases ride in the GEMMs on an appended ones column (:func:`~helmlm.nn.routing.with_bias_column`), and
+          W2 acts on the lifted hidden point ``[t, u, 1]`` directly, so no per-row bias or time term is gathered.
         """
-        # index_select, not x[idx]: its backward is index_add, ~5x faster on CPU than indexing's
+        s = (self.curvatures.to(x.dtype) / self.curvature).sqrt()  # (E,)
         c_row = self.curvatures.to(x.dtype).index_select(0, route.expert).unsqueeze(-1)  # (rows, 1)
-        to_expert = (c_row / self.curvature).sqrt()
-        xs = x.index_select(0, route.token) * to_expert
-        pad = -(self.hidden - 1) % 8
-        w13 = torch.cat([F.pad(self.w1, (0, 0, pad, 0)), F.pad(self.w3, (0, 0, pad, 0))], dim=1)
-        b13 = torch.cat([F.pad(self.b1, (pad, 0)), F.pad(self.b3, (pad, 0))], dim=1)
-        gate, up = grouped_linear(xs, w13, route, b13).unflatten(-1, (2, -1)).unbind(-2)
-        u = F.silu(gate) * up
-        w2_space = F.pad(self.w2[..., 1:], (pad, 0))
-        out = grouped_linear(u, w2_space, route, self.b2)
-        out = out + time_from_space(u, c_row) * self.w2[..., 0].to(out.dtype).index_select(0, route.expert)
-        return lift(out, c_row) / to_expert
+        # index_select, not x[idx]: its backward is index_add, ~5x faster on CPU than indexing's
+        xs = with_bias_column(x).index_select(0, route.token)
+        w13 = torch.cat([bias_weight(self.w1 * s.view(-1, 1, 1), self.b1, xs.shape[-1]),
+                         bias_weight(self.w3 * s.view(-1, 1, 1), self.b3, xs.shape[-1])], dim=1)
+        gate_up = grouped_linear(xs, w13, route)
+        h = self.hidden - 1
+        u = F.silu(gate_up[:, :h]) * gate_up[:, h: 2 * h]
+        hidden = with_bias_column(u, time=time_from_space(u, c_row))
+        w2 = bias_weight(self.w2 / s.view(-1, 1, 1), self.b2 / s.view(-1, 1), hidden.shape[-1])
+        return lift(grouped_linear(hidden, w2, route), self.curvature)
 
 
 class MiCE(RoutedFFN):

@@ -117,10 +117,30 @@ def grouped_linear(x: Tensor, weight: Tensor, route: ExpertRoute, bias: Tensor |
     """
     out_dim, in_dim = weight.shape[1:]
     pad_in, pad_out = -in_dim % 8, -out_dim % 8
-    y = F.grouped_mm(F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in, 0, pad_out)).to(x.dtype).transpose(1, 2),
-                     offs=route.offs)
+    if pad_in:
+        x = F.pad(x, (0, pad_in))
+    if pad_in or pad_out:
+        weight = F.pad(weight, (0, pad_in, 0, pad_out))
+    y = F.grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=route.offs)
     y = y[:, :out_dim] if pad_out else y
     return y if bias is None else y + bias.to(y.dtype).index_select(0, route.expert)
+
+
+def with_bias_column(x: Tensor, time: Tensor | None = None) -> Tensor:
+    """``[time, x, 1, 0, ...]`` (``time`` optional), zero-padded to a width that is a multiple of 8, built in one
+    copy: a weight laid out by :func:`bias_weight` then computes ``W [time, x] + b`` in its GEMM."""
+    parts = ([] if time is None else [time]) + [x]
+    width = sum(p.shape[-1] for p in parts) + 1
+    ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+    pad = torch.zeros(*x.shape[:-1], -width % 8, dtype=x.dtype, device=x.device)
+    return torch.cat([*parts, ones, pad], dim=-1)
+
+
+def bias_weight(weight: Tensor, bias: Tensor, width: int) -> Tensor:
+    """``[W | b | 0]``: expert weights ``(E, out, in)`` with the bias ``(E, out)`` as column ``in`` and zero columns
+    up to ``width`` (the width of the input from :func:`with_bias_column`)."""
+    pad = width - weight.shape[-1] - 1
+    return torch.cat([weight, bias.unsqueeze(-1), weight.new_zeros(*weight.shape[:-1], pad)], dim=-1)
 
 
 def sequence_balance_loss(scores: Tensor, indices: Tensor, valid: Tensor | None = None) -> Tensor:
