@@ -1,0 +1,124 @@
+"""Optimizer split and learning-rate schedule (MATH.md section 6).
+
+- :func:`parameter_roles` assigns every trainable parameter one role: ``manifold`` (a geoopt
+  ``ManifoldParameter``, the Lorentz embedding table), ``decay`` (weight matrices: linear maps, stacked expert
+  weights, the gate, the LM head) or ``no_decay`` (everything else: biases, norm weights, scales, residual weights,
+  attention temperatures, expert curvatures, and any embedding table).
+- :func:`build_optimizer` gives manifold parameters to geoopt's Riemannian Adam (no weight decay: it is not a
+  Riemannian operation) and the rest to AdamW with decoupled weight decay on the ``decay`` group only, behind one
+  :class:`HybridOptimizer` (step / zero_grad / state_dict / load_state_dict / set_lr).
+- :func:`lr_multiplier`: linear warm-up, then cosine from 1 to ``min_lr_ratio``, correct for any ratio (the
+  reference hard-codes 0.9 = 1 - 0.1 in its cosine, so only ``min_lr_ratio = 0.1`` ends where it should).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import geoopt
+import torch
+from torch import nn
+
+ROLES = ("manifold", "decay", "no_decay")
+_MATRIX_NAMES = ("weight", "w1", "w2", "w3")
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """The learning-rate factor for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps (so no step runs at lr 0); then
+    ``min + (1 - min) * (1 + cos(pi * p)) / 2`` with ``p = (step - warmup) / (total - warmup)`` clamped to [0, 1]:
+    1 right after warm-up, ``min_lr_ratio`` at the last step and after it.
+    """
+    if total_steps < 1 or warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"need total_steps >= 1, warmup_steps >= 0 and min_lr_ratio in [0, 1]; got "
+                         f"{total_steps}, {warmup_steps}, {min_lr_ratio}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """``{qualified name: role}`` for every trainable parameter (see the module docstring for the rule)."""
+    from helmlm.nn.embedding import LorentzEmbedding
+
+    roles = {}
+    for module_name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            if isinstance(param, geoopt.ManifoldParameter):
+                roles[name] = "manifold"
+            elif isinstance(module, (nn.Embedding, LorentzEmbedding)):
+                roles[name] = "no_decay"
+            elif param.dim() >= 2 and leaf in _MATRIX_NAMES:
+                roles[name] = "decay"
+            else:
+                roles[name] = "no_decay"
+    return roles
+
+
+class HybridOptimizer:
+    """Several torch optimizers stepped as one (here: AdamW and Riemannian Adam).
+
+    ``param_groups`` lists every group of every optimizer; each group keeps its base ``initial_lr``, and
+    :meth:`set_lr` sets ``lr = initial_lr * multiplier`` in all of them. ``state_dict`` holds one entry per
+    optimizer, in order.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def set_lr(self, multiplier: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(f"optimizer state holds {len(state['optimizers'])} optimizers, this one has "
+                             f"{len(self.optimizers)}; was it saved for another model?")
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
+                    eps: float = 1e-8, riemannian_lr: float | None = None) -> HybridOptimizer:
+    """AdamW (decoupled weight decay on ``decay`` parameters only) + Riemannian Adam for manifold parameters.
+
+    Riemannian Adam runs with ``stabilize=1`` (re-project the parameters onto the manifold after every step, as the
+    reference does) and no weight decay; its lr defaults to ``lr``.
+    """
+    params = dict(model.named_parameters())
+    by_role: dict[str, list[torch.nn.Parameter]] = {role: [] for role in ROLES}
+    for name, role in parameter_roles(model).items():
+        by_role[role].append(params[name])
+    groups = [{"params": by_role["decay"], "weight_decay": weight_decay, "role": "decay"},
+              {"params": by_role["no_decay"], "weight_decay": 0.0, "role": "no_decay"}]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)]
+    if by_role["manifold"]:
+        optimizers.append(geoopt.optim.RiemannianAdam(
+            [{"params": by_role["manifold"], "role": "manifold"}], lr=lr if riemannian_lr is None else riemannian_lr,
+            betas=betas, eps=eps, weight_decay=0.0, stabilize=1))
+    return HybridOptimizer(optimizers)

@@ -1,0 +1,119 @@
+"""Optimizer split, weight-decay roles and the learning-rate schedule (helmlm.training.optim)."""
+
+from __future__ import annotations
+
+import math
+
+import geoopt
+import pytest
+import torch
+
+from helmlm.geometry import manifold_violation
+from helmlm.models import HELMConfig, HELMForCausalLM
+from helmlm.training import build_optimizer, lr_multiplier, parameter_roles
+
+
+def tiny(**overrides) -> HELMForCausalLM:
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=64, hidden_size=34, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=32, attention="mla", ffn="moe", kv_lora_rank=8, qk_nope_head_dim=9,
+                  qk_rope_head_dim=9, v_head_dim=9, n_routed_experts=4, n_activated_experts=2,
+                  moe_intermediate_size=20)
+    kwargs.update(overrides)
+    return HELMForCausalLM(HELMConfig(**kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("min_ratio", [0.0, 0.1, 0.37, 1.0])
+def test_schedule_warms_up_linearly_then_decays_to_min_ratio(min_ratio):
+    total, warmup = 200, 20
+    f = [lr_multiplier(s, total, warmup, min_ratio) for s in range(total + 5)]
+    assert f[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert f[warmup - 1] == pytest.approx(1.0) and f[warmup] == pytest.approx(1.0)  # continuous at the peak
+    decay = f[warmup:total]
+    assert all(a >= b - 1e-12 for a, b in zip(decay, decay[1:]))  # non-increasing
+    assert f[total - 1] == pytest.approx(min_ratio) and f[-1] == pytest.approx(min_ratio)
+    mid = warmup + (total - 1 - warmup) / 2
+    assert lr_multiplier(int(mid), total, warmup, min_ratio) == pytest.approx(
+        min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * int(mid - warmup) / (total - 1 - warmup))))
+    assert min(f[warmup:]) >= min_ratio - 1e-12 and min(f[:warmup]) > 0  # no step at lr 0
+
+
+def test_schedule_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        lr_multiplier(0, 10, 1, 1.5)
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_multiplier(0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Roles and optimizer split
+# ---------------------------------------------------------------------------------------------------------------
+def test_roles_never_decay_norms_biases_scales_curvatures_embeddings():
+    for model in (tiny(), tiny(project_emb=True), tiny(geometry="euclidean", hidden_size=32, qk_nope_head_dim=8,
+                                                        qk_rope_head_dim=8, v_head_dim=8)):
+        roles = parameter_roles(model)
+        assert set(roles) == {n for n, p in model.named_parameters() if p.requires_grad}
+        for name, role in roles.items():
+            leaf = name.rsplit(".", 1)[-1]
+            if "norm" in name or leaf in ("bias", "b1", "b2", "b3", "temperature", "log_scale", "log_curvature") \
+                    or name.endswith("residual.weight") or name.startswith("model.embed."):
+                assert role in ("no_decay", "manifold"), name
+        decayed = {n for n, r in roles.items() if r == "decay"}
+        assert "lm_head.weight" in decayed
+        assert any(n.endswith("experts.w1") for n in decayed)
+        manifold = {n for n, r in roles.items() if r == "manifold"}
+        lorentz_table = model.config.geometry == "lorentz" and not model.config.project_emb
+        assert manifold == ({"model.embed.weight"} if lorentz_table else set())
+
+
+def test_optimizer_split_and_weight_decay_groups():
+    model = tiny()
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    adamw, radam = opt.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(radam, geoopt.optim.RiemannianAdam)
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    roles, params = parameter_roles(model), dict(model.named_parameters())
+    by_group = {g["role"]: (ids(g), g["weight_decay"]) for g in opt.param_groups}
+    assert by_group["manifold"] == ({id(model.model.embed.weight)}, 0.0)
+    assert by_group["decay"][1] == 0.1 and by_group["no_decay"][1] == 0.0
+    for name, role in roles.items():
+        assert id(params[name]) in by_group[role][0], name
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(roles)
+
+
+def test_riemannian_step_keeps_embeddings_on_the_manifold_and_adamw_trains_the_rest():
+    """100 steps at lr 1e-2: the Lorentz table moves, stays on the hyperboloid (geoopt re-projects), the loss
+    falls; expert curvatures change but feel no weight decay (with lr * wd large, decay would shrink them)."""
+    model = tiny().train()
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.5)
+    table0 = model.model.embed.weight.detach().clone()
+    ids = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for step in range(100):
+        opt.set_lr(lr_multiplier(step, 100, 10, 0.1))
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    table = model.model.embed.weight.detach()
+    assert (table - table0).abs().max().item() > 1e-2
+    assert manifold_violation(table, 1.0).max().item() < 1e-4
+    assert losses[-1] < 0.5 * losses[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.1)
+
+
+def test_state_dict_round_trip_and_mismatch_error():
+    model = tiny()
+    opt = build_optimizer(model, lr=1e-3)
+    ids = torch.randint(0, 64, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    again = build_optimizer(model, lr=1e-3)
+    again.load_state_dict(opt.state_dict())
+    assert again.state_dict()["optimizers"][0]["state"].keys() == opt.state_dict()["optimizers"][0]["state"].keys()
+    with pytest.raises(ValueError, match="another model"):
+        build_optimizer(tiny(project_emb=True), lr=1e-3).load_state_dict(opt.state_dict())
