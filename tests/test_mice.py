@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from helmlm.compat import ReferenceCompatError, load_reference
 from helmlm.geometry import lift, manifold_violation, rescale_curvature
 from helmlm.models import ConfigError, HELMConfig, HELMForCausalLM
 from helmlm.nn import LorentzFeedForward, LorentzLatentAttention, MiCE, naive_lorentz_attention, rotary_tables
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import load_reference_fixture
 
 
 @pytest.fixture(scope="module")
 def mice_fixture():
-    meta = json.loads((FIXTURES / "helm_mice_tiny.json").read_text())
-    tensors = load_file(str(FIXTURES / "helm_mice_tiny.safetensors"))
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    meta, tensors, state = load_reference_fixture("helm_mice_tiny")
     return meta["constructor"]["args"], tensors, state
 
 

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from helmlm.compat import ReferenceCompatError, load_reference
 from helmlm.compat.reference import REFERENCE_DEFAULTS
+from conftest import load_reference_fixture
 from reference_impl import random_reference_state_dict, reference_helm_d_logits
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    meta = json.loads((FIXTURES / "helm_d_tiny.json").read_text())
-    tensors = load_file(str(FIXTURES / "helm_d_tiny.safetensors"))
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    meta, tensors, state = load_reference_fixture("helm_d_tiny")
     ctor = meta["constructor"]
     flags = dict(model_name="HELM_D", arch=ctor["arch"], vocab_size=ctor["vocab_size"],
                  max_seq_len=ctor["context_length"])

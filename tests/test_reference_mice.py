@@ -8,14 +8,11 @@ shapes: random reference-format state dicts are loaded with ``load_reference`` a
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from helmlm.compat import load_reference
+from conftest import load_reference_fixture
 from reference_mice_impl import (
     REFERENCE_MICE_MODEL_DEFAULTS,
     balance_gate_biases,
@@ -23,14 +20,10 @@ from reference_mice_impl import (
     reference_mice_forward,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
 
 @pytest.fixture(scope="module")
 def mice_fixture():
-    meta = json.loads((FIXTURES / "helm_mice_tiny.json").read_text())
-    tensors = load_file(str(FIXTURES / "helm_mice_tiny.safetensors"))
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    meta, tensors, state = load_reference_fixture("helm_mice_tiny")
     args = meta["constructor"]["args"]
     flags = {k: v for k, v in args.items() if k in REFERENCE_MICE_MODEL_DEFAULTS}
     return meta, tensors, state, flags

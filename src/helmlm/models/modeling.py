@@ -28,6 +28,7 @@ from helmlm.nn import (
     LorentzSelfAttention,
     MiCE,
     RMSNorm,
+    RoutedFFN,
     SelfAttention,
     SwiGLU,
     document_causal_mask,
@@ -69,7 +70,7 @@ class LorentzBlock(nn.Module):
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None) -> Tensor:
         h = self.attn_residual(h, self.attn(self.attn_norm(h), cos, sin, mask))
         x = self.ffn_norm(h)
-        return self.ffn_residual(h, self.ffn(x, valid) if isinstance(self.ffn, MiCE) else self.ffn(x))
+        return self.ffn_residual(h, self.ffn(x, valid) if isinstance(self.ffn, RoutedFFN) else self.ffn(x))
 
 
 class EuclideanBlock(nn.Module):
@@ -96,7 +97,7 @@ class EuclideanBlock(nn.Module):
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None) -> Tensor:
         h = h + self.attn(self.attn_norm(h), cos, sin, mask)
         x = self.ffn_norm(h)
-        return h + (self.ffn(x, valid) if isinstance(self.ffn, MoE) else self.ffn(x))
+        return h + (self.ffn(x, valid) if isinstance(self.ffn, RoutedFFN) else self.ffn(x))
 
 
 class HELMPreTrainedModel(PreTrainedModel):

@@ -136,12 +136,6 @@ class MiCE(RoutedFFN):
             self.shared_residual = LorentzResidual(scale=2.0, learn_scale=True, curvature=curvature)
         self._init_routing(n_routed, dispatch)
 
-    def _expert_rows_grouped(self, x: Tensor, route: ExpertRoute) -> Tensor:
-        return self.experts.forward_rows(x, route)
-
-    def _expert_outputs_dense(self, x: Tensor) -> Tensor:
-        return self.experts(x)
-
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         shape = x.shape
         weights, indices = self.route(x[..., 1:], valid)

@@ -62,12 +62,6 @@ class MoE(RoutedFFN):
         self.shared = SwiGLU(width, n_shared * hidden) if n_shared > 0 else None
         self._init_routing(n_routed, dispatch)
 
-    def _expert_rows_grouped(self, x: Tensor, route: ExpertRoute) -> Tensor:
-        return self.experts.forward_rows(x, route)
-
-    def _expert_outputs_dense(self, x: Tensor) -> Tensor:
-        return self.experts(x)
-
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         shape = x.shape
         weights, indices = self.route(x, valid)

@@ -69,13 +69,12 @@ class Gate(nn.Module):
 class ExpertRoute:
     """The ``T * k`` routed rows sorted by expert: row ``r`` is token ``token[r]`` for expert ``expert[r]``;
     ``order[r]`` is its position in the flattened ``(T, k)`` assignment; expert ``e`` owns rows
-    ``[offs[e-1], offs[e])``; ``counts`` are the rows per expert."""
+    ``[offs[e-1], offs[e])``."""
 
     order: Tensor
     token: Tensor
     expert: Tensor
     offs: Tensor
-    counts: Tensor
 
     def unsort(self, rows: Tensor, topk: int) -> Tensor:
         """Rows in expert order -> ``(T, k, ...)`` in (token, slot) order."""
@@ -88,7 +87,7 @@ def route_by_expert(indices: Tensor, n_experts: int) -> ExpertRoute:
     flat = indices.flatten()
     order = flat.argsort(stable=True)
     counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    return ExpertRoute(order, order // indices.shape[-1], flat[order], counts.cumsum(0).to(torch.int32), counts)
+    return ExpertRoute(order, order // indices.shape[-1], flat[order], counts.cumsum(0).to(torch.int32))
 
 
 def grouped_dtype(x: Tensor) -> torch.dtype | None:
@@ -109,8 +108,9 @@ def grouped_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
-def grouped_linear(x: Tensor, weight: Tensor, route: ExpertRoute, bias: Tensor | None = None) -> Tensor:
-    """``y_r = W[e_r] x_r (+ b[e_r])`` for rows ``x (R, in)`` sorted by expert; ``weight (E, out, in)``.
+def grouped_linear(x: Tensor, weight: Tensor, route: ExpertRoute) -> Tensor:
+    """``y_r = W[e_r] x_r`` for rows ``x (R, in)`` sorted by expert; ``weight (E, out, in)`` (biases: append a ones
+    column with :func:`with_bias_column` and lay the weight out with :func:`bias_weight`).
 
     ``grouped_mm`` needs 16-byte aligned row strides, so ``in`` and ``out`` are zero-padded to multiples of 8
     (exact: padded inputs meet zero weights, padded outputs are dropped; it also keeps BLAS on its fast widths).
@@ -122,8 +122,7 @@ def grouped_linear(x: Tensor, weight: Tensor, route: ExpertRoute, bias: Tensor |
     if pad_in or pad_out:
         weight = F.pad(weight, (0, pad_in, 0, pad_out))
     y = F.grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=route.offs)
-    y = y[:, :out_dim] if pad_out else y
-    return y if bias is None else y + bias.to(y.dtype).index_select(0, route.expert)
+    return y[:, :out_dim] if pad_out else y
 
 
 def with_bias_column(x: Tensor, time: Tensor | None = None) -> Tensor:
@@ -181,8 +180,8 @@ def update_balance_bias(bias: Tensor, counts: Tensor, speed: float = 0.005) -> T
 class RoutedFFN(nn.Module):
     """Base of routed feed-forward layers (MiCE, MoE): routing, sync-free statistics, balance loss.
 
-    Subclasses define ``self.gate``, the experts, ``_expert_rows_grouped(x, route)``/``_expert_outputs_dense(x)``
-    and the combination. Buffers (not saved; all-reduce-ready): ``tokens_per_expert`` (real tokens routed to each
+    Subclasses define ``self.gate``, ``self.experts`` (``experts(x) -> (E, T, W)`` for every expert on every token,
+    ``experts.forward_rows(x, route)`` for the routed rows only) and the combination. Buffers (not saved; all-reduce-ready): ``tokens_per_expert`` (real tokens routed to each
     expert since the last :meth:`reset_stats`), ``score_sum`` (their summed gate scores) and ``tokens_seen``.
     ``aux_loss`` holds the latest forward's :func:`sequence_balance_loss`.
     """
@@ -227,9 +226,9 @@ class RoutedFFN(nn.Module):
         dtype = self.use_grouped(x)
         if dtype is not None:
             route = route_by_expert(indices, self.gate.n_experts)
-            rows = self._expert_rows_grouped(x.to(dtype), route)
+            rows = self.experts.forward_rows(x.to(dtype), route)
             return route.unsort(rows, indices.shape[-1]).to(torch.promote_types(x.dtype, rows.dtype))
-        every = self._expert_outputs_dense(x)  # (E, T, W)
+        every = self.experts(x)  # (E, T, W)
         return every[indices, torch.arange(x.shape[0], device=x.device).unsqueeze(-1)]
 
     @torch.no_grad()
