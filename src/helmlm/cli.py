@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -70,6 +71,53 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """``CONFIG`` is optional: a first argument with ``=`` is an override (the defaults are then the base)."""
+    if args.config is not None and "=" in args.config:
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    """Prepare (or finish preparing) the data of a training config: corpus, tokenizer, shards."""
+    from helmlm.data.packing import PackedRows
+    from helmlm.data.shards import prepare_data, read_manifest
+    from helmlm.training.config import load_train_config
+
+    config = load_train_config(*_config_and_overrides(args))
+    data_dir = prepare_data(config.data, progress=True)
+    manifest = read_manifest(data_dir)
+    rows = PackedRows(data_dir, "train", config.train.seq_len)
+    summary = {"dir": str(data_dir), "documents": manifest["documents_read"],
+               "train_tokens": manifest["splits"]["train"]["tokens"], "val_tokens": manifest["splits"]["val"]["tokens"],
+               "tokenizer_size": manifest["tokenizer"]["size"], "replaced_bytes": manifest["text"]["replaced_bytes"],
+               "rows": rows.num_rows, "seq_len": rows.seq_len, "packing_efficiency": round(rows.stats.efficiency, 4)}
+    print(json.dumps(summary) if args.json else "\n".join(f"{k:>20}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Pretrain from a YAML config with key=value overrides; under torchrun, one process per device."""
+    from helmlm.training.config import load_train_config
+    from helmlm.training.trainer import train
+
+    config = load_train_config(*_config_and_overrides(args))
+    metrics = train(config, resume=args.resume)
+    if args.json and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: offline corpus -> BPE -> shards -> tiny HELM-D and its LLaMA twin on the same tokens."""
+    from helmlm.training.demo import format_table, run_demo
+
+    rows = run_demo(args.out, tuple(args.models), tuple(args.overrides), threads=args.threads)
+    print("\n" + format_table(rows))
+    print(f"\ncheckpoints: {', '.join(r['checkpoint'] for r in rows)}; results: {args.out}/results.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from helmlm import __version__
 
@@ -93,6 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("configs", nargs="+", help="preset names or YAML paths")
     params.add_argument("--json", action="store_true", help="one JSON line per config instead of a table")
     params.set_defaults(func=_cmd_params)
+
+    overrides_help = "section.key=value overrides, e.g. train.lr=1e-3 model.num_hidden_layers=4 data.source=local"
+    prepare = sub.add_parser("prepare", help="prepare the data of a training config (corpus, tokenizer, shards)")
+    prepare.add_argument("config", nargs="?", help="training YAML or a shipped recipe name (default: built-in defaults)")
+    prepare.add_argument("overrides", nargs="*", help=overrides_help)
+    prepare.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    prepare.set_defaults(func=_cmd_prepare)
+
+    demo = sub.add_parser("demo", help="the end-to-end main job: offline corpus, tokenizer, HELM-D vs LLaMA twin",
+                          description="Build the offline corpus, train a BPE, pretrain tiny HELM-D and its LLaMA twin "
+                                      "on the same tokens, print validation loss/perplexity (recipe: tiny).")
+    demo.add_argument("overrides", nargs="*", help=overrides_help)
+    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    demo.add_argument("--models", nargs="+", default=["helm_d_tiny", "llama_tiny"], help="model presets to compare")
+    demo.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    demo.set_defaults(func=_cmd_demo)
+
+    trainp = sub.add_parser("train", help="pretrain a model from a training config",
+                            description="Pretrain from a YAML config. Multi-process: torchrun --nproc_per_node N "
+                                        "-m helmlm train CONFIG ...")
+    trainp.add_argument("config", nargs="?", help="training YAML or a shipped recipe name (default: built-in defaults)")
+    trainp.add_argument("overrides", nargs="*", help=overrides_help)
+    trainp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    trainp.add_argument("--json", action="store_true", help="print the final metrics as one JSON line")
+    trainp.set_defaults(func=_cmd_train)
     return parser
 
 
@@ -104,9 +177,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError/InputError are ValueErrors with clear messages
+    except (FileNotFoundError, ValueError) as err:  # ConfigError/InputError/DataError: clear messages
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # TrainingError, NonFiniteLossError, corpus build errors
+        if type(err).__module__.startswith("helmlm"):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -198,13 +198,22 @@ def padded_document_ids(document_ids: Tensor | None, attention_mask: Tensor | No
     return torch.where(attention_mask.bool(), 0 if document_ids is None else document_ids, pad_ids)
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, document_ids: Tensor | None = None) -> Tensor:
-    """Mean next-token cross-entropy (fp32): position ``t`` predicts ``labels[t + 1]``; ``-100`` is ignored, and
-    with ``document_ids`` no position predicts a token of another document."""
+def lm_targets(labels: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """Next-token targets ``(B, N - 1)``: ``labels[:, 1:]``, with ``-100`` wherever the next token belongs to another
+    document (so no position predicts across a packing boundary or into padding)."""
     targets = labels[:, 1:]
     if document_ids is not None:
         targets = targets.masked_fill(document_ids[:, 1:] != document_ids[:, :-1], -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return targets
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, document_ids: Tensor | None = None,
+                   reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy in fp32 over :func:`lm_targets` (``-100`` ignored), averaged (``mean``) or summed
+    (``sum``, for token-weighted averaging across micro-batches and ranks)."""
+    targets = lm_targets(labels, document_ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                           reduction=reduction)
 
 
 class HELMForCausalLM(HELMPreTrainedModel):

@@ -182,7 +182,7 @@ class RoutedFFN(nn.Module):
 
     Subclasses define ``self.gate``, ``self.experts`` (``experts(x) -> (E, T, W)`` for every expert on every token,
     ``experts.forward_rows(x, route)`` for the routed rows only) and the combination. Buffers (not saved; all-reduce-ready): ``tokens_per_expert`` (real tokens routed to each
-    expert since the last :meth:`reset_stats`), ``score_sum`` (their summed gate scores) and ``tokens_seen``.
+    expert since the last :meth:`reset_stats`, counted in training mode only), ``score_sum`` (their summed gate scores) and ``tokens_seen``.
     ``aux_loss`` holds the latest forward's :func:`sequence_balance_loss`.
     """
 
@@ -200,6 +200,8 @@ class RoutedFFN(nn.Module):
         """Gate ``features (B, N, d)``; update statistics and ``aux_loss``; return ``(weights, indices)`` flat."""
         weights, indices, scores = self.gate(features)
         self.aux_loss = sequence_balance_loss(scores, indices, valid)
+        if not self.training:  # evaluation must not feed the bias update
+            return weights.flatten(0, -2), indices.flatten(0, -2)
         with torch.no_grad():
             real = (torch.ones(scores.shape[:-1], dtype=torch.int64, device=scores.device) if valid is None
                     else valid.long()).flatten()

@@ -1,0 +1,1 @@
+"""Data: text sources, tokenizers, tokenized shards, packing."""

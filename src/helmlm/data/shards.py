@@ -1,0 +1,336 @@
+"""Tokenized shards: prepare a corpus once into memory-mapped token files, read them back without copies.
+
+Layout of a prepared data directory::
+
+    manifest.json            spec (what was asked for), tokenizer hash / size / EOS id, dtype, per-split shards
+                             with token and document counts, text statistics, progress, ``complete``
+    tokenizer/               the tokenizer (``AutoTokenizer.from_pretrained`` loads it)
+    train-00000.bin          raw token ids (uint16 when the vocabulary has < 65536 ids, else uint32)
+    train-00000.idx.npy      int64 end offset of each document in the shard (every document ends with EOS)
+    val-00000.bin ...
+
+Preparation reads documents in a fixed order, splits them by a hash of their text (:func:`split_of`), tokenizes
+batches of documents in parallel (the Rust tokenizer's thread pool) and flushes a shard per split every
+``shard_tokens`` training tokens. Every file is written to a temporary name and renamed into place, and the manifest
+is rewritten (atomically) after each flush with the number of source documents consumed, so an interrupted
+preparation resumes where the last flush left it and never leaves a torn file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from helmlm.data.sources import DataError, TextStats, hf_documents, local_documents, split_of
+from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash, tokenizer_size, train_bpe
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+SOURCES = ("builtin", "local", "hf")
+
+
+@dataclass
+class DataConfig:
+    """What to prepare. ``source``: ``builtin`` (the offline English corpus, see :mod:`helmlm.data.builtin`),
+    ``local`` (``paths``: files, directories or globs) or ``hf`` (``hf_name`` / ``hf_config`` / ``hf_split``,
+    streamed). ``tokenizer``: ``bpe`` trains a byte-level BPE of ``vocab_size`` on the training documents (at most
+    ``tokenizer_train_documents``); anything else is a Hugging Face tokenizer directory or hub name."""
+
+    source: str = "builtin"
+    paths: list[str] = field(default_factory=list)
+    hf_name: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    max_documents: int | None = None
+    val_fraction: float = 0.01
+    tokenizer: str = "bpe"
+    vocab_size: int = 8192
+    tokenizer_train_documents: int | None = 200_000
+    dir: str = "data/builtin"
+    shard_tokens: int = 50_000_000
+    batch_documents: int = 512
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise DataError(f"data.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
+        if self.source == "local" and not self.paths:
+            raise DataError("data.source=local needs data.paths (files, directories or globs)")
+        if self.source == "hf" and not self.hf_name:
+            raise DataError("data.source=hf needs data.hf_name (e.g. wikimedia/wikipedia with hf_config 20231101.en)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("shard_tokens", "batch_documents", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise DataError(f"data.max_documents must be >= 1 or null, got {self.max_documents}")
+
+    def spec(self) -> dict[str, Any]:
+        """The settings that determine the prepared tokens (shard size and batching do not)."""
+        spec = {k: v for k, v in asdict(self).items() if k not in ("dir", "shard_tokens", "batch_documents")}
+        if self.source == "local":
+            spec["paths"] = [str(Path(p).expanduser().resolve()) for p in self.paths]
+        if self.tokenizer != "bpe":
+            spec.pop("vocab_size"), spec.pop("tokenizer_train_documents")
+        return spec
+
+
+def iter_documents(config: DataConfig, stats: TextStats | None = None, progress: bool = False) -> Iterator[str]:
+    """The documents of ``config``'s source, in order, at most ``max_documents``."""
+    if config.source == "builtin":
+        from helmlm.data.builtin import build_builtin_corpus
+
+        docs = local_documents([build_builtin_corpus(progress=progress) / "documents.jsonl"], "text", stats)
+    elif config.source == "local":
+        docs = local_documents(config.paths, config.text_field, stats)
+    else:
+        docs = hf_documents(config.hf_name, config.hf_config, config.hf_split, config.text_field, stats=stats)
+    for i, doc in enumerate(docs):
+        if config.max_documents is not None and i >= config.max_documents:
+            return
+        yield doc
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}); delete {data_dir} and prepare again") from None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
+    _write_atomic(data_dir / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def _spec_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
+
+
+def prepare_data(config: DataConfig, data_dir: str | Path | None = None, *, progress: bool = True) -> Path:
+    """Prepare (or finish preparing) ``config`` into ``data_dir`` (default ``config.dir``); return the directory.
+
+    A complete directory prepared with the same spec is reused as is; one prepared with another spec is an error
+    (nothing is overwritten); an incomplete one resumes after the last flushed shard.
+    """
+    config.validate()
+    out = Path(data_dir or config.dir)
+    spec = config.spec()
+    manifest = read_manifest(out)
+    if manifest is not None:
+        if manifest.get("spec") != spec:
+            raise DataError(f"{out} holds data prepared with other settings ({_spec_difference(manifest.get('spec', {}), spec)}); "
+                            "choose another data.dir, or delete that directory to prepare it again")
+        if manifest.get("complete"):
+            return out
+    elif out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a helmlm data directory (no manifest.json); choose another data.dir")
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda msg: print(f"prepare: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+
+    if manifest is None:
+        tokenizer = _make_tokenizer(config, out / "tokenizer", log, progress)
+        size = tokenizer_size(tokenizer)
+        manifest = {"format": FORMAT_VERSION, "complete": False, "spec": spec,
+                    "tokenizer": {"dir": "tokenizer", "sha256": tokenizer_hash(tokenizer), "size": size,
+                                  "eos_id": tokenizer.eos_token_id},
+                    "dtype": token_dtype(size).name, "documents_read": 0, "text": TextStats().to_dict(),
+                    "bytes_read": 0, "seconds": 0.0, "splits": {s: {"shards": []} for s in SPLITS}}
+        _write_manifest(out, manifest)
+    else:
+        tokenizer = load_tokenizer(out / "tokenizer")
+        if tokenizer_hash(tokenizer) != manifest["tokenizer"]["sha256"]:
+            raise DataError(f"{out}/tokenizer does not match its manifest (hash differs); delete {out} and prepare again")
+        log(f"resuming after {manifest['documents_read']:,} documents")
+    _tokenize_into(config, out, manifest, tokenizer, log, progress)
+    return out
+
+
+def _make_tokenizer(config: DataConfig, tok_dir: Path, log, progress: bool):
+    if config.tokenizer != "bpe":
+        tokenizer = load_tokenizer(config.tokenizer)
+    else:
+        start = time.perf_counter()
+        cap = config.tokenizer_train_documents
+
+        def texts() -> Iterator[str]:
+            n, stats = 0, TextStats()
+            for doc in iter_documents(config, stats, progress=progress):
+                if split_of(doc, config.val_fraction) == "train":
+                    yield doc
+                    n += 1
+                    if cap is not None and n >= cap:
+                        return
+            if n == 0:
+                raise DataError(f"the corpus is empty: no training documents (source {config.source!r}, "
+                                f"{stats.documents} non-empty documents, all in the validation split; "
+                                f"{stats.empty} empty ones skipped); check data.paths / data.hf_name and "
+                                "data.val_fraction")
+
+        tokenizer = train_bpe(texts(), config.vocab_size)
+        log(f"trained a byte-level BPE with {tokenizer_size(tokenizer):,} tokens in {time.perf_counter() - start:.1f} s")
+    tmp = tok_dir.with_name(f".{tok_dir.name}.tmp-{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    if tok_dir.exists():
+        import shutil
+
+        shutil.rmtree(tok_dir)
+    os.replace(tmp, tok_dir)
+    return tokenizer
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    backend = tokenizer.backend_tokenizer
+    backend.encode_special_tokens = True  # a literal "<|endoftext|>" in a text is text, not a document end
+    fast = getattr(backend, "encode_batch_fast", None)  # skips offsets (tokenizers >= 0.20)
+    encodings = (fast or backend.encode_batch)(texts, add_special_tokens=False)
+    return [e.ids for e in encodings]
+
+
+def _tokenize_into(config: DataConfig, out: Path, manifest: dict[str, Any], tokenizer, log, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    dtype = np.dtype(manifest["dtype"])
+    eos = manifest["tokenizer"]["eos_id"]
+    skip = manifest["documents_read"]
+    stats = TextStats(**manifest["text"])
+    buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    buffered = {s: 0 for s in SPLITS}
+    state = {"read": skip, "bytes": manifest["bytes_read"], "start": time.perf_counter(), "t0": manifest["seconds"]}
+
+    def flush(final: bool) -> None:
+        for split in SPLITS:
+            if not buffers[split]:
+                continue
+            shards = manifest["splits"][split]["shards"]
+            name = f"{split}-{len(shards):05d}"
+            lengths = np.fromiter((len(a) for a in buffers[split]), dtype=np.int64, count=len(buffers[split]))
+            tokens = np.concatenate(buffers[split]).astype(dtype, copy=False)
+            _write_atomic(out / f"{name}.bin", tokens.tobytes())
+            ends = np.cumsum(lengths)
+            tmp = out / f".{name}.idx.tmp-{os.getpid()}.npy"
+            np.save(tmp, ends)
+            os.replace(tmp, out / f"{name}.idx.npy")
+            shards.append({"name": name, "tokens": int(tokens.size), "documents": int(lengths.size)})
+            buffers[split], buffered[split] = [], 0
+        for split in SPLITS:
+            shards = manifest["splits"][split]["shards"]
+            manifest["splits"][split]["tokens"] = sum(s["tokens"] for s in shards)
+            manifest["splits"][split]["documents"] = sum(s["documents"] for s in shards)
+        manifest.update(documents_read=state["read"], bytes_read=state["bytes"], text=stats.to_dict(),
+                        seconds=state["t0"] + time.perf_counter() - state["start"], complete=final)
+        _write_manifest(out, manifest)
+
+    docs = iter_documents(config, stats, progress=progress)
+    for _ in range(skip):  # resume: the source order is deterministic
+        next(docs, None)
+    stats.__dict__.update(manifest["text"])  # the skipped documents were counted before the interruption
+    bar = tqdm(desc="tokenize", unit="doc", initial=skip, disable=not progress, mininterval=1.0)
+    batch: list[str] = []
+
+    def encode_batch() -> None:
+        for doc, ids in zip(batch, _encode(tokenizer, batch)):
+            split = split_of(doc, config.val_fraction)
+            ids.append(eos)
+            buffers[split].append(np.asarray(ids, dtype=dtype))
+            buffered[split] += len(ids)
+            state["bytes"] += len(doc.encode("utf-8", "surrogatepass"))
+        state["read"] += len(batch)
+        bar.update(len(batch))
+        batch.clear()
+        if buffered["train"] >= config.shard_tokens:
+            flush(final=False)
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= config.batch_documents:
+            encode_batch()
+    if batch:
+        encode_batch()
+    bar.close()
+    if state["read"] == 0:
+        raise DataError(f"the corpus is empty (source {config.source!r}, {stats.empty} empty documents skipped); "
+                        "check data.paths / data.hf_name")
+    flush(final=True)
+    splits = manifest["splits"]
+    mb = manifest["bytes_read"] / 1e6
+    log(f"{manifest['documents_read']:,} documents, {mb:.1f} MB of text -> {splits['train']['tokens']:,} train / "
+        f"{splits['val']['tokens']:,} val tokens in {manifest['seconds']:.1f} s "
+        f"({mb / max(manifest['seconds'], 1e-9):.1f} MB/s)")
+    if stats.replaced_bytes:
+        log(f"replaced {stats.replaced_bytes:,} invalid UTF-8 bytes with U+FFFD in "
+            f"{stats.documents_with_replacements:,} documents")
+
+
+class TokenShards:
+    """The prepared tokens of one split, memory-mapped: ``doc_shard``, ``doc_start``, ``doc_length`` describe every
+    document (EOS included); :meth:`tokens` returns a view of one span."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train"):
+        self.dir = Path(data_dir)
+        manifest = read_manifest(self.dir)
+        if manifest is None:
+            raise DataError(f"{self.dir} is not a prepared data directory (no manifest.json); run "
+                            f"`helmlm prepare` or `helmlm train` first")
+        if not manifest.get("complete"):
+            raise DataError(f"{self.dir}: preparation did not finish; run it again to resume")
+        if split not in manifest["splits"]:
+            raise DataError(f"unknown split {split!r}; have {', '.join(manifest['splits'])}")
+        self.manifest, self.split = manifest, split
+        self.dtype = np.dtype(manifest["dtype"])
+        self.vocab_size = manifest["tokenizer"]["size"]
+        self.eos_id = manifest["tokenizer"]["eos_id"]
+        self.shards: list[np.ndarray] = []
+        shard_of, starts, lengths = [], [], []
+        for i, shard in enumerate(manifest["splits"][split]["shards"]):
+            data = np.memmap(self.dir / f"{shard['name']}.bin", dtype=self.dtype, mode="r")
+            ends = np.load(self.dir / f"{shard['name']}.idx.npy", allow_pickle=False)
+            if data.size != shard["tokens"] or ends.size != shard["documents"] or (ends.size and ends[-1] != data.size):
+                raise DataError(f"{self.dir}/{shard['name']} does not match the manifest; prepare the data again")
+            self.shards.append(data)
+            shard_of.append(np.full(ends.size, i, dtype=np.int32))
+            starts.append(np.concatenate([[0], ends[:-1]]).astype(np.int64))
+            lengths.append(np.diff(ends, prepend=0).astype(np.int64))
+        empty = np.zeros(0, dtype=np.int64)
+        self.doc_shard = np.concatenate(shard_of) if shard_of else empty.astype(np.int32)
+        self.doc_start = np.concatenate(starts) if starts else empty
+        self.doc_length = np.concatenate(lengths) if lengths else empty
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_length.size)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.doc_length.sum())
+
+    def tokens(self, shard: int, start: int, length: int) -> np.ndarray:
+        return self.shards[shard][start:start + length]
+
+    def tokenizer(self):
+        return load_tokenizer(self.dir / self.manifest["tokenizer"]["dir"])

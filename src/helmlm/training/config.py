@@ -1,0 +1,311 @@
+"""Training configuration: one YAML file with sections, plus ``section.key=value`` overrides from the command line.
+
+```yaml
+model: helm_d_tiny                 # a preset name or YAML path, or a mapping: {preset: helm_d_tiny, hidden_size: 194}
+data: {source: builtin, vocab_size: 8192, dir: runs/data/builtin}
+train: {seq_len: 256, micro_batch: 16, steps: 600, lr: 3.0e-3}
+eval: {every: 100, rows: 64}
+log: {every: 10}
+checkpoint: {every: 200, keep_last: 2}
+out_dir: runs/helm_d_tiny
+```
+
+Every key is checked: an unknown one is named with the closest known key, and a value of the wrong type names the
+key, the value and the expected type. Model fields are checked against :class:`~helmlm.models.HELMConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helmlm.data.shards import DataConfig
+from helmlm.models.config import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class TrainSettings:
+    """The optimisation. ``micro_batch`` rows of ``seq_len`` per rank and forward; an optimizer step sees
+    ``micro_batch x grad_accum x world_size`` rows. ``steps`` counts optimizer steps; warm-up is
+    ``warmup_steps`` if set, else ``warmup_ratio x steps``. ``precision: auto`` is bf16 autocast on CUDA GPUs that
+    support it and fp32 elsewhere (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
+
+    seq_len: int = 256
+    micro_batch: int = 8
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 4e-4
+    riemannian_lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0
+    precision: str = "auto"
+    seed: int = 1234
+    reset_positions: bool = False
+    balance_speed: float = 0.005
+    device: str = "auto"
+    threads: int = 0
+    strategy: str = "ddp"
+
+    def resolved_warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * self.steps)
+
+
+@dataclass
+class EvalSettings:
+    """Validation every ``every`` optimizer steps and at the end, over the first ``rows`` validation rows (0: all)."""
+
+    every: int = 100
+    rows: int = 64
+
+
+@dataclass
+class LogSettings:
+    """Metrics every ``every`` steps (JSONL always; TensorBoard if installed and enabled; a progress bar on rank
+    0), manifold health (constraint violation, curvatures, expert load) every ``health_every`` steps."""
+
+    every: int = 10
+    health_every: int = 50
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CheckpointSettings:
+    """A checkpoint every ``every`` steps and at the end; the last ``keep_last`` are kept."""
+
+    every: int = 200
+    keep_last: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "helm_d_tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    out_dir: str = "runs/train"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        t = self.train
+        for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        if t.seq_len < 2:
+            raise ConfigError(f"train.seq_len must be >= 2, got {t.seq_len}")
+        for name in ("lr", "eps"):
+            if not getattr(t, name) > 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
+        if t.riemannian_lr is not None and not t.riemannian_lr > 0:
+            raise ConfigError(f"train.riemannian_lr must be > 0 or null, got {t.riemannian_lr}")
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        if not 0.0 <= t.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+        if t.warmup_steps is not None and not 0 <= t.warmup_steps < t.steps:
+            raise ConfigError(f"train.warmup_steps must be in [0, train.steps={t.steps}), got {t.warmup_steps}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(t, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+        for name in ("weight_decay", "clip", "balance_speed", "threads"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("strategy", STRATEGIES)):
+            if getattr(t, name) not in allowed:
+                raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(t, name)!r}")
+        for section, name in (("eval", "every"), ("log", "every"), ("log", "health_every"),
+                              ("checkpoint", "every"), ("checkpoint", "keep_last")):
+            if getattr(getattr(self, section), name) < 1:
+                raise ConfigError(f"{section}.{name} must be >= 1, got {getattr(getattr(self, section), name)}")
+        if self.eval.rows < 0:
+            raise ConfigError(f"eval.rows must be >= 0 (0: all), got {self.eval.rows}")
+        try:
+            self.data.validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.model_config()  # raises ConfigError naming the model field
+
+    def model_config(self):
+        """The :class:`HELMConfig`: the preset (or YAML) named by ``model.preset`` with the other ``model`` keys as
+        overrides; ``max_position_embeddings`` is raised to ``train.seq_len`` if needed."""
+        from helmlm.models import HELMConfig, load_config
+
+        fields = dict(self.model)
+        preset = fields.pop("preset", None)
+        known = set(HELMConfig().to_dict())
+        _check_keys(fields, known, "model")
+        config = load_config(preset, **fields) if preset else HELMConfig(**fields)
+        if config.max_position_embeddings < self.train.seq_len:
+            config.max_position_embeddings = self.train.seq_len
+        config.validate()
+        return config
+
+
+SECTIONS = {"data": DataConfig, "train": TrainSettings, "eval": EvalSettings, "log": LogSettings,
+            "checkpoint": CheckpointSettings}
+
+
+def _check_keys(data: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            match = difflib.get_close_matches(key, sorted(known), 1, 0.6)
+            hints.append(f"{where}.{key}" + (f" (did you mean {where}.{match[0]}?)" if match else ""))
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}")
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """``value`` as ``annotation`` (str, int, float, bool, list[str], or ``X | None``), from YAML or a CLI string."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(annotation)
+    expected = getattr(annotation, "__name__", str(annotation))
+    bad = ConfigError(f"{name} must be {'a list of strings' if origin is list else f'of type {expected}'}, "
+                      f"got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return value
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if annotation is int:
+        if isinstance(value, str):
+            try:
+                value = int(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    _check_keys(data, {f.name for f in dataclasses.fields(cls)}, where)
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` (or ``out_dir=...``, ``model=preset``, ``model.field=value``) to ``raw``."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value (e.g. train.lr=1e-3)")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    top = parts[0]
+    known = set(SECTIONS) | {"model", "out_dir"}
+    if top not in known:
+        _check_keys({top: None}, known, "config")
+    if len(parts) == 1:
+        if top in SECTIONS:
+            raise ConfigError(f"{top} is a section; override its keys, e.g. {top}.<key>=value")
+        raw[top] = text if top != "model" else {"preset": text}
+        return
+    if len(parts) != 2 or top == "out_dir":
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. train.lr)")
+    section = raw.setdefault(top, {})
+    if top == "model" and isinstance(section, str):
+        section = raw["model"] = {"preset": section}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{top} must be a mapping to override {key}")
+    # A string keeps its text for str-typed fields (a preset or path that happens to look like a number)
+    section[parts[1]] = _parse_scalar(text)
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a YAML file (or a shipped recipe name, or the defaults when ``None``)
+    and ``key=value`` overrides."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_recipe(path)
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{file}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file}: expected a mapping with sections model, data, train, ...; got "
+                              f"{type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    _check_keys(raw, set(SECTIONS) | {"model", "out_dir"}, "config")
+    model = raw.get("model", {"preset": "helm_d_tiny"})
+    if isinstance(model, str):
+        model = {"preset": model}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a preset name, a YAML path or a mapping of model fields; got {model!r}")
+    kwargs = {name: _build(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    config = TrainConfig(model=dict(model), out_dir=_coerce(raw.get("out_dir", "runs/train"), str, "out_dir"),
+                         **kwargs)
+    config.validate()
+    return config
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "presets" / "train"
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A training YAML path, or the shipped recipe of that name (``helmlm train demo_helm_d``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipe = RECIPES_DIR / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and recipe.is_file():
+        return recipe
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"no training config {str(name_or_path)!r} (not a file, and no shipped recipe of that "
+                            f"name; recipes: {names})")

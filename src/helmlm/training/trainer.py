@@ -1,0 +1,436 @@
+"""The pretraining loop: ``helmlm train CONFIG.yaml [key=value ...] [--resume]``, on one CPU, one GPU or many
+processes (``torchrun --nproc_per_node N -m helmlm train ...``).
+
+One optimizer step:
+
+1. lr factor from :func:`lr_multiplier` (warm-up, cosine to ``min_lr_ratio``) set on both optimizers;
+2. ``grad_accum`` micro-batches per rank from the packed row stream (each rank its own slice of the global batch);
+   the loss is **token-weighted over the global batch**: each micro-batch contributes its summed cross-entropy
+   divided by the global number of targets (one all-reduce of a count per step), so any split of the same global
+   batch over ranks and micro-batches gives the same gradient; routed layers add ``moe_balance_alpha`` times their
+   balance loss, averaged over micro-batches and ranks;
+3. gradient clipping; a non-finite loss or gradient norm stops the run (:class:`NonFiniteLossError` names the step)
+   before the optimizer touches the parameters, so the last checkpoint stays the last good state;
+4. AdamW + Riemannian Adam step, then the loss-free MiCE bias update from the step's expert counts (all-reduced);
+5. logging (JSONL, TensorBoard, progress bar), validation, manifold health and checkpoints on their schedules.
+
+Determinism: with the same config and thread count on CPU, a run resumed from a checkpoint ends bit-identical to an
+uninterrupted one (model and optimizer state, data position and RNG are all restored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from helmlm.training.config import TrainConfig
+
+# Settings that may differ between a run and its resumption (they do not change the trajectory).
+RESUME_FREE = ("eval.", "log.", "checkpoint.", "out_dir", "train.threads", "train.device", "data.dir",
+               "data.shard_tokens", "data.batch_documents")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad resume, vocabulary mismatch, ...); the message says what to do."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or gradient norm became NaN/inf; nothing was updated or saved at that step."""
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> Distributed:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return Distributed(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix == "" and k == "model"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Trajectory-relevant settings that differ between a checkpoint's config and this run's."""
+    a, b = _flat(saved), _flat(current)
+    return [f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)]
+
+
+class MetricsLog:
+    """Rank 0's metrics: ``metrics.jsonl`` (always), TensorBoard scalars (when installed and enabled)."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():  # drop records past the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                print("note: TensorBoard is not installed (pip install 'helmlm[tensorboard]'); logging to "
+                      f"{self.path} only", file=sys.stderr)
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+                elif isinstance(v, list):
+                    for i, x in enumerate(v):
+                        if isinstance(x, (int, float)):
+                            self.writer.add_scalar(f"{kind}/{k}/{i}", x, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    """Builds data, model and optimizers from a :class:`TrainConfig` and runs :meth:`fit`."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, dist_env: Distributed | None = None):
+        from helmlm.data.packing import PackedRows, RowStream
+        from helmlm.data.shards import prepare_data
+        from helmlm.models import HELMForCausalLM
+        from helmlm.training.checkpoint import latest_checkpoint, read_checkpoint_state
+        from helmlm.training.optim import build_optimizer
+
+        self.config, t = config, config.train
+        self.env = dist_env or init_distributed(t.device)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.out_dir = Path(config.out_dir)
+        self.log_fn = (lambda msg: print(msg, file=sys.stderr, flush=True)) if self.env.is_main else (lambda msg: None)
+
+        # Resume checks come first, so that a refused resume writes nothing.
+        self.checkpoint = latest_checkpoint(self.out_dir) if resume else None
+        if resume and self.checkpoint is None:
+            raise TrainingError(f"--resume: no checkpoint in {self.out_dir / 'checkpoints'}; run without --resume "
+                                "to start this run")
+        if not resume and latest_checkpoint(self.out_dir) is not None:
+            raise TrainingError(f"{self.out_dir} already holds checkpoints of a run; pass --resume to continue it, "
+                                "or choose another out_dir (nothing was overwritten)")
+        saved = read_checkpoint_state(self.checkpoint) if self.checkpoint else None
+        if saved is not None:
+            diffs = config_differences(saved["config"], config.to_dict())
+            if diffs:
+                raise TrainingError(f"cannot resume from {self.checkpoint}: it was written for another config ("
+                                    + "; ".join(diffs) + "); use the same settings, or start a new out_dir")
+
+        # Data: rank 0 prepares (or reuses) the shards while the others wait.
+        if self.env.is_main:
+            prepare_data(config.data, progress=config.log.progress)
+        self.env.barrier()
+        self.data_dir = Path(config.data.dir)
+        self.train_rows = PackedRows(self.data_dir, "train", t.seq_len, t.reset_positions)
+        self.val_rows = PackedRows(self.data_dir, "val", t.seq_len, t.reset_positions) \
+            if self.train_rows.shards.manifest["splits"]["val"].get("tokens", 0) else None
+        self.tokenizer_sha = self.train_rows.shards.manifest["tokenizer"]["sha256"]
+        if saved is not None and saved.get("tokenizer_sha256") != self.tokenizer_sha:
+            raise TrainingError(f"cannot resume from {self.checkpoint}: its data used another tokenizer "
+                                f"({saved.get('tokenizer_sha256', '?')[:12]} vs {self.tokenizer_sha[:12]})")
+        self.stream = RowStream(self.train_rows.num_rows, t.seed)
+
+        # Model and optimizer (same seed on every rank: identical initial weights).
+        self.model_config = config.model_config()
+        n_ids = self.train_rows.shards.vocab_size
+        if n_ids > self.model_config.vocab_size:
+            raise TrainingError(f"the tokenizer has {n_ids:,} token ids but the model's vocab_size is "
+                                f"{self.model_config.vocab_size:,}; set model.vocab_size={n_ids} (or larger), or "
+                                f"prepare data with data.vocab_size <= {self.model_config.vocab_size}")
+        torch.manual_seed(t.seed)
+        self.model = HELMForCausalLM(self.model_config).to(self.env.device)
+        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
+                                         t.riemannian_lr)
+        self.step, self.tokens_seen, self.last_metrics = 0, 0, {}
+        if self.checkpoint is not None:
+            from helmlm.training.checkpoint import load_checkpoint
+
+            state = load_checkpoint(self.checkpoint, self.model, self.optimizer)
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.stream.position = state["data_position"]
+            self.last_metrics = state.get("metrics", {})
+            self.log_fn(f"resumed from {self.checkpoint} (step {self.step}, {self.tokens_seen:,} tokens)")
+        self.wrapped = self._wrap(self.model)
+        self.autocast = self._autocast_dtype()
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.env.active:
+            return model
+        if self.config.train.strategy == "fsdp":
+            from helmlm.training.fsdp import shard_euclidean_parts
+
+            return shard_euclidean_parts(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        p = self.config.train.precision
+        if p == "bf16" or (p == "auto" and self.env.device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed next-token cross-entropy of a micro-batch (fp32) and the routed layers' balance loss."""
+        from helmlm.models.modeling import causal_lm_loss, padded_document_ids
+
+        with torch.autocast(self.env.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            out = self.wrapped(batch["input_ids"], document_ids=batch["document_ids"],
+                               position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
+        docs = padded_document_ids(batch["document_ids"], batch["attention_mask"])
+        return causal_lm_loss(out.logits, batch["input_ids"], docs, reduction="sum"), out.aux_loss
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    @staticmethod
+    def _count_targets(batch: dict[str, torch.Tensor]) -> int:
+        from helmlm.models.modeling import lm_targets, padded_document_ids
+
+        docs = padded_document_ids(batch["document_ids"], batch["attention_mask"])
+        return int((lm_targets(batch["input_ids"], docs) != -100).sum())
+
+    def train_step(self) -> dict[str, float]:
+        from helmlm.nn.routing import balance_step, routed_layers, routing_stats
+        from helmlm.training.optim import lr_multiplier
+
+        t, env = self.config.train, self.env
+        lr_factor = lr_multiplier(self.step, t.steps, t.resolved_warmup(), t.min_lr_ratio)
+        self.optimizer.set_lr(lr_factor)
+        micro = self.stream.global_batch(t.micro_batch, t.grad_accum, env.world_size, env.rank)
+        batches = [self.train_rows.batch(rows) for rows in micro]
+        counts = torch.tensor([float(sum(self._count_targets(b) for b in batches)),
+                               float(sum(int(b["attention_mask"].sum()) for b in batches))], dtype=torch.float64)
+        n_targets, n_tokens = (int(x) for x in env.all_reduce(counts.to(env.device)).tolist())
+        alpha = self.model_config.moe_balance_alpha if routed_layers(self.model) else 0.0
+        ce_total = torch.zeros((), dtype=torch.float64, device=env.device)
+        for i, batch in enumerate(batches):
+            batch = self._to_device(batch)
+            sync = i == len(batches) - 1 or not env.active or not hasattr(self.wrapped, "no_sync")
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                ce_sum, aux = self._forward_loss(batch)
+                loss = ce_sum * (env.world_size / max(1, n_targets))
+                if aux is not None and alpha:
+                    loss = loss + alpha * aux / len(batches)
+                loss.backward()
+            ce_total += ce_sum.detach().double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip if t.clip > 0 else float("inf"))
+        stats = torch.stack([ce_total, grad_norm.detach().double().to(env.device)])
+        env.all_reduce(stats[:1])
+        loss_value, norm_value = stats[0].item() / max(1, n_targets), stats[1].item()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            raise NonFiniteLossError(f"non-finite {what} ({loss_value if what == 'loss' else norm_value}) at step "
+                                     f"{self.step + 1}; stopped before updating the parameters; "
+                                     f"{self._last_good()}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        health_due = (self.step + 1) % self.config.log.health_every == 0 or self.step + 1 == t.steps
+        load = routing_stats(self.model) if health_due and routed_layers(self.model) else None
+        balance_step(self.model, t.balance_speed)
+        self.step += 1
+        self.tokens_seen += n_tokens
+        metrics = {"loss": loss_value, "lr": t.lr * lr_factor, "grad_norm": norm_value, "tokens": self.tokens_seen,
+                   "epoch": self.stream.epoch}
+        if load is not None:
+            metrics["expert_load"] = {name: s["load"] for name, s in load.items()}
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted validation loss and perplexity over the first ``eval.rows`` validation rows (all ranks)."""
+        if self.val_rows is None:
+            return {}
+        self.model.eval()
+        t, env = self.config.train, self.env
+        n_rows = self.val_rows.num_rows if self.config.eval.rows == 0 else min(self.config.eval.rows,
+                                                                                 self.val_rows.num_rows)
+        sums = torch.zeros(2, dtype=torch.float64, device=env.device)
+        starts = list(range(0, n_rows, t.micro_batch))
+        for i in range(env.rank, len(starts), env.world_size):
+            batch = self.val_rows.batch(list(range(starts[i], min(starts[i] + t.micro_batch, n_rows))))
+            sums[1] += self._count_targets(batch)
+            ce_sum, _ = self._forward_loss(self._to_device(batch))  # balance statistics are not updated in eval
+            sums[0] += ce_sum.double()
+        env.all_reduce(sums)
+        self.model.train()
+        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(sums[1].item())}
+
+    @torch.no_grad()
+    def health(self) -> dict[str, Any]:
+        """Manifold health: the embedding table's largest constraint violation, expert curvatures."""
+        import geoopt
+
+        from helmlm.geometry import manifold_violation
+        from helmlm.nn.mice import LorentzExperts
+
+        out: dict[str, Any] = {}
+        table = getattr(self.model.model.embed, "weight", None)
+        if isinstance(table, geoopt.ManifoldParameter):
+            out["embedding_violation"] = manifold_violation(table, self.model_config.curvature,
+                                                            relative_to="scale").max().item()
+        curv = {name: m.curvatures.tolist() for name, m in self.model.named_modules()
+                if isinstance(m, LorentzExperts)}
+        if curv:
+            out["expert_curvatures"] = curv
+        return out
+
+    def _last_good(self) -> str:
+        from helmlm.training.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.out_dir)
+        where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+        return f"{where}. Lower train.lr or raise train.warmup_ratio, then resume with --resume"
+
+    def save(self) -> Path:
+        """Write a checkpoint, unless a parameter is no longer finite (then stop: the previous one stays latest)."""
+        from helmlm.training.checkpoint import save_checkpoint
+
+        peak = torch.stack([p.detach().abs().amax().float() for p in self.model.parameters()])
+        if not torch.isfinite(peak).all():
+            raise NonFiniteLossError(f"non-finite parameters after step {self.step}; not saved; {self._last_good()}")
+
+        state = {"config": self.config.to_dict(), "data_position": self.stream.position,
+                 "tokens_seen": self.tokens_seen, "tokenizer_sha256": self.tokenizer_sha,
+                 "metrics": self.last_metrics}
+        path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
+                               self.config.checkpoint.keep_last)
+        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
+        return path
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``; return the last training and validation metrics."""
+        from tqdm.auto import tqdm
+
+        cfg, t, env = self.config, self.config.train, self.env
+        main = env.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.out_dir, cfg.log.tensorboard, self.step if self.checkpoint else None) if main else None
+        from helmlm.models.params import count_parameters
+
+        n_params = count_parameters(self.model_config)
+        pack = self.train_rows.stats
+        self.log_fn(f"train: {self.model_config.geometry} {self.model_config.attention}/{self.model_config.ffn}, "
+                    f"{n_params['total']:,} parameters; {pack.tokens:,} train tokens in {pack.rows:,} rows of "
+                    f"{t.seq_len} ({pack.efficiency:.1%} filled); global batch "
+                    f"{t.micro_batch * t.grad_accum * env.world_size} rows x {t.steps} steps on "
+                    f"{env.world_size} x {env.device.type}")
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not (main and cfg.log.progress),
+                   dynamic_ncols=True)
+        start, start_tokens = time.perf_counter(), self.tokens_seen
+        result: dict[str, Any] = {}
+        try:
+            while self.step < t.steps:
+                metrics = self.train_step()
+                elapsed = time.perf_counter() - start
+                metrics["tokens_per_s"] = (self.tokens_seen - start_tokens) / max(elapsed, 1e-9)
+                self.last_metrics = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                tok_s=f"{metrics['tokens_per_s']:,.0f}", refresh=False)
+                last = self.step == t.steps
+                if log and (self.step % cfg.log.every == 0 or last):
+                    log.write("train", self.step, {k: v for k, v in metrics.items() if k != "expert_load"})
+                if self.step % cfg.log.health_every == 0 or last:
+                    health = self.health()
+                    if "expert_load" in metrics:
+                        health["expert_load"] = metrics["expert_load"]
+                    if log and health:
+                        log.write("health", self.step, health)
+                if self.step % cfg.eval.every == 0 or last:
+                    val = self.evaluate()
+                    if val:
+                        self.last_metrics.update(val)
+                        if log:
+                            log.write("eval", self.step, val)
+                        bar.write(f"step {self.step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f}") \
+                            if main and cfg.log.progress else None
+                if self.step % cfg.checkpoint.every == 0 or last:
+                    if main:
+                        self.save()
+                    env.barrier()
+            result = dict(self.last_metrics)
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        return result
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run a training job from a config (see :class:`Trainer`); returns the final metrics."""
+    trainer = Trainer(config, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.env.active and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,608 @@
+"""Data pipeline: sources, BPE tokenizer, resumable token shards, packing, the row stream, and packed-row isolation
+in the model (no attention and no loss across piece boundaries). Small synthetic corpora, all on CPU, fast."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from helmlm.data import shards as shards_mod
+from helmlm.data.packing import PackedRows, RowStream, best_fit_decreasing, split_documents
+from helmlm.data.shards import DataConfig, TokenShards, prepare_data, read_manifest
+from helmlm.data.sources import DataError, TextStats, local_documents, split_of
+from helmlm.data.tokenizer import EOS_TOKEN, load_tokenizer, tokenizer_hash, tokenizer_size, train_bpe
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+BAD_BYTES = b"caf\xe9 ok \xff\xfe"          # 3 invalid UTF-8 bytes
+BAD_TEXT = "caf\ufffd ok \ufffd\ufffd"
+UNICODE_TEXT = "caf\u00e9 \u6f22\u5b57 \U0001f642 na\u00efve \u00fcber"  # é, 漢字, emoji: valid multi-byte UTF-8
+
+
+def _words(seed: int = 0, n: int = 150) -> list[str]:
+    """Pseudo-words (ASCII plus a few non-ASCII ones) so that BPE has plenty of merges to learn."""
+    rng = np.random.default_rng(seed)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    words = ["".join(rng.choice(letters, rng.integers(2, 8))) for _ in range(n)]
+    return words + ["caf\u00e9", "\u6f22\u5b57", "\U0001f642", "na\u00efve", "--", "42,", "end.\n"]
+
+
+def _texts(n: int, seed: int, max_words: int = 60, long_every: int = 0) -> list[str]:
+    """``n`` random documents; every ``long_every``-th one is long (several hundred words)."""
+    rng = np.random.default_rng(seed)
+    words = _words()
+    out = []
+    for i in range(n):
+        k = 300 if long_every and i % long_every == 0 else int(rng.integers(1, max_words))
+        out.append(" ".join(rng.choice(words, k)))
+    return out
+
+
+def _write_jsonl(path: Path, texts: list[str], field: str = "text") -> None:
+    path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
+
+
+def _make_corpus(root: Path, n: int = 120, seed: int = 1) -> tuple[Path, list[str]]:
+    """A corpus directory and its documents in reading order: a JSONL, a non-UTF-8 text file, a whitespace-only
+    file (skipped), and a long text file."""
+    root.mkdir(parents=True)
+    docs = _texts(n, seed, long_every=15)
+    _write_jsonl(root / "a.jsonl", docs)
+    (root / "b_bad.txt").write_bytes(BAD_BYTES)
+    (root / "c_blank.txt").write_text(" \n\t \n")
+    long_doc = " ".join(_texts(40, seed + 1))
+    (root / "d_long.txt").write_text(long_doc, encoding="utf-8")
+    return root, docs + [BAD_TEXT, long_doc]
+
+
+def _config(paths, out: Path, **kw) -> DataConfig:
+    kw = {"vocab_size": 400, "val_fraction": 0.2, "shard_tokens": 400, "batch_documents": 8, **kw}
+    return DataConfig(source="local", paths=[str(p) for p in paths], dir=str(out), **kw)
+
+
+def _encode_doc(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+
+
+def _split_docs(ts: TokenShards) -> list[list[int]]:
+    return [ts.tokens(int(s), int(a), int(n)).tolist() for s, a, n in zip(ts.doc_shard, ts.doc_start, ts.doc_length)]
+
+
+def _file_state(d: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _row_pieces(batch: dict, b: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each piece of row ``b`` from its document ids and attention mask."""
+    real = int(batch["attention_mask"][b].sum())
+    docs = batch["document_ids"][b, :real].tolist()
+    bounds = [0] + [i for i in range(1, real) if docs[i] != docs[i - 1]] + [real]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """One prepared corpus shared by the shard and packing tests: ``(data dir, documents in order, tokenizer)``."""
+    root = tmp_path_factory.mktemp("data")
+    corpus, docs = _make_corpus(root / "corpus")
+    out = prepare_data(_config([corpus], root / "prep"), progress=False)
+    return out, docs, load_tokenizer(out / "tokenizer")
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+
+
+def test_local_documents_reads_every_format_in_sorted_order(tmp_path):
+    """txt (one doc per file), .md, jsonl, jsonl.gz and parquet under a directory are read in sorted path order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("bee text\nsecond line")
+    (tmp_path / "a.txt").write_text("aye")
+    _write_jsonl(tmp_path / "c.jsonl", ["c1", "c2"])
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "d1"}) + "\n\n" + json.dumps({"text": "d2"}) + "\n")
+    pq.write_table(pa.table({"text": ["e1", "e2", "e3"], "n": [1, 2, 3]}), tmp_path / "e.parquet")
+    (tmp_path / "sub" / "f.md").write_text("# f")
+    (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")  # unknown types inside a directory are skipped
+    expected = ["aye", "bee text\nsecond line", "c1", "c2", "d1", "d2", "e1", "e2", "e3", "# f"]
+    stats = TextStats()
+    assert list(local_documents([tmp_path], stats=stats)) == expected
+    assert stats.documents == len(expected) and stats.empty == 0 and stats.replaced_bytes == 0
+    assert list(local_documents([str(tmp_path)])) == expected  # deterministic
+
+
+def test_local_documents_custom_field_globs_and_pattern_order(tmp_path):
+    """A custom ``text_field``; globs (with ``**``) are sorted within a pattern, patterns keep their order."""
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    _write_jsonl(tmp_path / "x" / "y" / "2.jsonl", ["two"], field="body")
+    _write_jsonl(tmp_path / "x" / "1.jsonl", ["one"], field="body")
+    _write_jsonl(tmp_path / "z.jsonl", ["zed"], field="body")
+    (tmp_path / "x" / "note.txt").write_text("not matched by the glob")
+    docs = list(local_documents([tmp_path / "z.jsonl", str(tmp_path / "x" / "**" / "*.jsonl")], text_field="body"))
+    assert docs == ["zed", "one", "two"]
+    with pytest.raises(DataError, match="'text'"):
+        list(local_documents([tmp_path / "z.jsonl"]))  # default field absent
+
+
+def test_local_documents_skips_and_counts_empty_documents(tmp_path):
+    """Whitespace-only documents (txt, jsonl) are skipped and counted in ``TextStats.empty``."""
+    (tmp_path / "a.txt").write_text("  \n\t")
+    _write_jsonl(tmp_path / "b.jsonl", ["real", "", "   ", "also real"])
+    stats = TextStats()
+    assert list(local_documents([tmp_path], stats=stats)) == ["real", "also real"]
+    assert (stats.documents, stats.empty) == (2, 3)
+
+
+def test_jsonl_line_without_field_names_file_line_and_field(tmp_path):
+    """A JSONL record lacking the text field is a DataError naming ``file:line`` and the field."""
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n\n" + json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(DataError) as err:
+        list(local_documents([path]))
+    assert f"{path}:3" in str(err.value) and "'text'" in str(err.value) and "content" in str(err.value)
+    path.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: not valid JSON"):
+        list(local_documents([path]))
+
+
+def test_missing_path_or_unknown_type_is_a_data_error(tmp_path):
+    """A path or glob matching nothing, and an explicit file of unknown type, are DataErrors."""
+    with pytest.raises(DataError, match="no files match"):
+        list(local_documents([tmp_path / "nope.jsonl"]))
+    with pytest.raises(DataError, match="no files match"):
+        list(local_documents([str(tmp_path / "**" / "*.parquet")]))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unknown file type"):
+        list(local_documents([tmp_path / "x.csv"]))
+
+
+def test_invalid_utf8_bytes_are_each_replaced_and_counted(tmp_path):
+    """Each invalid byte becomes one U+FFFD and is counted exactly; valid multi-byte UTF-8 is untouched."""
+    (tmp_path / "a_bad.txt").write_bytes(BAD_BYTES)
+    (tmp_path / "b_good.txt").write_text(UNICODE_TEXT, encoding="utf-8")
+    # JSONL: a raw invalid byte inside the string, and a truncated 3-byte sequence (2 bytes of 漢) -> 2 replacements
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "x\x80y"}\n{"text": "z\xe6\xbc"}\n' +
+                                       json.dumps({"text": UNICODE_TEXT}, ensure_ascii=False).encode() + b"\n")
+    stats = TextStats()
+    docs = list(local_documents([tmp_path], stats=stats))
+    assert docs == [BAD_TEXT, UNICODE_TEXT, "x\ufffdy", "z\ufffd\ufffd", UNICODE_TEXT]
+    assert stats.replaced_bytes == 3 + 1 + 2
+    assert stats.documents_with_replacements == 3 and stats.documents == 5
+
+
+def test_split_of_is_a_deterministic_function_of_text_with_the_requested_fraction():
+    """``split_of`` depends only on the text, hits ~10% val on 5,000 random texts, and 0 means all train."""
+    rng = np.random.default_rng(0)
+    texts = ["".join(map(chr, rng.integers(32, 0x3000, rng.integers(1, 40)))) for _ in range(5000)]
+    splits = [split_of(t, 0.1) for t in texts]
+    assert set(splits) == {"train", "val"}
+    assert abs(splits.count("val") / len(texts) - 0.1) <= 0.01
+    assert [split_of(t, 0.1) for t in reversed(texts)] == splits[::-1]  # order-independent
+    assert [split_of("".join(list(t)), 0.1) for t in texts] == splits  # equal text (new object) -> same split
+    assert all(split_of(t, 0.0) == "train" for t in texts)
+    # monotone in the fraction: a val document at 10% stays val at 50%
+    assert all(split_of(t, 0.5) == "val" for t, s in zip(texts, splits) if s == "val")
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_train_bpe_has_eos_and_round_trips_any_text():
+    """``train_bpe`` gives a fast tokenizer whose EOS is ``<|endoftext|>``; decode(encode(x)) == x, also for text
+    with characters never seen in training (byte-level: nothing is unknown)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(_texts(200, 3), vocab_size=400)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    assert tok.eos_token == EOS_TOKEN and tok.eos_token_id == tok.convert_tokens_to_ids(EOS_TOKEN)
+    assert 258 <= tokenizer_size(tok) <= 400
+    samples = [UNICODE_TEXT, BAD_TEXT, "  leading and trailing  \n\n\tTabs\r\n",
+               "\u0416\u0443\u043a \u05e9\u05dc\u05d5\u05dd \U0001f680\U0001f9ea \x00\x7f",
+               "CAPS mixed 1234567890 !@#$%^&*()", "a", ""]
+    for text in samples:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.eos_token_id not in ids
+        assert tok.decode(ids) == text
+    assert len(tok.encode(_texts(1, 3)[0], add_special_tokens=False)) < len(_texts(1, 3)[0].encode())  # merges used
+
+
+def test_tokenizer_hash_is_stable_across_save_and_load_and_differs_by_vocab(tmp_path):
+    """The hash survives save_pretrained/load_tokenizer and changes with the vocabulary size."""
+    texts = _texts(300, 4)
+    tok = train_bpe(texts, vocab_size=400)
+    assert tokenizer_hash(tok) == tokenizer_hash(train_bpe(texts, vocab_size=400))  # training is deterministic
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert tokenizer_hash(loaded) == tokenizer_hash(tok)
+    assert loaded.encode(UNICODE_TEXT) == tok.encode(UNICODE_TEXT) and loaded.eos_token_id == tok.eos_token_id
+    small = train_bpe(texts, vocab_size=300)
+    assert tokenizer_size(small) == 300 < tokenizer_size(tok)
+    assert tokenizer_hash(small) != tokenizer_hash(tok)
+
+
+def test_train_bpe_rejects_too_small_vocab_or_corpus(tmp_path):
+    """vocab_size < 258, or a corpus with no mergeable pair, is a DataError; a missing tokenizer dir too."""
+    with pytest.raises(DataError, match="too small"):
+        train_bpe(_texts(10, 0), vocab_size=257)
+    with pytest.raises(DataError, match="too small"):
+        train_bpe(["a", "b"], vocab_size=300)
+    with pytest.raises(DataError, match="cannot load a tokenizer"):
+        load_tokenizer(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------------------ shards
+
+
+def test_prepare_data_manifest_and_token_content(prepared):
+    """The manifest is complete and consistent; each split holds exactly encode(doc) + EOS for its documents, in
+    source order (computed independently with the saved tokenizer), and the totals match."""
+    out, docs, tok = prepared
+    m = read_manifest(out)
+    assert m["complete"] is True and m["format"] == shards_mod.FORMAT_VERSION
+    assert m["tokenizer"]["sha256"] == tokenizer_hash(tok) and m["tokenizer"]["size"] == tokenizer_size(tok)
+    assert m["tokenizer"]["eos_id"] == tok.eos_token_id and m["documents_read"] == len(docs)
+    assert m["text"]["documents"] == len(docs) and m["text"]["empty"] == 1
+    assert m["bytes_read"] == sum(len(d.encode()) for d in docs)
+    expected = {s: [_encode_doc(tok, d) for d in docs if split_of(d, 0.2) == s] for s in ("train", "val")}
+    assert expected["val"] and expected["train"]
+    total = 0
+    for split in ("train", "val"):
+        ts = TokenShards(out, split)
+        got = _split_docs(ts)
+        assert got == expected[split]
+        assert all(d[-1] == ts.eos_id for d in got)
+        assert m["splits"][split]["tokens"] == ts.num_tokens == sum(map(len, expected[split]))
+        assert m["splits"][split]["documents"] == ts.num_documents == len(expected[split])
+        total += ts.num_tokens
+    assert total == sum(len(tok.encode(d, add_special_tokens=False)) + 1 for d in docs)
+
+
+def test_prepare_data_dtype_shards_and_replaced_bytes(prepared):
+    """uint16 tokens (2 bytes each on disk), several shards for a small shard_tokens, and the invalid UTF-8 count
+    of the source in ``manifest["text"]["replaced_bytes"]``."""
+    out, _, _ = prepared
+    m = read_manifest(out)
+    ts = TokenShards(out, "train")
+    assert m["dtype"] == "uint16" and ts.dtype == np.uint16 and all(s.dtype == np.uint16 for s in ts.shards)
+    assert len(m["splits"]["train"]["shards"]) >= 3
+    for split in ("train", "val"):
+        for shard in m["splits"][split]["shards"]:
+            assert (out / f"{shard['name']}.bin").stat().st_size == 2 * shard["tokens"]
+            ends = np.load(out / f"{shard['name']}.idx.npy")
+            assert ends.dtype == np.int64 and ends.size == shard["documents"] and ends[-1] == shard["tokens"]
+    assert m["text"]["replaced_bytes"] == 3 and m["text"]["documents_with_replacements"] == 1
+    assert not list(out.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_literal_eos_text_inside_a_document_is_not_a_document_end(tmp_path):
+    """A document that contains the text "<|endoftext|>" keeps it as ordinary text: the EOS id appears once per
+    document, at its end."""
+    (tmp_path / "c").mkdir()
+    texts = _texts(40, 5)
+    texts[3] = f"before {EOS_TOKEN} after " + texts[3]
+    _write_jsonl(tmp_path / "c" / "a.jsonl", texts)
+    shards = TokenShards(prepare_data(_config([tmp_path / "c"], tmp_path / "p", val_fraction=0.0), progress=False))
+    for doc in _split_docs(shards):
+        assert doc.count(shards.eos_id) == 1 and doc[-1] == shards.eos_id
+
+
+def test_prepare_data_rejects_an_empty_corpus(tmp_path):
+    """A corpus of whitespace-only documents is a DataError saying "empty" with the number of empty documents, and
+    leaves no complete manifest (BPE path and pretrained-tokenizer path)."""
+    (tmp_path / "c").mkdir()
+    for i in range(3):
+        (tmp_path / "c" / f"{i}.txt").write_text(" \n\t ")
+    with pytest.raises(DataError, match="empty") as err:
+        prepare_data(_config([tmp_path / "c"], tmp_path / "p1"), progress=False)
+    assert "3 empty ones skipped" in str(err.value)
+    assert read_manifest(tmp_path / "p1") is None
+    train_bpe(_texts(50, 0), vocab_size=300).save_pretrained(tmp_path / "tok")
+    with pytest.raises(DataError, match="empty") as err:
+        prepare_data(_config([tmp_path / "c"], tmp_path / "p2", tokenizer=str(tmp_path / "tok")), progress=False)
+    assert "3 empty documents" in str(err.value)
+    m = read_manifest(tmp_path / "p2")
+    assert m is None or not m["complete"]
+    with pytest.raises(DataError):
+        TokenShards(tmp_path / "p2")
+
+
+def test_prepare_data_reuses_same_spec_and_refuses_other_spec(tmp_path):
+    """Same spec: the directory is reused (nothing rewritten). Another spec: DataError naming the differing field,
+    nothing overwritten. A non-empty directory without manifest: DataError."""
+    corpus, _ = _make_corpus(tmp_path / "corpus", n=40)
+    out = prepare_data(_config([corpus], tmp_path / "prep"), progress=False)
+    before = _file_state(out)
+    # shard size and batching are not part of the spec
+    assert prepare_data(_config([corpus], out, shard_tokens=10**6, batch_documents=3), progress=False) == out
+    assert _file_state(out) == before
+    with pytest.raises(DataError, match="val_fraction: 0.2 there, 0.3 now"):
+        prepare_data(_config([corpus], out, val_fraction=0.3), progress=False)
+    with pytest.raises(DataError, match="vocab_size"):
+        prepare_data(_config([corpus], out, vocab_size=300), progress=False)
+    assert _file_state(out) == before
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a helmlm data directory"):
+        prepare_data(_config([corpus], tmp_path / "foreign"), progress=False)
+    assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
+
+
+def _interrupted_then_resumed(tmp_path, monkeypatch, calls: int):
+    """Prepare ``tmp_path/corpus`` into ``run`` with ``_encode`` failing after ``calls`` calls, check it stopped
+    after some flushed shards, then resume; also prepare uninterrupted into ``ref``. Returns both directories."""
+    corpus, docs = _make_corpus(tmp_path / "corpus", n=100, seed=7)
+    config = _config([corpus], tmp_path / "run", shard_tokens=300, batch_documents=4)
+    real_encode, count = shards_mod._encode, {"n": 0}
+
+    def failing_encode(tokenizer, texts):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_encode(tokenizer, texts)
+
+    monkeypatch.setattr(shards_mod, "_encode", failing_encode)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(config, progress=False)
+    monkeypatch.setattr(shards_mod, "_encode", real_encode)
+    partial = read_manifest(tmp_path / "run")
+    assert partial["complete"] is False and 0 < partial["documents_read"] < len(docs)
+    assert len(partial["splits"]["train"]["shards"]) >= 1
+    with pytest.raises(DataError, match="did not finish"):
+        TokenShards(tmp_path / "run")
+    prepare_data(config, progress=False)
+    prepare_data(_config([corpus], tmp_path / "ref", shard_tokens=300, batch_documents=4), progress=False)
+    return tmp_path / "run", tmp_path / "ref", len(docs)
+
+
+def test_prepare_data_resumes_to_byte_identical_shards(tmp_path, monkeypatch):
+    """After an interruption with some shards flushed, a second ``prepare_data`` finishes, and every shard file
+    is byte-identical to an uninterrupted preparation."""
+    run, ref, n_docs = _interrupted_then_resumed(tmp_path, monkeypatch, calls=8)
+    m_run, m_ref = read_manifest(run), read_manifest(ref)
+    assert m_run["complete"] and m_run["splits"] == m_ref["splits"] and m_run["tokenizer"] == m_ref["tokenizer"]
+    assert m_run["documents_read"] == m_ref["documents_read"] == n_docs
+    assert m_run["bytes_read"] == m_ref["bytes_read"]
+    names = sorted(p.name for p in ref.iterdir() if p.suffix in (".bin", ".npy"))
+    assert len(names) >= 4 and names == sorted(p.name for p in run.iterdir() if p.suffix in (".bin", ".npy"))
+    for name in names:
+        assert (run / name).read_bytes() == (ref / name).read_bytes(), name
+    assert _split_docs(TokenShards(run, "val")) == _split_docs(TokenShards(ref, "val"))
+
+
+def test_prepare_data_resume_keeps_text_statistics(tmp_path, monkeypatch):
+    """The text statistics of a resumed preparation equal those of an uninterrupted one."""
+    run, ref, _ = _interrupted_then_resumed(tmp_path, monkeypatch, calls=8)
+    assert read_manifest(run)["text"] == read_manifest(ref)["text"]
+
+
+# ------------------------------------------------------------------------------------------------------ packing
+
+
+def test_split_documents_cuts_full_pieces_plus_tail():
+    """Documents longer than seq_len become seq_len-token pieces plus a tail; nothing is dropped."""
+    lengths = np.array([5, 10, 23, 1, 30])
+    doc, offset, length = split_documents(lengths, 10)
+    assert doc.tolist() == [0, 1, 2, 2, 2, 3, 4, 4, 4]
+    assert offset.tolist() == [0, 0, 0, 10, 20, 0, 0, 10, 20]
+    assert length.tolist() == [5, 10, 10, 10, 3, 1, 10, 10, 10]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, 500)
+    doc, offset, length = split_documents(lengths, 17)
+    assert length.max() <= 17 and length.min() >= 1
+    assert np.array_equal(np.bincount(doc, weights=length, minlength=lengths.size), lengths)
+    for d in (0, 7, 123):  # pieces of a document are contiguous and in order
+        assert np.array_equal(offset[doc == d], np.arange(0, lengths[d], 17))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_fit_decreasing_property(seed):
+    """On random lengths: every item is assigned, no bin overflows, bins are numbered 0..B-1 and all used, any two
+    bins together exceed the capacity (else the later one's first item would have fit), so B <= 2*ceil(sum/cap)."""
+    rng = np.random.default_rng(seed)
+    capacity = int(rng.integers(8, 300))
+    lengths = rng.integers(1, capacity + 1, int(rng.integers(1, 2000)))
+    if seed == 0:
+        lengths[:5] = capacity  # exactly full bins
+    assignment = best_fit_decreasing(lengths, capacity)
+    assert assignment.shape == lengths.shape and assignment.min() >= 0
+    n_bins = int(assignment.max()) + 1
+    loads = np.bincount(assignment, weights=lengths, minlength=n_bins)
+    assert (loads > 0).all() and loads.max() <= capacity and loads.sum() == lengths.sum()
+    if n_bins >= 2:
+        assert np.sort(loads)[:2].sum() > capacity
+    assert n_bins <= 2 * math.ceil(lengths.sum() / capacity)
+    assert best_fit_decreasing(np.array([], dtype=np.int64), 10).size == 0
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_packed_rows_use_every_token_once(prepared, reset):
+    """The real tokens of all rows, cut at piece boundaries, are exactly the seq_len-pieces of every document (as a
+    multiset); document_ids count pieces, positions restart per piece iff ``reset_positions``; padding is masked."""
+    out, _, _ = prepared
+    seq_len = 48
+    packed = PackedRows(out, "train", seq_len, reset_positions=reset)
+    ts = packed.shards
+    batch = packed.batch(np.arange(packed.num_rows))
+    assert all(v.shape == (packed.num_rows, seq_len) and v.dtype == torch.int64 for v in batch.values())
+    expected = Counter()
+    for doc in _split_docs(ts):
+        expected.update(tuple(doc[i:i + seq_len]) for i in range(0, len(doc), seq_len))
+    got, n_pieces = Counter(), 0
+    for b in range(packed.num_rows):
+        mask = batch["attention_mask"][b]
+        real = int(mask.sum())
+        assert mask[:real].eq(1).all() and mask[real:].eq(0).all() and real > 0
+        pieces = _row_pieces(batch, b)
+        assert pieces == [(int(a), int(a + n)) for a, n in zip(
+            np.cumsum(np.concatenate([[0], packed.piece_length[packed.row_ptr[b]:packed.row_ptr[b + 1]]]))[:-1],
+            packed.piece_length[packed.row_ptr[b]:packed.row_ptr[b + 1]])]
+        for j, (a, e) in enumerate(pieces):
+            got[tuple(batch["input_ids"][b, a:e].tolist())] += 1
+            assert batch["document_ids"][b, a:e].eq(j).all()
+            want = torch.arange(e - a) if reset else torch.arange(a, e)
+            assert torch.equal(batch["position_ids"][b, a:e], want)
+        n_pieces += len(pieces)
+        assert torch.equal(batch["position_ids"][b, real:], torch.arange(real, seq_len))
+    assert got == expected
+    assert sum(map(len, got.elements())) == read_manifest(out)["splits"]["train"]["tokens"] == packed.stats.tokens
+    assert n_pieces == packed.stats.pieces and packed.stats.documents == ts.num_documents
+    assert packed.stats.padding == int((batch["attention_mask"] == 0).sum())
+    assert any(len(d) > seq_len for d in _split_docs(ts))  # long documents were really split
+    assert 0.9 < packed.stats.efficiency <= 1.0
+
+
+def test_packed_rows_reject_tiny_seq_len(prepared):
+    """seq_len < 2 is a DataError; an empty RowStream too."""
+    with pytest.raises(DataError, match="seq_len"):
+        PackedRows(prepared[0], "train", 1)
+    with pytest.raises(DataError, match="no rows"):
+        RowStream(0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def packed_model(prepared):
+    """A one-layer HELM-D in fp64 (eval) over the prepared tokenizer, and packed rows with reset positions."""
+    from helmlm.models.config import load_config
+    from helmlm.models.modeling import HELMForCausalLM
+
+    torch.manual_seed(0)
+    config = load_config("helm_d_tiny", vocab_size=tokenizer_size(prepared[2]), num_hidden_layers=1)
+    model = HELMForCausalLM(config).double().eval()
+    packed = PackedRows(prepared[0], "train", 48, reset_positions=True)
+    counts = np.diff(packed.row_ptr)
+    padding = 48 - np.add.reduceat(packed.piece_length, packed.row_ptr[:-1])
+    rows = [int(np.argmax(counts)), int(np.argmax(padding + 1000 * (counts >= 2)))]  # most pieces; padded, >= 2
+    batch = packed.batch(rows)
+    assert len(_row_pieces(batch, 0)) >= 3 and int(batch["attention_mask"][1].sum()) < 48
+    return model, batch
+
+
+def _forward(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: batch[k] for k in ("input_ids", "document_ids", "position_ids", "attention_mask")}).logits
+
+
+def test_packed_pieces_have_the_logits_of_standalone_runs(packed_model):
+    """No attention across piece boundaries or into padding: each piece's logits in a packed (padded) row equal
+    the logits of that piece run alone at positions 0..len-1 (fp64, atol 1e-6)."""
+    model, batch = packed_model
+    logits = _forward(model, batch)
+    assert logits.dtype == torch.float64
+    for b in range(2):
+        for a, e in _row_pieces(batch, b):
+            with torch.no_grad():
+                alone = model(batch["input_ids"][b:b + 1, a:e]).logits[0]
+            torch.testing.assert_close(logits[b, a:e], alone, atol=1e-6, rtol=0)
+
+
+def test_lm_targets_mask_piece_ends_and_padding(packed_model):
+    """``lm_targets`` with padded document ids is -100 exactly at the last token of each piece and on padding;
+    the number of real targets is real tokens minus pieces."""
+    from helmlm.models.modeling import lm_targets, padded_document_ids
+
+    _, batch = packed_model
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    targets = lm_targets(ids, padded_document_ids(batch["document_ids"], mask))
+    assert targets.shape == (2, 47)
+    for b in range(2):
+        real, pieces = int(mask[b].sum()), _row_pieces(batch, b)
+        ignored = {e - 1 for _, e in pieces} | set(range(real, 48))
+        for i in range(47):
+            if i in ignored:
+                assert targets[b, i] == -100, (b, i)
+            else:
+                assert targets[b, i] == ids[b, i + 1], (b, i)
+        assert int((targets[b] != -100).sum()) == real - len(pieces)
+
+
+def test_changing_one_piece_leaves_other_pieces_untouched(packed_model):
+    """Replacing the tokens of one piece changes neither the logits nor the per-token losses of the others
+    (while its own logits do change)."""
+    from helmlm.models.modeling import causal_lm_loss, lm_targets, padded_document_ids
+
+    model, batch = packed_model
+    pieces = _row_pieces(batch, 0)
+    a, e = pieces[1]
+    changed = {k: v.clone() for k, v in batch.items()}
+    vocab = model.config.vocab_size
+    changed["input_ids"][0, a:e] = (changed["input_ids"][0, a:e] + 1 + torch.arange(e - a)) % vocab
+    assert not torch.equal(changed["input_ids"], batch["input_ids"])
+
+    def per_token_loss(inputs, logits):
+        targets = lm_targets(inputs["input_ids"], padded_document_ids(inputs["document_ids"], inputs["attention_mask"]))
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+
+    before, after = _forward(model, batch), _forward(model, changed)
+    loss_before, loss_after = per_token_loss(batch, before), per_token_loss(changed, after)
+    assert not torch.allclose(before[0, a:e], after[0, a:e])
+    keep = torch.ones(48, dtype=torch.bool)
+    keep[a:e] = False
+    torch.testing.assert_close(before[0, keep], after[0, keep], atol=1e-9, rtol=0)
+    torch.testing.assert_close(before[1], after[1], atol=1e-9, rtol=0)
+    torch.testing.assert_close(loss_before[0, keep[:-1]], loss_after[0, keep[:-1]], atol=1e-9, rtol=0)
+    # the summed loss is the sum of the per-token terms (causal_lm_loss uses the same targets)
+    labels_docs = padded_document_ids(batch["document_ids"], batch["attention_mask"])
+    total = causal_lm_loss(before, batch["input_ids"], labels_docs, reduction="sum")
+    torch.testing.assert_close(total, loss_before.sum().float(), atol=1e-4, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------ row stream
+
+
+def test_row_stream_is_deterministic_and_each_epoch_is_a_permutation():
+    """Same seed -> same stream; another seed -> another order; every epoch visits every row exactly once;
+    ``shuffle=False`` is the identity order."""
+    n = 37
+    a, b, c = RowStream(n, seed=1), RowStream(n, seed=1), RowStream(n, seed=2)
+    rows = a.rows(0, 4 * n)
+    assert np.array_equal(rows, b.rows(0, 4 * n))
+    assert not np.array_equal(rows[:n], c.rows(0, n))
+    epochs = rows.reshape(4, n)
+    for e in range(4):
+        assert np.array_equal(np.sort(epochs[e]), np.arange(n))
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert np.array_equal(a.rows(n - 3, 6), rows[n - 3:n + 3])  # across an epoch boundary, any access order
+    assert np.array_equal(RowStream(n, seed=1, shuffle=False).rows(0, 2 * n), np.tile(np.arange(n), 2))
+
+
+def test_row_stream_position_round_trips():
+    """A stream rebuilt with ``position=k`` continues exactly like the original from k; epoch = position / rows."""
+    a = RowStream(23, seed=5)
+    for _ in range(7):
+        a.global_batch(micro_batch=3, accumulation=2, world_size=1, rank=0)
+    assert a.position == 42 and a.epoch == pytest.approx(42 / 23)
+    b = RowStream(23, seed=5, position=a.position)
+    for _ in range(10):
+        xa = a.global_batch(micro_batch=3, accumulation=2, world_size=1, rank=0)
+        xb = b.global_batch(micro_batch=3, accumulation=2, world_size=1, rank=0)
+        assert all(np.array_equal(p, q) for p, q in zip(xa, xb))
+    assert a.position == b.position
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_row_stream_ranks_partition_the_global_batch(accumulation):
+    """For world_size 2, the two ranks' micro-batches of each step together are (as a multiset) the single-rank
+    micro-batch of twice the size; positions advance identically."""
+    n = 29
+    single = RowStream(n, seed=3)
+    ranks = [RowStream(n, seed=3) for _ in range(2)]
+    for _ in range(12):  # several epochs
+        whole = single.global_batch(micro_batch=4, accumulation=accumulation, world_size=1, rank=0)
+        parts = [s.global_batch(micro_batch=2, accumulation=accumulation, world_size=2, rank=r)
+                 for r, s in enumerate(ranks)]
+        assert len(whole) == accumulation and all(len(p) == accumulation for p in parts)
+        for m in range(accumulation):
+            r0, r1 = parts[0][m], parts[1][m]
+            assert len(r0) == len(r1) == 2
+            assert Counter(r0.tolist()) + Counter(r1.tolist()) == Counter(whole[m].tolist())
+        assert single.position == ranks[0].position == ranks[1].position

@@ -1,0 +1,267 @@
+"""The trainer end to end on a small local corpus: config validation, loss going down, exact resume after SIGKILL,
+2-process DDP equal to 1 process, checkpoints, and every bad-input path (each must fail clearly and keep what was
+already written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helmlm.models.config import ConfigError
+from helmlm.training.checkpoint import latest_checkpoint
+from helmlm.training.config import load_train_config
+from helmlm.training.trainer import NonFiniteLossError, Trainer, TrainingError, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A JSONL corpus of 400 short pseudo-English documents (deterministic)."""
+    rng = np.random.default_rng(0)
+    words = ("the of and to in a is that it was for on are as with his they at be this from have or by one had not "
+             "but what all were when we there can an your which their said if do will each about how up out them "
+             "then she many some so these would other into has more her two like him see time could no make than "
+             "first been its who now people my made over did down only way find use may water long little very after "
+             "words called just where most know").split()
+    root = tmp_path_factory.mktemp("corpus")
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(400):
+            # a little grammar: each document repeats a few "phrases", so there is something to learn quickly
+            phrases = [" ".join(rng.choice(words, 4)) for _ in range(3)]
+            n = int(rng.integers(2, 30))
+            f.write(json.dumps({"text": ". ".join(phrases[int(rng.integers(3))] for _ in range(n)) + "."}) + "\n")
+    return root / "docs.jsonl"
+
+
+def overrides(corpus: Path, tmp: Path, *extra: str) -> list[str]:
+    """A tiny, fast run on ``corpus``; the prepared data is shared by every run of the module."""
+    return [f"data.paths={corpus}", "data.source=local", "data.vocab_size=400", "data.val_fraction=0.05",
+            f"data.dir={corpus.parent / 'prepared'}", "model.vocab_size=400", "model.num_hidden_layers=1",
+            "train.seq_len=32", "train.micro_batch=4", "train.steps=12", "train.lr=3e-3", "train.threads=1",
+            "eval.every=6", "eval.rows=16", "log.every=1", "log.progress=false", "log.tensorboard=false",
+            "checkpoint.every=4", "checkpoint.keep_last=2", f"out_dir={tmp}", *extra]
+
+
+def metrics(run: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run) / "model.safetensors")
+
+
+def cli(*args: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "helmlm", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+
+def test_shipped_recipe_loads_and_overrides_apply():
+    config = load_train_config("tiny", ["train.lr=1e-3", "model.num_hidden_layers=3", "train.precision=bf16",
+                                        "data.paths=a.txt,b.txt", "train.warmup_steps=null"])
+    assert config.train.lr == 1e-3 and isinstance(config.train.lr, float)
+    assert config.model_config().num_hidden_layers == 3 and config.model == {"preset": "helm_d_tiny",
+                                                                            "num_hidden_layers": 3}
+    assert config.data.paths == ["a.txt", "b.txt"] and config.train.warmup_steps is None
+    assert load_train_config("tiny", ["model=llama_tiny"]).model_config().geometry == "euclidean"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1e-3", "train.lrr (did you mean train.lr?)"),
+    ("trian.lr=1e-3", "trian (did you mean config.train?)"),
+    ("model.hiden_size=64", "model.hiden_size (did you mean model.hidden_size?)"),
+    ("train.steps=many", "train.steps must be of type int, got 'many'"),
+    ("train.micro_batch=2.5", "train.micro_batch must be of type int"),
+    ("log.progress=maybe", "log.progress must be of type bool"),
+    ("train.precision=fp8", "train.precision must be one of auto, fp32, bf16"),
+    ("train.min_lr_ratio=1.5", "train.min_lr_ratio must be in [0, 1]"),
+    ("data.source=web", "data.source must be one of builtin, local, hf"),
+    ("train.lr", "not of the form key=value"),
+])
+def test_bad_config_values_are_named(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_train_config("tiny", [override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_yaml_is_named_with_a_suggestion(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: helm_d_tiny\ntrain:\n  sequence_len: 64\n")
+    with pytest.raises(ConfigError, match=r"train.sequence_len \(did you mean train.seq_len\?\)"):
+        load_train_config(path)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
+    result = cli("train", "tiny", "train.lrr=1", f"out_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "did you mean train.lr?" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------- training works
+
+
+@pytest.mark.parametrize("model", ["helm_d_tiny", "llama_tiny", "helm_mice_tiny"])
+def test_loss_decreases(corpus, tmp_path, model):
+    """Validation loss after 12 steps is clearly below the loss at initialisation (ln 400 ~ 6.0)."""
+    layers = 2 if model == "helm_mice_tiny" else 1  # the first MiCE layer is dense
+    config = load_train_config(None, overrides(corpus, tmp_path, f"model.preset={model}",
+                                               f"model.num_hidden_layers={layers}"))
+    trainer = Trainer(config)
+    initial = trainer.evaluate()["val_loss"]
+    final = trainer.fit()
+    assert final["val_loss"] < initial - 0.5, (initial, final)
+    losses = [r["loss"] for r in metrics(tmp_path)]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
+    if model == "helm_mice_tiny":
+        health = metrics(tmp_path, "health")[-1]
+        assert health["expert_curvatures"] and health["expert_load"]
+        assert abs(sum(next(iter(health["expert_load"].values()))) - 1) < 1e-6
+    if model != "llama_tiny":
+        assert metrics(tmp_path, "health")[-1]["embedding_violation"] < 1e-5
+
+
+def test_checkpoints_are_complete_and_only_the_last_ones_kept(corpus, tmp_path):
+    train(load_train_config(None, overrides(corpus, tmp_path)))
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000008", "step-00000012"]
+    assert (root / "latest").read_text().strip() == "step-00000012"
+    ckpt = root / "step-00000012"
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json"}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 12 and state["data_position"] == 12 * 4 and state["config"]["train"]["steps"] == 12
+    # A crash while writing leaves a temporary directory and possibly a stale pointer: neither is ever "latest".
+    (root / ".tmp-step-00000016-999").mkdir()
+    (root / "latest").write_text("step-00000016\n")
+    assert latest_checkpoint(tmp_path) == ckpt
+
+
+# ------------------------------------------------------------------------------------------------ exact resume
+
+
+def test_resume_after_sigkill_is_bit_identical(corpus, tmp_path):
+    """A run killed with SIGKILL right after its step-4 checkpoint, then resumed, ends with parameters and optimizer
+    state bit-identical to an uninterrupted run of the same length."""
+    base = overrides(corpus, tmp_path / "a", "train.steps=10", "checkpoint.every=4")
+    Trainer(load_train_config(None, base))  # prepare the data outside the timed subprocesses
+    straight = cli("train", *base)
+    assert straight.returncode == 0, straight.stderr
+
+    killed_args = overrides(corpus, tmp_path / "b", "train.steps=10", "checkpoint.every=4")
+    proc = subprocess.Popen([sys.executable, "-m", "helmlm", "train", *killed_args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = tmp_path / "b" / "checkpoints" / "step-00000004" / "state.json"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert latest_checkpoint(tmp_path / "b").name in ("step-00000004", "step-00000008")
+    resumed = cli("train", *killed_args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr and "resumed from" in resumed.stderr
+
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a = load_file(latest_checkpoint(tmp_path / "a") / name)
+        b = load_file(latest_checkpoint(tmp_path / "b") / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["loss"] for r in metrics(tmp_path / "a")] == [r["loss"] for r in metrics(tmp_path / "b")]
+
+
+def test_resume_with_another_config_is_refused_and_changes_nothing(corpus, tmp_path):
+    train(load_train_config(None, overrides(corpus, tmp_path, "train.steps=4")))
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match=r"another config \(train.lr: 0.003 in the checkpoint, 0.001 now"):
+        Trainer(load_train_config(None, overrides(corpus, tmp_path, "train.steps=4", "train.lr=1e-3")), resume=True)
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        Trainer(load_train_config(None, overrides(corpus, tmp_path, "train.steps=4")))
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        Trainer(load_train_config(None, overrides(corpus, tmp_path / "empty")), resume=True)
+    assert before == {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    """From step 6 on the logits turn NaN (a forward hook stands in for a divergence): the run stops at step 6 with a
+    message naming it, before updating, and the step-5 checkpoint stays the latest, with finite weights."""
+    trainer = Trainer(load_train_config(None, overrides(corpus, tmp_path, "checkpoint.every=1")))
+    trainer.model.lm_head.register_forward_hook(lambda m, i, out: out * float("nan") if trainer.step >= 5 else out)
+    before = trainer.model.lm_head.weight.detach().clone()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 6; stopped before updating") as err:
+        trainer.fit()
+    last = latest_checkpoint(tmp_path)
+    assert last.name == "step-00000005" and f"last good checkpoint is {last}" in str(err.value)
+    assert torch.equal(load_file(last / "model.safetensors")["lm_head.weight"], trainer.model.lm_head.weight)
+    assert not torch.equal(before, trainer.model.lm_head.weight)  # it did train up to step 5
+
+
+def test_non_finite_parameters_are_never_checkpointed(corpus, tmp_path):
+    """An absurd learning rate makes the weights overflow in the first update: no checkpoint is written."""
+    config = load_train_config(None, overrides(corpus, tmp_path, "train.lr=1e30", "train.warmup_steps=0",
+                                               "train.clip=0", "checkpoint.every=1"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .* step 1.*no checkpoint was written yet"):
+        train(config)
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_vocab_mismatch_is_an_error(corpus, tmp_path):
+    with pytest.raises(TrainingError, match=r"tokenizer has 400 token ids but the model's vocab_size is 300"):
+        Trainer(load_train_config(None, overrides(corpus, tmp_path, "model.vocab_size=300")))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_empty_corpus_is_an_error_from_the_cli(tmp_path):
+    (tmp_path / "empty.jsonl").write_text('{"text": "  "}\n')
+    result = cli("train", "tiny", "data.source=local", f"data.paths={tmp_path / 'empty.jsonl'}",
+                 f"data.dir={tmp_path / 'data'}", f"out_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "empty" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------- distributed
+
+
+@pytest.mark.parametrize("model", ["helm_d_tiny", "helm_mice_tiny"])
+def test_two_processes_match_one(corpus, tmp_path, model):
+    """torchrun with 2 gloo processes (micro-batch 2 each) follows the same trajectory as 1 process with micro-batch
+    4: same losses and parameters to float tolerance (MiCE: also the all-reduced bias update)."""
+    common = overrides(corpus, tmp_path, f"model.preset={model}", "train.steps=6", "checkpoint.every=6",
+                       "model.num_hidden_layers=2")
+    Trainer(load_train_config(None, [*common, f"out_dir={tmp_path / 'warm'}"]))  # prepare data once
+    one = cli("train", *common, f"out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29500 + os.getpid() % 1000), "-m", "helmlm", "train", *common,
+                          "train.micro_batch=2", f"out_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    la = [r["loss"] for r in metrics(tmp_path / "one")]
+    lb = [r["loss"] for r in metrics(tmp_path / "two")]
+    assert len(la) == len(lb) == 6 and np.allclose(la, lb, rtol=1e-5, atol=0)
+    va, vb = metrics(tmp_path / "one", "eval")[-1], metrics(tmp_path / "two", "eval")[-1]
+    assert va["val_tokens"] == vb["val_tokens"] and abs(va["val_loss"] - vb["val_loss"]) < 1e-5
+    # Adam divides by sqrt(v): coordinates whose gradients are ~0 amplify the ~1e-7 differences of the all-reduce
+    # order, so weights are compared at a tenth of one Adam step (lr 3e-3), not at fp32 resolution; the losses
+    # above and the MiCE gate biases (buffers in the state dict) agree far more tightly.
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 3e-4, k
