@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/helmlm smoke
+	$(VENV)/bin/helmlm demo
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q

@@ -68,3 +68,25 @@ def test_throughput_script_tiny_presets():
         (n, mode) for n in SEQ_LENS for mode in MODES}
     assert all(x["tokens_per_s_ratio"] > 0 and x["numerator"] == "helm_d_tiny" for x in summary["tokens_per_s_ratio"])
     assert set(summary["eval_activation_growth"]) == {"helm_d_tiny", "llama_tiny"}
+
+
+def test_data_throughput_benchmark_prints_json_lines(tmp_path):
+    """benchmarks/data_throughput.py on a small local corpus: every stdout line is JSON, with the prepare, loader,
+    train and summary records, and the loader/train ratio it reports is consistent with the records."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " + "some words here and there " * (i % 7 + 1)})
+                              + "\n" for i in range(300)))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--source", "local", "--paths",
+           str(corpus), "--vocab-size", "300", "--seq-len", "32", "--micro-batch", "4", "--loader-seconds", "0.2",
+           "--loader-warmup", "1", "--preset", "helm_d_tiny", "--train-seq-len", "32", "--train-micro-batch", "2",
+           "--train-steps", "2", "--train-warmup", "1", "--threads", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    kinds = [r.get("measurement", "summary" if r.get("summary") else None) for r in records]
+    assert kinds[0] == "prepare" and kinds[-2:] == ["train", "summary"] and set(kinds[1:-2]) == {"loader"}, kinds
+    train, summary = records[-2], records[-1]
+    loader = next(r for r in records[1:-2] if r["seq_len"] == summary["at"]["seq_len"]
+                  and r["micro_batch"] == summary["at"]["micro_batch"])  # the loader at the training step's shape
+    assert loader["tokens_per_s"] > 0 and 0 < loader["packing_efficiency"] <= 1
+    assert math.isclose(summary["loader_over_train"], loader["tokens_per_s"] / train["tokens_per_s"], rel_tol=1e-3)

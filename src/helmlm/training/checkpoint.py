@@ -69,9 +69,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict[str, Any],
-                    keep_last: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, and delete all but the newest ``keep_last``."""
+def save_checkpoint(out_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any], state: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write checkpoint ``step`` (full, unsharded state dicts) atomically, point ``latest`` at it, and delete all
+    but the newest ``keep_last``."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -79,9 +80,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model_tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    model_tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
     save_file(model_tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     opt_tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         opt_tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -124,8 +125,12 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG states from ``path``; return its ``state.json``."""
     path = Path(path)
+    from helmlm.training.fsdp import like
+
     state = read_checkpoint_state(path)
-    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    current = model.state_dict()
+    weights = {k: like(v, current[k]) if k in current else v for k, v in load_file(path / "model.safetensors").items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit this model (missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}); was it written for another model config?")
@@ -142,4 +147,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
         params = [p for group in opt.param_groups for p in group["params"]]
         for pid, entry in meta["scalars"].items():
             opt.state[params[int(pid)]].update(entry)
+        for p in params:  # FSDP: moments saved whole are sharded like their parameter
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    opt.state[p][k] = like(v, p)
     return state

@@ -36,8 +36,8 @@ import torch.distributed as dist
 from helmlm.training.config import TrainConfig
 
 # Settings that may differ between a run and its resumption (they do not change the trajectory).
-RESUME_FREE = ("eval.", "log.", "checkpoint.", "out_dir", "train.threads", "train.device", "data.dir",
-               "data.shard_tokens", "data.batch_documents")
+RESUME_FREE = ("eval.", "log.", "checkpoint.", "out_dir", "train.threads", "train.device", "train.strategy",
+               "data.dir", "data.shard_tokens", "data.batch_documents")
 
 
 class TrainingError(RuntimeError):
@@ -202,6 +202,11 @@ class Trainer:
                                 f"prepare data with data.vocab_size <= {self.model_config.vocab_size}")
         torch.manual_seed(t.seed)
         self.model = HELMForCausalLM(self.model_config).to(self.env.device)
+        self.fsdp = self.env.active and t.strategy == "fsdp"
+        if self.fsdp:  # shard before building the optimizer: sharding replaces the parameters
+            from helmlm.training.fsdp import shard_euclidean_parts
+
+            shard_euclidean_parts(self.model)
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.riemannian_lr)
         self.step, self.tokens_seen, self.last_metrics = 0, 0, {}
@@ -217,12 +222,8 @@ class Trainer:
         self.autocast = self._autocast_dtype()
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        if not self.env.active:
+        if not self.env.active or self.fsdp:
             return model
-        if self.config.train.strategy == "fsdp":
-            from helmlm.training.fsdp import shard_euclidean_parts
-
-            return shard_euclidean_parts(model)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
@@ -272,15 +273,24 @@ class Trainer:
         ce_total = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, batch in enumerate(batches):
             batch = self._to_device(batch)
-            sync = i == len(batches) - 1 or not env.active or not hasattr(self.wrapped, "no_sync")
-            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+            sync = i == len(batches) - 1 or not env.active
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or self.fsdp else self.wrapped.no_sync():
                 ce_sum, aux = self._forward_loss(batch)
                 loss = ce_sum * (env.world_size / max(1, n_targets))
                 if aux is not None and alpha:
                     loss = loss + alpha * aux / len(batches)
                 loss.backward()
             ce_total += ce_sum.detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip if t.clip > 0 else float("inf"))
+        if self.fsdp:
+            from helmlm.training.fsdp import average_ignored_gradients, clip_gradients
+
+            average_ignored_gradients(self.model)
+            grad_norm = clip_gradients(list(self.model.parameters()), t.clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       t.clip if t.clip > 0 else float("inf"))
         stats = torch.stack([ce_total, grad_norm.detach().double().to(env.device)])
         env.all_reduce(stats[:1])
         loss_value, norm_value = stats[0].item() / max(1, n_targets), stats[1].item()
@@ -314,11 +324,15 @@ class Trainer:
                                                                                  self.val_rows.num_rows)
         sums = torch.zeros(2, dtype=torch.float64, device=env.device)
         starts = list(range(0, n_rows, t.micro_batch))
-        for i in range(env.rank, len(starts), env.world_size):
-            batch = self.val_rows.batch(list(range(starts[i], min(starts[i] + t.micro_batch, n_rows))))
-            sums[1] += self._count_targets(batch)
+        rounds = -(-len(starts) // env.world_size)  # every rank runs as many forwards (FSDP gathers in forward)
+        for i in range(env.rank, rounds * env.world_size, env.world_size):
+            real = i < len(starts)
+            start = starts[i] if real else 0
+            batch = self.val_rows.batch(list(range(start, min(start + t.micro_batch, n_rows))))
             ce_sum, _ = self._forward_loss(self._to_device(batch))  # balance statistics are not updated in eval
-            sums[0] += ce_sum.double()
+            if real:
+                sums[1] += self._count_targets(batch)
+                sums[0] += ce_sum.double()
         env.all_reduce(sums)
         self.model.train()
         loss = (sums[0] / sums[1].clamp(min=1)).item()
@@ -331,13 +345,14 @@ class Trainer:
 
         from helmlm.geometry import manifold_violation
         from helmlm.nn.mice import LorentzExperts
+        from helmlm.training.fsdp import full
 
         out: dict[str, Any] = {}
         table = getattr(self.model.model.embed, "weight", None)
         if isinstance(table, geoopt.ManifoldParameter):
             out["embedding_violation"] = manifold_violation(table, self.model_config.curvature,
                                                             relative_to="scale").max().item()
-        curv = {name: m.curvatures.tolist() for name, m in self.model.named_modules()
+        curv = {name: full(m.curvatures).tolist() for name, m in self.model.named_modules()
                 if isinstance(m, LorentzExperts)}
         if curv:
             out["expert_curvatures"] = curv
@@ -350,20 +365,29 @@ class Trainer:
         where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
         return f"{where}. Lower train.lr or raise train.warmup_ratio, then resume with --resume"
 
-    def save(self) -> Path:
-        """Write a checkpoint, unless a parameter is no longer finite (then stop: the previous one stays latest)."""
+    def save(self) -> Path | None:
+        """Write a checkpoint (every rank takes part, rank 0 writes), unless a parameter is no longer finite: then
+        stop, and the previous checkpoint stays the latest."""
         from helmlm.training.checkpoint import save_checkpoint
+        from helmlm.training.fsdp import full
 
-        peak = torch.stack([p.detach().abs().amax().float() for p in self.model.parameters()])
+        peak = torch.stack([full(p.detach().abs().amax()).float() for p in self.model.parameters()])
         if not torch.isfinite(peak).all():
             raise NonFiniteLossError(f"non-finite parameters after step {self.step}; not saved; {self._last_good()}")
-
-        state = {"config": self.config.to_dict(), "data_position": self.stream.position,
-                 "tokens_seen": self.tokens_seen, "tokenizer_sha256": self.tokenizer_sha,
-                 "metrics": self.last_metrics}
-        path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
-                               self.config.checkpoint.keep_last)
-        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
+        model_state = {k: full(v) for k, v in self.model.state_dict().items()}
+        opt_state = self.optimizer.state_dict()
+        for opt in opt_state["optimizers"]:
+            opt["state"] = {pid: {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                            for pid, entry in opt["state"].items()}
+        path = None
+        if self.env.is_main:
+            state = {"config": self.config.to_dict(), "data_position": self.stream.position,
+                     "tokens_seen": self.tokens_seen, "tokenizer_sha256": self.tokenizer_sha,
+                     "metrics": self.last_metrics}
+            path = save_checkpoint(self.out_dir, self.step, model_state, opt_state, state,
+                                   self.config.checkpoint.keep_last)
+            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
+        self.env.barrier()
         return path
 
     def fit(self) -> dict[str, Any]:
@@ -412,12 +436,13 @@ class Trainer:
                         self.last_metrics.update(val)
                         if log:
                             log.write("eval", self.step, val)
-                        bar.write(f"step {self.step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f}") \
-                            if main and cfg.log.progress else None
+                        message = f"step {self.step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.2f}"
+                        if main and cfg.log.progress:
+                            bar.write(message, file=sys.stderr)
+                        else:
+                            self.log_fn(message)
                 if self.step % cfg.checkpoint.every == 0 or last:
-                    if main:
-                        self.save()
-                    env.barrier()
+                    self.save()
             result = dict(self.last_metrics)
         finally:
             bar.close()
