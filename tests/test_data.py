@@ -606,3 +606,18 @@ def test_row_stream_ranks_partition_the_global_batch(accumulation):
             assert len(r0) == len(r1) == 2
             assert Counter(r0.tolist()) + Counter(r1.tolist()) == Counter(whole[m].tolist())
         assert single.position == ranks[0].position == ranks[1].position
+
+
+def test_hf_documents_streams_a_local_dataset_directory(tmp_path):
+    """The Hugging Face source (``datasets.load_dataset(..., streaming=True)``) on a local dataset directory: the
+    same documents, in order, as the local JSONL reader; a missing field is a DataError naming it."""
+    from helmlm.data.sources import hf_documents
+
+    texts = _texts(30, 7)
+    (tmp_path / "ds").mkdir()
+    _write_jsonl(tmp_path / "ds" / "train.jsonl", texts)
+    stats = TextStats()
+    assert list(hf_documents(str(tmp_path / "ds"), split="train", stats=stats)) == texts
+    assert stats.documents == len(texts)
+    with pytest.raises(DataError, match="no string field 'body'"):
+        list(hf_documents(str(tmp_path / "ds"), split="train", text_field="body"))

@@ -227,7 +227,9 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # No buffer broadcast: buffers are identical on every rank by construction (gate biases move by the same
+        # all-reduced update), and broadcasting would overwrite each rank's expert counts between micro-batches.
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     def _autocast_dtype(self) -> torch.dtype | None:
         p = self.config.train.precision
