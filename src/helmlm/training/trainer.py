@@ -105,14 +105,21 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)]
 
 
+def _record_step(line: str) -> float:
+    """The step of a metrics line; a torn last line (a kill mid-write) or an empty one counts as infinitely late."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 class MetricsLog:
     """Rank 0's metrics: ``metrics.jsonl`` (always), TensorBoard scalars (when installed and enabled)."""
 
     def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None):
         self.path = out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.is_file():  # drop records past the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= resume_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
@@ -179,10 +186,19 @@ class Trainer:
                 raise TrainingError(f"cannot resume from {self.checkpoint}: it was written for another config ("
                                     + "; ".join(diffs) + "); use the same settings, or start a new out_dir")
 
-        # Data: rank 0 prepares (or reuses) the shards while the others wait.
+        # Data: rank 0 prepares (or reuses) the shards while the others wait; a failure there stops every rank.
+        failed = torch.zeros(1, device=self.env.device)
+        error = None
         if self.env.is_main:
-            prepare_data(config.data, progress=config.log.progress)
-        self.env.barrier()
+            try:
+                prepare_data(config.data, progress=config.log.progress)
+            except Exception as err:  # re-raised below, after the other ranks have been told
+                error, failed[0] = err, 1.0
+        self.env.all_reduce(failed)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise TrainingError("data preparation failed on rank 0 (its error message says why)")
         self.data_dir = Path(config.data.dir)
         self.train_rows = PackedRows(self.data_dir, "train", t.seq_len, t.reset_positions)
         self.val_rows = PackedRows(self.data_dir, "val", t.seq_len, t.reset_positions) \
@@ -393,16 +409,17 @@ class Trainer:
         return path
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps``; return the last training and validation metrics."""
+        """Train to ``train.steps``; return the last training and validation metrics. ``tokens_per_s`` is end to end
+        (validation and checkpoints included)."""
         from tqdm.auto import tqdm
+
+        from helmlm.models.params import count_parameters
 
         cfg, t, env = self.config, self.config.train, self.env
         main = env.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.out_dir, cfg.log.tensorboard, self.step if self.checkpoint else None) if main else None
-        from helmlm.models.params import count_parameters
-
         n_params = count_parameters(self.model_config)
         pack = self.train_rows.stats
         self.log_fn(f"train: {self.model_config.geometry} {self.model_config.attention}/{self.model_config.ffn}, "
