@@ -26,6 +26,7 @@ from helmlm.nn import (
     update_balance_bias,
 )
 from helmlm.nn.rotary import rotary_tables
+from helmlm.nn.routing import routed_layers
 
 CURVATURES = [0.3, 0.8, 1.2, 2.0]
 
@@ -290,6 +291,13 @@ def test_routing_stats_report_load_scores_and_bias():
         assert sum(s["load"]) == pytest.approx(1.0)
         assert s["mean_score"] == pytest.approx(scores[i].flatten(0, 1).mean(0).tolist(), rel=1e-5)
         assert s["bias"] == [0.0] * 4
+    # Evaluation does not feed the bias update: eval-mode forwards leave the statistics untouched.
+    before = {name: layer.tokens_per_expert.clone() for name, layer in routed_layers(model)}
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert all(torch.equal(layer.tokens_per_expert, before[name]) for name, layer in routed_layers(model))
+    assert all(before[name].sum() > 0 for name in before)
 
 
 def _balance_worker(rank: int, world: int, init_file: str, results) -> None:

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     overrides_help = "section.key=value overrides, e.g. train.lr=1e-3 model.num_hidden_layers=4 data.source=local"
     prepare = sub.add_parser("prepare", help="prepare the data of a training config (corpus, tokenizer, shards)")
-    prepare.add_argument("config", nargs="?", help="training YAML or a shipped recipe name (default: built-in defaults)")
+    prepare.add_argument("config", nargs="?", help="training YAML or shipped recipe (default: built-in defaults)")
     prepare.add_argument("overrides", nargs="*", help=overrides_help)
     prepare.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     prepare.set_defaults(func=_cmd_prepare)
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainp = sub.add_parser("train", help="pretrain a model from a training config",
                             description="Pretrain from a YAML config. Multi-process: torchrun --nproc_per_node N "
                                         "-m helmlm train CONFIG ...")
-    trainp.add_argument("config", nargs="?", help="training YAML or a shipped recipe name (default: built-in defaults)")
+    trainp.add_argument("config", nargs="?", help="training YAML or shipped recipe (default: built-in defaults)")
     trainp.add_argument("overrides", nargs="*", help=overrides_help)
     trainp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     trainp.add_argument("--json", action="store_true", help="print the final metrics as one JSON line")

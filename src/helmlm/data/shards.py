@@ -144,8 +144,9 @@ def prepare_data(config: DataConfig, data_dir: str | Path | None = None, *, prog
     manifest = read_manifest(out)
     if manifest is not None:
         if manifest.get("spec") != spec:
-            raise DataError(f"{out} holds data prepared with other settings ({_spec_difference(manifest.get('spec', {}), spec)}); "
-                            "choose another data.dir, or delete that directory to prepare it again")
+            difference = _spec_difference(manifest.get("spec", {}), spec)
+            raise DataError(f"{out} holds data prepared with other settings ({difference}); choose another "
+                            "data.dir, or delete that directory to prepare it again")
         if manifest.get("complete"):
             return out
     elif out.exists() and any(out.iterdir()):
@@ -165,7 +166,8 @@ def prepare_data(config: DataConfig, data_dir: str | Path | None = None, *, prog
     else:
         tokenizer = load_tokenizer(out / "tokenizer")
         if tokenizer_hash(tokenizer) != manifest["tokenizer"]["sha256"]:
-            raise DataError(f"{out}/tokenizer does not match its manifest (hash differs); delete {out} and prepare again")
+            raise DataError(f"{out}/tokenizer does not match its manifest (hash differs); delete {out} and prepare "
+                            "again")
         log(f"resuming after {manifest['documents_read']:,} documents")
     _tokenize_into(config, out, manifest, tokenizer, log, progress)
     return out
@@ -193,7 +195,8 @@ def _make_tokenizer(config: DataConfig, tok_dir: Path, log, progress: bool):
                                 "data.val_fraction")
 
         tokenizer = train_bpe(texts(), config.vocab_size)
-        log(f"trained a byte-level BPE with {tokenizer_size(tokenizer):,} tokens in {time.perf_counter() - start:.1f} s")
+        seconds = time.perf_counter() - start
+        log(f"trained a byte-level BPE with {tokenizer_size(tokenizer):,} tokens in {seconds:.1f} s")
     tmp = tok_dir.with_name(f".{tok_dir.name}.tmp-{os.getpid()}")
     tokenizer.save_pretrained(tmp)
     if tok_dir.exists():

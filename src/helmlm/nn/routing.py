@@ -181,8 +181,10 @@ class RoutedFFN(nn.Module):
     """Base of routed feed-forward layers (MiCE, MoE): routing, sync-free statistics, balance loss.
 
     Subclasses define ``self.gate``, ``self.experts`` (``experts(x) -> (E, T, W)`` for every expert on every token,
-    ``experts.forward_rows(x, route)`` for the routed rows only) and the combination. Buffers (not saved; all-reduce-ready): ``tokens_per_expert`` (real tokens routed to each
-    expert since the last :meth:`reset_stats`, counted in training mode only), ``score_sum`` (their summed gate scores) and ``tokens_seen``.
+    ``experts.forward_rows(x, route)`` for the routed rows only) and the combination. Buffers (not saved;
+    all-reduce-ready): ``tokens_per_expert`` (real tokens routed to each expert since the last
+    :meth:`reset_stats`, counted in training mode only), ``score_sum`` (their summed gate scores) and
+    ``tokens_seen``.
     ``aux_loss`` holds the latest forward's :func:`sequence_balance_loss`.
     """
 
