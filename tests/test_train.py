@@ -136,7 +136,8 @@ def test_loss_decreases(corpus, tmp_path, model):
 
 
 def test_checkpoints_are_complete_and_only_the_last_ones_kept(corpus, tmp_path):
-    train(load_train_config(None, overrides(corpus, tmp_path)))
+    train(load_train_config(None, overrides(corpus, tmp_path, "log.tensorboard=true", "train.precision=bf16")))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard scalars were written
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000008", "step-00000012"]
     assert (root / "latest").read_text().strip() == "step-00000012"
