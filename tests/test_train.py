@@ -299,3 +299,28 @@ def test_fsdp_resume_is_bit_identical(corpus, tmp_path):
         a = load_file(tmp_path / "a" / "checkpoints" / "step-00000006" / name)
         b = load_file(tmp_path / "b" / "checkpoints" / "step-00000006" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_export_gives_a_hugging_face_directory_with_the_tokenizer(corpus, tmp_path):
+    """``helmlm export`` of a training run: AutoModelForCausalLM/AutoTokenizer load it, the logits equal the trained
+    model's; an existing non-empty output directory or a missing checkpoint is refused without writing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helmlm.training.export import ExportError, export_checkpoint
+
+    trainer = Trainer(load_train_config(None, overrides(corpus, tmp_path / "run", "train.steps=3")))
+    trainer.fit()
+    out = export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tokenizer("the time of water").input_ids])
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, trainer.model(ids).logits)
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    with pytest.raises(ExportError, match="not empty"):
+        export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    data_tok = Path(trainer.config.data.dir) / "tokenizer"
+    assert export_checkpoint(tmp_path / "run", tmp_path / "hf2", tokenizer=data_tok).is_dir()
+    result = cli("export", str(tmp_path / "run" / "checkpoints" / "nope"), str(tmp_path / "hf3"))
+    assert result.returncode == 2 and "neither a checkpoint" in result.stderr and not (tmp_path / "hf3").exists()

@@ -1,8 +1,11 @@
 """helmlm: hyperbolic large language models (HELM-D, HELM-MiCE) with Euclidean twins.
 
-The public API is re-exported here and imported lazily, so ``import helmlm`` (and the CLI's ``--help``) stay fast:
-
     from helmlm import HELMConfig, HELMForCausalLM, load_config, load_reference
+
+``import helmlm`` registers the HELM classes with transformers' ``AutoConfig`` / ``AutoModel`` /
+``AutoModelForCausalLM`` (by importing :mod:`helmlm.models`), so that ``AutoModelForCausalLM.from_pretrained(path)``
+works on a saved HELM directory. That costs the torch + transformers import (seconds), which every use of a model
+pays anyway; transformers offers no lazy registration hook that would avoid it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
+
+import helmlm.models  # noqa: E402,F401  (registers the Auto classes)
 
 
 def __getattr__(name: str) -> Any:

@@ -118,6 +118,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """A training checkpoint (or run directory) -> a Hugging Face model directory with its tokenizer."""
+    from helmlm.training.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer)
+    print(f"exported to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) after `import helmlm`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from helmlm import __version__
 
@@ -157,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", nargs="+", default=["helm_d_tiny", "llama_tiny"], help="model presets to compare")
     demo.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     demo.set_defaults(func=_cmd_demo)
+
+    export = sub.add_parser("export", help="turn a training checkpoint into a Hugging Face model directory")
+    export.add_argument("checkpoint", help="a checkpoint directory (step-XXXXXXXX) or a run directory (its latest)")
+    export.add_argument("out_dir", help="new directory for config.json, model.safetensors and the tokenizer")
+    export.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the run's data directory)")
+    export.set_defaults(func=_cmd_export)
 
     trainp = sub.add_parser("train", help="pretrain a model from a training config",
                             description="Pretrain from a YAML config. Multi-process: torchrun --nproc_per_node N "

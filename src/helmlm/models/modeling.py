@@ -107,6 +107,19 @@ class HELMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LorentzBlock", "EuclideanBlock"]
     _supports_sdpa = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` (safetensors, never pickle: ``use_safetensors`` defaults to True here),
+        then the Lorentz embedding table is made a geoopt ``ManifoldParameter`` again (the loader swaps in plain
+        ``Parameter`` s)."""
+        kwargs.setdefault("use_safetensors", True)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        for module in model.modules():
+            if isinstance(module, LorentzEmbedding):
+                module.restore_manifold_parameter()
+        return loaded
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Plain ``nn.Linear``: PyTorch's default (as the reference); embeddings of the twin: N(0, 0.02);

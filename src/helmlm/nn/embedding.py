@@ -38,6 +38,13 @@ class LorentzEmbedding(nn.Module):
         else:
             nn.init.normal_(self.weight)
 
+    def restore_manifold_parameter(self) -> None:
+        """Make ``weight`` a ``ManifoldParameter`` again if a loader replaced it by a plain ``Parameter`` (as
+        ``transformers``' ``from_pretrained`` does), so Riemannian Adam keeps treating it on the manifold."""
+        if self.manifold_table and not isinstance(self.weight, geoopt.ManifoldParameter):
+            self.weight = geoopt.ManifoldParameter(self.weight.data, manifold=geoopt.Lorentz(k=self.curvature),
+                                                   requires_grad=self.weight.requires_grad)
+
     def forward(self, input_ids: Tensor) -> Tensor:
         emb = F.embedding(input_ids, self.weight)
         return emb if self.manifold_table else lift(emb, self.curvature)

@@ -282,6 +282,12 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | tup
                               f"{type(raw).__name__}")
     for assignment in overrides:
         apply_override(raw, assignment)
+    return train_config_from_dict(raw)
+
+
+def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A validated :class:`TrainConfig` from its dict form (a parsed YAML file, or ``TrainConfig.to_dict()`` as
+    stored in a checkpoint)."""
     _check_keys(raw, set(SECTIONS) | {"model", "out_dir"}, "config")
     model = raw.get("model", {"preset": "helm_d_tiny"})
     if isinstance(model, str):

@@ -1,0 +1,74 @@
+"""``helmlm export CHECKPOINT OUT_DIR``: a training checkpoint -> a Hugging Face model directory.
+
+The directory holds ``config.json`` + ``model.safetensors`` (``save_pretrained``) and the tokenizer the model was
+trained with, so ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer.from_pretrained(OUT_DIR)``
+work after ``import helmlm``. It is written under a temporary name and renamed when complete; an existing,
+non-empty ``OUT_DIR`` is never overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+class ExportError(ValueError):
+    """The checkpoint, tokenizer or output directory cannot be used; the message says what to do."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (``.../step-XXXXXXXX``), or a run directory (its latest checkpoint)."""
+    from helmlm.training.checkpoint import STATE_FILE, latest_checkpoint
+
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    if path.is_dir() and (found := latest_checkpoint(path)) is not None:
+        return found
+    raise ExportError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run directory with checkpoints")
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write the model of ``checkpoint`` and its tokenizer (``tokenizer``, default: the one in the run's data
+    directory, checked against the hash recorded in the checkpoint) to ``out_dir``; return ``out_dir``."""
+    from safetensors.torch import load_file
+
+    from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash
+    from helmlm.models import HELMForCausalLM
+    from helmlm.training.checkpoint import read_checkpoint_state
+    from helmlm.training.config import train_config_from_dict
+
+    ckpt = resolve_checkpoint(checkpoint)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not empty; choose a new directory (nothing was written)")
+    state = read_checkpoint_state(ckpt)
+    config = train_config_from_dict(state["config"])
+    tok_path = Path(tokenizer) if tokenizer is not None else Path(config.data.dir) / "tokenizer"
+    if tokenizer is None and not tok_path.is_dir():
+        raise ExportError(f"the run's tokenizer is not at {tok_path} (its data directory moved?); pass "
+                          "--tokenizer DIR")
+    tok = load_tokenizer(tok_path)
+    if tokenizer is None and tokenizer_hash(tok) != state.get("tokenizer_sha256"):
+        raise ExportError(f"the tokenizer at {tok_path} is not the one this checkpoint was trained with (hash "
+                          "differs); pass the right one with --tokenizer DIR")
+
+    model_config = config.model_config()
+    model_config.eos_token_id = model_config.pad_token_id = tok.eos_token_id
+    model = HELMForCausalLM(model_config)
+    missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{ckpt}/model.safetensors does not fit its own config (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
