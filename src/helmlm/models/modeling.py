@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from helmlm.models.config import HELMConfig
+from helmlm.nn.cache import LayerCache, ModelCache
 from helmlm.nn import (
     LatentAttention,
     MoE,
@@ -67,8 +68,9 @@ class LorentzBlock(nn.Module):
             self.ffn = LorentzFeedForward(width, config.intermediate_size, c)
         self.ffn_residual = LorentzResidual(scale=scale, curvature=c)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None) -> Tensor:
-        h = self.attn_residual(h, self.attn(self.attn_norm(h), cos, sin, mask))
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None,
+                cache: LayerCache | None = None) -> Tensor:
+        h = self.attn_residual(h, self.attn(self.attn_norm(h), cos, sin, mask, cache))
         x = self.ffn_norm(h)
         return self.ffn_residual(h, self.ffn(x, valid) if isinstance(self.ffn, RoutedFFN) else self.ffn(x))
 
@@ -94,8 +96,9 @@ class EuclideanBlock(nn.Module):
         else:
             self.ffn = SwiGLU(width, config.intermediate_size)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None) -> Tensor:
-        h = h + self.attn(self.attn_norm(h), cos, sin, mask)
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None,
+                cache: LayerCache | None = None) -> Tensor:
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, cache)
         x = self.ffn_norm(h)
         return h + (self.ffn(x, valid) if isinstance(self.ffn, RoutedFFN) else self.ffn(x))
 
@@ -152,7 +155,7 @@ class HELMModel(HELMPreTrainedModel):
         self.post_init()
 
     def check_inputs(self, input_ids: Tensor, document_ids: Tensor | None, position_ids: Tensor | None,
-                     attention_mask: Tensor | None = None) -> None:
+                     attention_mask: Tensor | None = None, past: int = 0) -> None:
         """Clear errors for bad inputs, raised before any layer runs (skipped while compiling)."""
         cfg = self.config
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dim() != 2:
@@ -161,9 +164,11 @@ class HELMModel(HELMPreTrainedModel):
         n = input_ids.shape[1]
         if n == 0:
             raise InputError("input_ids is empty (seq_len 0); pass at least one token")
-        if n > cfg.max_position_embeddings:
-            raise InputError(f"sequence length {n} exceeds max_position_embeddings={cfg.max_position_embeddings}; "
-                             "split the input into windows or build the model with a larger max_position_embeddings")
+        if past + n > cfg.max_position_embeddings:
+            cached = f" ({past} cached + {n} new)" if past else ""
+            raise InputError(f"sequence length {past + n}{cached} exceeds max_position_embeddings="
+                             f"{cfg.max_position_embeddings}; split the input into windows or build the model with a "
+                             "larger max_position_embeddings")
         for name, t in (("document_ids", document_ids), ("position_ids", position_ids),
                         ("attention_mask", attention_mask)):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
@@ -181,24 +186,48 @@ class HELMModel(HELMPreTrainedModel):
                              "internally for padding)")
 
     def forward(self, input_ids: Tensor, document_ids: Tensor | None = None, position_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
+                attention_mask: Tensor | None = None, cache: ModelCache | None = None) -> Tensor:
         """``attention_mask (B, N)``: 1 for real tokens, 0 for padding. Each padding token becomes a one-token
         document of its own (ids ``-1 - position``), so no real token attends to padding, no attention row is
         empty, no loss target crosses into padding, and routed layers leave padding out of their balance loss and
-        statistics."""
-        self.check_inputs(input_ids, document_ids, position_ids, attention_mask)
+        statistics.
+
+        ``cache``: a :class:`~helmlm.nn.cache.ModelCache` of earlier tokens, extended by these; ``attention_mask``
+        then marks the *new* tokens only (the cache keeps the mask of the old ones) and positions continue from the
+        cache length unless ``position_ids`` are given (left-padded prompts pass their own)."""
+        past = 0 if cache is None else cache.length
+        self.check_inputs(input_ids, document_ids, position_ids, attention_mask, past)
         valid = None if attention_mask is None else attention_mask.bool()
-        document_ids = padded_document_ids(document_ids, attention_mask)
         h = self.embed(input_ids)
+        n = input_ids.shape[1]
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            position_ids = (past + torch.arange(n, device=input_ids.device)).unsqueeze(0)
         cos, sin = rotary_tables(position_ids, self.config.rotary_dim, self.config.rope_theta, h.dtype)
-        mask = None if document_ids is None else document_causal_mask(document_ids)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, valid)
+        if cache is None:
+            document_ids = padded_document_ids(document_ids, attention_mask)
+            mask = None if document_ids is None else document_causal_mask(document_ids)
+        else:
+            if document_ids is not None:
+                raise InputError("document_ids cannot be used with a cache; decode one document per row")
+            new = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            mask = cached_attention_mask(cache.extend_mask(new), past)
+        caches = [None] * len(self.layers) if cache is None else cache.layers
+        for layer, layer_cache in zip(self.layers, caches):
+            h = layer(h, cos, sin, mask, valid, layer_cache)
         if self.final_proj is not None:
             return self.norm(self.final_proj(h, return_space=True), space_only=True)
         return self.norm(h)
+
+
+def cached_attention_mask(real: Tensor, past: int) -> Tensor:
+    """``(B, 1, N, T)`` mask for ``N = T - past`` new queries over ``T`` cached keys: key ``j`` is visible to the
+    query at position ``i`` if ``j <= i`` and ``j`` is a real token; each query always sees itself (so padding rows
+    are never empty). Matches :func:`padded_document_ids` semantics without a cache."""
+    total = real.shape[1]
+    q_pos = torch.arange(past, total, device=real.device).unsqueeze(-1)
+    k_pos = torch.arange(total, device=real.device)
+    visible = ((k_pos <= q_pos) & real.unsqueeze(1)) | (k_pos == q_pos)
+    return visible.unsqueeze(1)
 
 
 def padded_document_ids(document_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor | None:
@@ -253,10 +282,14 @@ class HELMForCausalLM(HELMPreTrainedModel):
         document_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        past_key_values: ModelCache | None = None,
+        use_cache: bool = False,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
+        if use_cache and past_key_values is None:
+            past_key_values = ModelCache(len(self.model.layers))
         hidden = self.model(input_ids, document_ids=document_ids, position_ids=position_ids,
-                            attention_mask=attention_mask)
+                            attention_mask=attention_mask, cache=past_key_values)
         logits = self.lm_head(hidden)
         aux = [layer.aux_loss for _, layer in routed_layers(self.model)]
         aux_loss = torch.stack(aux).sum() if aux else None
@@ -265,4 +298,4 @@ class HELMForCausalLM(HELMPreTrainedModel):
             loss = causal_lm_loss(logits, labels, padded_document_ids(document_ids, attention_mask))
             if aux_loss is not None and self.config.moe_balance_alpha:
                 loss = loss + self.config.moe_balance_alpha * aux_loss
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=past_key_values)

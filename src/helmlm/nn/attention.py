@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from helmlm.geometry import lift, lorentz_normalize, minkowski_inner
 from helmlm.geometry.lorentz import _promote
+from helmlm.nn.cache import LayerCache
 from helmlm.nn.linear import aligned_linear
 from helmlm.nn.rotary import apply_rotary
 
@@ -100,8 +101,14 @@ class LorentzSelfAttention(nn.Module):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_space)).unbind(-3)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
-        q, k, v = (lift(t, self.curvature).transpose(1, 2) for t in self.project_qkv(x, cos, sin))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: LayerCache | None = None) -> Tensor:
+        """``cache``: keys and values (Lorentz points) of earlier tokens, extended by this call's; ``mask`` must
+        then cover all cached keys (``(B, 1, N, T)``)."""
+        q, k, v = (lift(t, self.curvature) for t in self.project_qkv(x, cos, sin))
+        if cache is not None:
+            k, v = cache.append(k, v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         o = lorentz_sdpa(q, k, v, self.curvature, self.temperature, mask)  # (B, H, N, head_ambient)
         return lift(aligned_linear(o.transpose(1, 2).flatten(-2), self.out.weight, self.out.bias), self.curvature)
 
@@ -120,8 +127,11 @@ class SelfAttention(nn.Module):
         self.qkv.reset_parameters()
         self.out.reset_parameters()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: LayerCache | None = None) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
         o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.out(o.transpose(1, 2).flatten(-2))

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from helmlm.geometry import lift
 from helmlm.nn.attention import _attend, lorentz_sdpa
+from helmlm.nn.cache import LayerCache
 from helmlm.nn.linear import LorentzLinear
 from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
 from helmlm.nn.rotary import apply_rotary
@@ -66,9 +67,12 @@ class LorentzLatentAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim - 1], dim=-1)
         return lift(torch.cat([q_nope, apply_rotary(q_pe, cos, sin)], dim=-1), self.curvature)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: LayerCache | None = None) -> Tensor:
+        """``cache`` holds the latent ``(c_kv, k_pe)`` of earlier tokens; keys and values are re-expanded from it."""
         q = self.query(x, cos, sin)
-        k, v = self.expand(*self.compress(x, cos, sin))
+        latent = self.compress(x, cos, sin)
+        k, v = self.expand(*(cache.append(*latent) if cache is not None else latent))
         # Fused kernels want one head dim for q, k and v: zero-pad the shorter side. Exact: zero coordinates add
         # nothing to q~.k, and the zero coordinates of v give zero output coordinates, which are dropped.
         width = max(self.qk_head, self.v_dim)
@@ -113,9 +117,11 @@ class LatentAttention(nn.Module):
         q_nope, q_pe = self.wq(x).unflatten(-1, (self.heads, self.qk_head)).split([self.nope_dim, self.rope_dim], -1)
         return torch.cat([q_nope, apply_rotary(q_pe, cos, sin)], dim=-1)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: LayerCache | None = None) -> Tensor:
         q = self.query(x, cos, sin)
-        k, v = self.expand(*self.compress(x, cos, sin))
+        latent = self.compress(x, cos, sin)
+        k, v = self.expand(*(cache.append(*latent) if cache is not None else latent))
         width = max(self.qk_head, self.v_dim)  # one head dim for fused kernels; zero padding is exact
         q, k = (F.pad(t, (0, width - self.qk_head)) for t in (q, k))
         v = F.pad(v.to(q.dtype), (0, width - self.v_dim))

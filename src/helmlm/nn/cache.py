@@ -1,0 +1,65 @@
+"""Key/value caches for incremental decoding.
+
+:class:`LayerCache` keeps, for one attention layer, whatever that layer needs of past tokens: a tuple of tensors
+shaped ``(B, T, ...)`` that grow along ``T``. Multi-head attention stores its keys and values (Lorentz points for
+HELM-D, feature vectors for the twin); latent attention stores only the compressed latent ``c_kv`` and the shared
+rotary key ``k_pe`` per token, and re-expands keys and values from them (exact: the expansion is per token).
+Buffers grow by doubling, so appending one token is amortised O(1) copies.
+
+:class:`ModelCache` holds one :class:`LayerCache` per layer plus the real-token mask of everything cached, so that
+left-padded batches decode exactly like their unpadded rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class LayerCache:
+    """Growing ``(B, T, ...)`` buffers of one layer; :meth:`append` returns views of everything cached so far."""
+
+    def __init__(self) -> None:
+        self._buffers: list[Tensor] | None = None
+        self.length = 0
+
+    def append(self, *new: Tensor) -> tuple[Tensor, ...]:
+        n = new[0].shape[1]
+        if self._buffers is None or self.length + n > self._buffers[0].shape[1]:
+            capacity = max(2 * (self.length + n), 16)
+            grown = [t.new_empty((t.shape[0], capacity, *t.shape[2:])) for t in new]
+            if self._buffers is not None:
+                for g, old in zip(grown, self._buffers):
+                    g[:, : self.length] = old[:, : self.length]
+            self._buffers = grown
+        for buf, t in zip(self._buffers, new):
+            buf[:, self.length : self.length + n] = t
+        self.length += n
+        return tuple(buf[:, : self.length] for buf in self._buffers)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached tokens (not the spare capacity)."""
+        if self._buffers is None:
+            return 0
+        return sum(buf[:, : self.length].numel() * buf.element_size() for buf in self._buffers)
+
+
+class ModelCache:
+    """The caches of all layers of a model and the ``(B, T)`` real-token mask of the cached positions."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(num_layers)]
+        self.mask: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+    def extend_mask(self, new_mask: Tensor) -> Tensor:
+        """Append the new tokens' real-token mask; return the mask over all positions (cached + new)."""
+        new_mask = new_mask.bool()
+        self.mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=1)
+        return self.mask
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
