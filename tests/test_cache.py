@@ -69,3 +69,21 @@ def test_cache_length_is_checked_against_the_context_window():
         model(torch.randint(0, 97, (1, 60)), past_key_values=cache)
         with pytest.raises(InputError, match=r"sequence length 65 \(60 cached \+ 5 new\) exceeds"):
             model(torch.randint(0, 97, (1, 5)), past_key_values=cache)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_measured_cache_memory_matches_kv_bytes_per_token(preset):
+    model = make(preset)
+    with torch.no_grad():
+        cache = model(torch.randint(0, 97, (3, 40)), use_cache=True).past_key_values
+    assert cache.nbytes() == 3 * 40 * model.kv_bytes_per_token()
+    assert model.kv_bytes_per_token(torch.bfloat16) * 4 == model.kv_bytes_per_token(torch.float64)
+
+
+def test_latent_cache_of_the_paper_presets_is_under_a_quarter_of_helm_d():
+    """HELM-MiCE 120M caches (65 latent + 16 rotary) x 6 layers = 486 numbers per token against HELM-D's
+    2 x 390 x 6 = 4,680 (same width): about a tenth."""
+    helm_d = load_config("helm_d_paper").kv_cache_floats_per_token()
+    mice = load_config("helm_mice_120m").kv_cache_floats_per_token()
+    assert (helm_d, mice) == (4680, 486)
+    assert mice * 4 <= helm_d

@@ -147,6 +147,14 @@ class HELMConfig(PretrainedConfig):
             return self.qk_rope_head_dim - 1 if self.is_lorentz else self.qk_rope_head_dim
         return self.head_dim - 1 if self.is_lorentz else self.head_dim
 
+    def kv_cache_floats_per_token(self) -> int:
+        """Numbers one token adds to the KV cache, summed over layers (see :mod:`helmlm.nn.cache`): keys and values
+        of every head for MHA (``2 x hidden_size``: Lorentz heads keep their time coordinate), the latent and the
+        shared rotary key for (H)MLA (``kv_lora_rank + rotary_dim``)."""
+        per_layer = (self.kv_lora_rank + self.rotary_dim if self.attention == "mla"
+                     else 2 * self.num_attention_heads * self.head_dim)
+        return self.num_hidden_layers * per_layer
+
     def resolved_residual_scale(self) -> float | None:
         """Lorentzian residual space multiplier: ``4 sqrt(W)`` for HELM-D (MHA), ``sqrt(W)`` for HELM-MiCE (MLA)."""
         if not self.is_lorentz:

@@ -275,6 +275,11 @@ class HELMForCausalLM(HELMPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes one token adds to the KV cache (all layers, one sequence) in ``dtype`` (default: the model's)."""
+        itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return self.config.kv_cache_floats_per_token() * itemsize
+
     def forward(
         self,
         input_ids: Tensor,
