@@ -1,0 +1,123 @@
+"""Text generation with the KV cache: greedy, temperature, top-k, top-p, repetition penalty, EOS, seeds, batches of
+prompts of different lengths (left padding), streaming.
+
+A small engine of our own rather than transformers' ``GenerationMixin``: the HMLA latent cache does not fit
+transformers' ``Cache.update(key, value)`` interface (it stores no keys or values), and owning the loop keeps every
+model family on one code path. Semantics follow transformers': the repetition penalty divides positive logits and
+multiplies negative ones of every token already in the row (prompt included); then temperature, top-k and top-p
+(nucleus) filter the distribution; ``temperature=0`` is greedy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class GenerationError(ValueError):
+    """Invalid generation request (empty prompt, too long, bad sampling values); the message says what to do."""
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+
+
+def next_token_scores(logits: Tensor, history: Tensor, history_mask: Tensor, s: SamplingSettings) -> Tensor:
+    """Logits ``(B, V)`` after the repetition penalty, temperature, top-k and top-p (filtered entries are -inf)."""
+    logits = logits.float()
+    if s.repetition_penalty != 1.0:
+        seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, history, history_mask.bool())
+        penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if s.temperature == 0:
+        return logits
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings | None = None,
+             eos_token_id: int | Sequence[int] | None = None,
+             streamer: Callable[[list[int | None]], None] | None = None) -> list[list[int]]:
+    """Continue every prompt (a list of token ids) by up to ``max_new_tokens`` tokens; a row stops after an EOS
+    token (which is kept). ``streamer`` receives each step's new token per row (``None`` for finished rows).
+    Returns the generated ids per row (prompts excluded)."""
+    s = settings or SamplingSettings()
+    s.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("empty prompt: every prompt needs at least one token")
+    context = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest + s.max_new_tokens > context:
+        raise GenerationError(f"prompt of {longest} tokens + max_new_tokens {s.max_new_tokens} = "
+                              f"{longest + s.max_new_tokens} exceeds the context window of {context} tokens; "
+                              "shorten the prompt or lower max_new_tokens")
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    device = next(model.parameters()).device
+    pad = next(iter(eos), 0)
+    ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generator = torch.Generator(device=device)
+    if s.seed is not None:
+        generator.manual_seed(s.seed)
+    model.eval()
+    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    history, history_mask = ids, mask
+    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    result: list[list[int]] = [[] for _ in prompts]
+    for step in range(s.max_new_tokens):
+        scores = next_token_scores(logits, history, history_mask, s)
+        if s.temperature == 0:
+            token = scores.argmax(-1)
+        else:
+            token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        emitted: list[int | None] = []
+        for row, (t, finished) in enumerate(zip(token.tolist(), done.tolist())):
+            emitted.append(None if finished else t)
+            if not finished:
+                result[row].append(t)
+        if streamer is not None:
+            streamer(emitted)
+        done |= torch.tensor([t in eos for t in token.tolist()], device=device)
+        if bool(done.all()) or step == s.max_new_tokens - 1:
+            break
+        step_mask = torch.ones_like(token).unsqueeze(-1)  # finished rows keep decoding; their output is dropped
+        history = torch.cat([history, token.unsqueeze(-1)], dim=1)
+        history_mask = torch.cat([history_mask, step_mask], dim=1)
+        out = model(token.unsqueeze(-1), attention_mask=step_mask, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True)
+        logits, next_pos = out.logits[:, -1], next_pos + 1
+    return result
