@@ -75,3 +75,61 @@ def test_filters():
 def test_bad_requests_fail_clearly(settings, prompts, message):
     with pytest.raises(GenerationError, match=message):
         generate(make("helm_d_tiny"), prompts, settings)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny HELM-D with a BPE tokenizer (what `helmlm export` writes)."""
+    from helmlm.data.tokenizer import train_bpe
+
+    words = "the of and to in a is that it was for on are as with his they at be this from have or by one".split()
+    rng = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=rng)) for _ in range(200)]
+    tokenizer = train_bpe(texts, vocab_size=300)
+    torch.manual_seed(0)
+    config = load_config("helm_d_tiny", vocab_size=len(tokenizer), num_hidden_layers=1, max_position_embeddings=32,
+                         eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("model")
+    HELMForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(*args, stdin: str | None = None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "helmlm", "generate", *args], capture_output=True, text=True,
+                          input=stdin)
+
+
+def test_cli_streams_the_greedy_continuation(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tokenizer("the one", add_special_tokens=False).input_ids
+    expected = generate(model, [ids], SamplingSettings(max_new_tokens=6, temperature=0),
+                        eos_token_id=tokenizer.eos_token_id)[0]
+    text = "the one" + tokenizer.decode([t for t in expected if t != tokenizer.eos_token_id])
+    result = run_cli(str(model_dir), "--prompt", "the one", "--max-new-tokens", "6", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == text + "\n"
+    from_stdin = run_cli(str(model_dir), "--max-new-tokens", "6", "--temperature", "0", stdin="the one\n\nthe one\n")
+    assert from_stdin.stdout == 2 * (text + "\n")
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (["--prompt", "x", "--top-p", "1.5"], None, "top_p must be in (0, 1]"),
+    (["--prompt", "x", "--temperature", "-1"], None, "temperature must be >= 0"),
+    (["--prompt", "the " * 40, "--max-new-tokens", "4"], None, "exceeds the context window of 32 tokens"),
+    ([], "  \n", "no prompts"),
+])
+def test_cli_rejects_bad_requests(model_dir, args, stdin, message):
+    result = run_cli(str(model_dir), *args, stdin=stdin)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_missing_model_directory(tmp_path):
+    result = run_cli(str(tmp_path / "nope"), "--prompt", "x")
+    assert result.returncode == 2 and "not a model directory" in result.stderr

@@ -127,6 +127,65 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a saved model directory (``helmlm export`` output), streaming tokens to stdout."""
+    from pathlib import Path
+
+    import torch
+
+    from helmlm.generation import GenerationError, SamplingSettings, generate
+
+    settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                args.repetition_penalty, args.seed)
+    settings.validate()  # before any loading
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json); create one with "
+                                "`helmlm export RUN_DIR OUT_DIR`")
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        source = sys.stdin if args.prompts_file in (None, "-") else open(args.prompts_file, encoding="utf-8")
+        with source:
+            prompts = [line.rstrip("\n") for line in source if line.strip()]
+        if not prompts:
+            raise GenerationError("no prompts: give --prompt, or a file / stdin with one prompt per line")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"no tokenizer in {model_dir} ({err}); export the model with its tokenizer") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        if not ids:
+            raise GenerationError(f"empty prompt {prompt!r}: it encodes to no tokens")
+        print(prompt, end="", flush=True)
+        pieces: list[int] = []
+        shown = ""
+
+        def stream(step: list[int | None]) -> None:
+            nonlocal shown
+            if step[0] is None or step[0] == tokenizer.eos_token_id:
+                return
+            pieces.append(step[0])
+            text = tokenizer.decode(pieces)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+
+        out = generate(model, [ids], settings, eos_token_id=tokenizer.eos_token_id, streamer=stream)[0]
+        tail = tokenizer.decode([t for t in out if t != tokenizer.eos_token_id])[len(shown):]
+        print(tail, flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from helmlm import __version__
 
@@ -172,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="new directory for config.json, model.safetensors and the tokenizer")
     export.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the run's data directory)")
     export.set_defaults(func=_cmd_export)
+
+    gen = sub.add_parser("generate", help="generate text from a model directory, streaming tokens")
+    gen.add_argument("model_dir", help="a directory written by `helmlm export` (config, weights, tokenizer)")
+    gen.add_argument("--prompt", default=None, help="the prompt (default: one prompt per line from --prompts-file)")
+    gen.add_argument("--prompts-file", default=None, help="file with one prompt per line ('-' or absent: stdin)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1] (default 0.95)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    gen.set_defaults(func=_cmd_generate)
 
     trainp = sub.add_parser("train", help="pretrain a model from a training config",
                             description="Pretrain from a YAML config. Multi-process: torchrun --nproc_per_node N "
