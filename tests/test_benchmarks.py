@@ -90,3 +90,16 @@ def test_data_throughput_benchmark_prints_json_lines(tmp_path):
                   and r["micro_batch"] == summary["at"]["micro_batch"])  # the loader at the training step's shape
     assert loader["tokens_per_s"] > 0 and 0 < loader["packing_efficiency"] <= 1
     assert math.isclose(summary["loader_over_train"], loader["tokens_per_s"] / train["tokens_per_s"], rel_tol=1e-3)
+
+
+def test_decode_benchmark_prints_json_lines_and_cache_bytes_match_the_formula():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--configs", "helm_mice_tiny", "llama_tiny",
+           "--contexts", "8", "16", "--decode-steps", "2", "--repeat", "1", "--recompute-at", "16", "--threads", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert [(r["model"], r["context"]) for r in rows] == [("helm_mice_tiny", 8), ("helm_mice_tiny", 16),
+                                                          ("llama_tiny", 8), ("llama_tiny", 16)]
+    for r in rows:
+        assert r["cache_bytes"] == r["cache_bytes_formula"] > 0 and r["decode_tokens_per_s"] > 0
+        assert ("cached_speedup" in r) == (r["context"] == 16)
