@@ -149,10 +149,14 @@ class HELMConfig(PretrainedConfig):
 
     def kv_cache_floats_per_token(self) -> int:
         """Numbers one token adds to the KV cache, summed over layers (see :mod:`helmlm.nn.cache`): keys and values
-        of every head for MHA (``2 x hidden_size``: Lorentz heads keep their time coordinate), the latent and the
-        shared rotary key for (H)MLA (``kv_lora_rank + rotary_dim``)."""
-        per_layer = (self.kv_lora_rank + self.rotary_dim if self.attention == "mla"
-                     else 2 * self.num_attention_heads * self.head_dim)
+        of every head for MHA (``2 x hidden_size``: Lorentz heads keep their time coordinate); for HMLA the latent
+        point, the shared rotary key and the per-head time coordinates of k and v (``kv_lora_rank + 1 +
+        qk_rope_head_dim - 1 + 2 H``); for the Euclidean MLA the latent and the rotary key."""
+        if self.attention == "mla":
+            per_layer = self.kv_lora_rank + self.qk_rope_head_dim + (2 * self.num_attention_heads if self.is_lorentz
+                                                                     else 0)
+        else:
+            per_layer = 2 * self.num_attention_heads * self.head_dim
         return self.num_hidden_layers * per_layer
 
     def resolved_residual_scale(self) -> float | None:

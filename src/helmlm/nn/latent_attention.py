@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift
+from helmlm.geometry import lift, lorentz_normalize
+from helmlm.geometry.lorentz import _promote
 from helmlm.nn.attention import _attend, lorentz_sdpa
 from helmlm.nn.cache import LayerCache
 from helmlm.nn.linear import LorentzLinear
@@ -69,10 +70,11 @@ class LorentzLatentAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
                 cache: LayerCache | None = None) -> Tensor:
-        """``cache`` holds the latent ``(c_kv, k_pe)`` of earlier tokens; keys and values are re-expanded from it."""
+        """With a ``cache``, attention runs absorbed in latent space (:meth:`forward_absorbed`)."""
+        if cache is not None:
+            return self.forward_absorbed(x, cos, sin, mask, cache)
         q = self.query(x, cos, sin)
-        latent = self.compress(x, cos, sin)
-        k, v = self.expand(*(cache.append(*latent) if cache is not None else latent))
+        k, v = self.expand(*self.compress(x, cos, sin))
         # Fused kernels want one head dim for q, k and v: zero-pad the shorter side. Exact: zero coordinates add
         # nothing to q~.k, and the zero coordinates of v give zero output coordinates, which are dropped.
         width = max(self.qk_head, self.v_dim)
@@ -80,6 +82,47 @@ class LorentzLatentAttention(nn.Module):
         v = F.pad(v, (0, width - self.v_dim))
         o = lorentz_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.curvature,
                          self.temperature, mask)[..., : self.v_dim]
+        return self.wo(o.transpose(1, 2).flatten(-2))
+
+
+    def forward_absorbed(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                         cache: LayerCache) -> Tensor:
+        """Attention over the compact latent cache (MATH.md section 4), exact.
+
+        Per token the cache holds the latent point ``c^`` (``kv_rank + 1``), the rotary key ``k_pe`` and, per head,
+        the time coordinates ``k_t`` and ``v_t``: ``kv_rank + rope_dim + 2 H`` numbers. With ``W_kn, b_kn, W_v, b_v``
+        the per-head blocks of ``wkv_b``, ``q~.k = -q_t k_t + (W_kn^T q_nope).c^ + q_pe.k_pe + q_nope.b_kn``, whose
+        last term is the same for every key and cancels in the softmax; and ``sum_j a_j v_j`` has time
+        ``sum_j a_j v_t,j`` and space ``W_v (sum_j a_j c^_j) + b_v``. So one SDPA over ``[k_t, c^, k_pe]`` keys and
+        ``[v_t, c^]`` values gives the heads' centroids, which are then projected and normalised.
+        """
+        heads, r1, n_nope = self.heads, self.kv_rank + 1, self.nope_dim
+        c_kv, k_pe = self.compress(x, cos, sin)
+        latent = self.kv_norm(c_kv, space_only=True)  # c^, (B, N, kv_rank + 1)
+        k_nope, v_s = self.wkv_b(latent, return_space=True).unflatten(-1, (heads, -1)).split(
+            [n_nope, self.v_dim - 1], dim=-1)
+        k_t = lift(torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], -1)], dim=-1),
+                   self.curvature)[..., 0]
+        v_t = lift(v_s, self.curvature)[..., 0]
+        latent, k_pe, k_t, v_t = cache.append(latent, k_pe, k_t, v_t)  # everything cached so far: (B, T, ...)
+
+        weight = self.wkv_b.weight.view(heads, -1, r1)
+        bias = self.wkv_b.bias.view(heads, -1)
+        q = self.query(x, cos, sin)  # (B, N, H, qk_head) = [q_t, q_nope, q_pe]
+        with torch.autocast(x.device.type, enabled=False):
+            q, latent, k_pe, k_t, v_t = (_promote(t) for t in (q, latent, k_pe, k_t, v_t))
+            w_kn, w_v = weight[:, :n_nope].to(q.dtype), weight[:, n_nope:].to(q.dtype)
+            q_abs = torch.einsum("bnhd,hdr->bnhr", q[..., 1 : 1 + n_nope], w_kn)
+            scale = 2.0 / self.temperature.to(q.dtype)
+            query = torch.cat([-q[..., :1], q_abs, q[..., 1 + n_nope :]], dim=-1).transpose(1, 2) * scale
+            t = latent.shape[1]
+            keys = torch.cat([k_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1),
+                              k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1).transpose(1, 2)
+            values = torch.cat([v_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, t, heads, -1)], dim=-1)
+            values = F.pad(values, (0, query.shape[-1] - values.shape[-1])).transpose(1, 2)
+            mixed = _attend(query, keys, values, mask, scale=1.0)[..., : 1 + r1]  # (B, H, N, 1 + kv_rank + 1)
+            space = torch.einsum("bhnr,hvr->bhnv", mixed[..., 1:], w_v) + bias[:, n_nope:].to(q.dtype)[:, None]
+            o = lorentz_normalize(torch.cat([mixed[..., :1], space], dim=-1), self.curvature)
         return self.wo(o.transpose(1, 2).flatten(-2))
 
 
