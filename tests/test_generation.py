@@ -133,3 +133,24 @@ def test_cli_rejects_bad_requests(model_dir, args, stdin, message):
 def test_cli_missing_model_directory(tmp_path):
     result = run_cli(str(tmp_path / "nope"), "--prompt", "x")
     assert result.returncode == 2 and "not a model directory" in result.stderr
+
+
+def test_stop_callback_ends_a_row_and_the_cli_cuts_at_a_stop_string(model_dir):
+    model = make("helm_d_tiny")
+    free = generate(model, [[5, 17, 3]], SamplingSettings(max_new_tokens=8, temperature=0))[0]
+    stopped = generate(model, [[5, 17, 3]], SamplingSettings(max_new_tokens=8, temperature=0),
+                       stop=lambda row, ids: len(ids) >= 3 and ids[-1] == free[2])
+    assert stopped[0] == free[:3]
+    full = run_cli(str(model_dir), "--prompt", "the one", "--max-new-tokens", "8", "--temperature", "0").stdout
+    continuation = full[len("the one"):].rstrip("\n")
+    stop = continuation.strip()[:3]
+    assert stop, "the continuation is empty; the test needs some text to stop on"
+    cut = run_cli(str(model_dir), "--prompt", "the one", "--max-new-tokens", "8", "--temperature", "0",
+                  "--stop", stop)
+    assert cut.returncode == 0 and cut.stdout == "the one" + continuation[: continuation.find(stop)] + "\n"
+
+
+def test_cli_model_directory_without_a_tokenizer(tmp_path):
+    HELMForCausalLM(load_config("helm_d_tiny", vocab_size=97, num_hidden_layers=1)).save_pretrained(tmp_path)
+    result = run_cli(str(tmp_path), "--prompt", "x")
+    assert result.returncode == 2 and "no tokenizer" in result.stderr and "Traceback" not in result.stderr

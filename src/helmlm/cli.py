@@ -169,19 +169,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(prompt, end="", flush=True)
         pieces: list[int] = []
         shown = ""
+        hold = max((len(s) for s in args.stop), default=1) - 1  # never print what may become a stop string
+
+        def visible(text: str) -> str:
+            cut = min((text.find(s) for s in args.stop if s in text), default=-1)
+            return text if cut < 0 else text[:cut]
 
         def stream(step: list[int | None]) -> None:
             nonlocal shown
             if step[0] is None or step[0] == tokenizer.eos_token_id:
                 return
             pieces.append(step[0])
-            text = tokenizer.decode(pieces)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            text = visible(tokenizer.decode(pieces))
+            text = text[: len(text) - hold] if hold else text
+            if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole multi-byte character
                 print(text[len(shown):], end="", flush=True)
                 shown = text
 
-        out = generate(model, [ids], settings, eos_token_id=tokenizer.eos_token_id, streamer=stream)[0]
-        tail = tokenizer.decode([t for t in out if t != tokenizer.eos_token_id])[len(shown):]
+        def stopped(row: int, generated: list[int]) -> bool:
+            return any(s in tokenizer.decode(generated) for s in args.stop)
+
+        out = generate(model, [ids], settings, eos_token_id=tokenizer.eos_token_id, streamer=stream,
+                       stop=stopped if args.stop else None)[0]
+        tail = visible(tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]))[len(shown):]
         print(tail, flush=True)
     return 0
 
@@ -242,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1] (default 0.95)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable); the "
+                     "output ends before it")
     gen.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     gen.set_defaults(func=_cmd_generate)
 

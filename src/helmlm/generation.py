@@ -67,9 +67,11 @@ def next_token_scores(logits: Tensor, history: Tensor, history_mask: Tensor, s: 
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings | None = None,
              eos_token_id: int | Sequence[int] | None = None,
-             streamer: Callable[[list[int | None]], None] | None = None) -> list[list[int]]:
+             streamer: Callable[[list[int | None]], None] | None = None,
+             stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """Continue every prompt (a list of token ids) by up to ``max_new_tokens`` tokens; a row stops after an EOS
-    token (which is kept). ``streamer`` receives each step's new token per row (``None`` for finished rows).
+    token (which is kept) or when ``stop(row, generated_ids)`` returns True (e.g. a stop string appeared in the
+    decoded text). ``streamer`` receives each step's new token per row (``None`` for finished rows).
     Returns the generated ids per row (prompts excluded)."""
     s = settings or SamplingSettings()
     s.validate()
@@ -111,7 +113,8 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
                 result[row].append(t)
         if streamer is not None:
             streamer(emitted)
-        done |= torch.tensor([t in eos for t in token.tolist()], device=device)
+        done |= torch.tensor([t in eos or (stop is not None and e is not None and stop(row, result[row]))
+                              for row, (t, e) in enumerate(zip(token.tolist(), emitted))], device=device)
         if bool(done.all()) or step == s.max_new_tokens - 1:
             break
         step_mask = torch.ones_like(token).unsqueeze(-1)  # finished rows keep decoding; their output is dropped
