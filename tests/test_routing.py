@@ -124,6 +124,17 @@ def test_forward_and_backward_never_read_routing_on_host(kind, dispatch):
     assert detector.syncs == []
 
 
+@pytest.mark.parametrize("kind", ["paper", "moe"])
+def test_auto_dispatch_runs_decoding_steps_densely(kind):
+    """``auto``: a few tokens (a decoding step) run every expert densely, a batch uses the grouped kernel; both
+    give the same output."""
+    layer = make_layer(kind)
+    small, large = make_input(kind, batch=1, length=1), make_input(kind, batch=2, length=16)
+    assert layer.use_grouped(small) is None and layer.use_grouped(large) == torch.float32
+    grouped = make_layer(kind, dispatch="grouped")
+    torch.testing.assert_close(layer(small), grouped(small), rtol=2e-5, atol=2e-5)
+
+
 def test_fp64_falls_back_to_dense_and_grouped_refuses_it_clearly():
     layer = make_layer("paper").double()
     x = make_input("paper", dtype=torch.float64)
