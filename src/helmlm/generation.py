@@ -106,15 +106,14 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
         else:
             token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
-        emitted: list[int | None] = []
-        for row, (t, finished) in enumerate(zip(token.tolist(), done.tolist())):
-            emitted.append(None if finished else t)
-            if not finished:
+        emitted: list[int | None] = [None if finished else t for t, finished in zip(token.tolist(), done.tolist())]
+        for row, t in enumerate(emitted):
+            if t is not None:
                 result[row].append(t)
         if streamer is not None:
             streamer(emitted)
-        done |= torch.tensor([t in eos or (stop is not None and e is not None and stop(row, result[row]))
-                              for row, (t, e) in enumerate(zip(token.tolist(), emitted))], device=device)
+        done |= torch.tensor([t is not None and (t in eos or (stop is not None and stop(row, result[row])))
+                              for row, t in enumerate(emitted)], device=device)
         if bool(done.all()) or step == s.max_new_tokens - 1:
             break
         step_mask = torch.ones_like(token).unsqueeze(-1)  # finished rows keep decoding; their output is dropped

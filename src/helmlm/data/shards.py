@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -200,8 +201,6 @@ def _make_tokenizer(config: DataConfig, tok_dir: Path, log, progress: bool):
     tmp = tok_dir.with_name(f".{tok_dir.name}.tmp-{os.getpid()}")
     tokenizer.save_pretrained(tmp)
     if tok_dir.exists():
-        import shutil
-
         shutil.rmtree(tok_dir)
     os.replace(tmp, tok_dir)
     return tokenizer

@@ -115,10 +115,9 @@ class LorentzLatentAttention(nn.Module):
             q_abs = torch.einsum("bnhd,hdr->bnhr", q[..., 1 : 1 + n_nope], w_kn)
             scale = 2.0 / self.temperature.to(q.dtype)
             query = torch.cat([-q[..., :1], q_abs, q[..., 1 + n_nope :]], dim=-1).transpose(1, 2) * scale
-            t = latent.shape[1]
             keys = torch.cat([k_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1),
                               k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1).transpose(1, 2)
-            values = torch.cat([v_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, t, heads, -1)], dim=-1)
+            values = torch.cat([v_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
             values = F.pad(values, (0, query.shape[-1] - values.shape[-1])).transpose(1, 2)
             mixed = _attend(query, keys, values, mask, scale=1.0)[..., : 1 + r1]  # (B, H, N, 1 + kv_rank + 1)
             space = torch.einsum("bhnr,hvr->bhnv", mixed[..., 1:], w_v) + bias[:, n_nope:].to(q.dtype)[:, None]

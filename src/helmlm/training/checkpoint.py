@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from helmlm.training.fsdp import like
+
 STATE_FILE = "state.json"
 
 
@@ -125,8 +127,6 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG states from ``path``; return its ``state.json``."""
     path = Path(path)
-    from helmlm.training.fsdp import like
-
     state = read_checkpoint_state(path)
     current = model.state_dict()
     weights = {k: like(v, current[k]) if k in current else v for k, v in load_file(path / "model.safetensors").items()}

@@ -21,7 +21,6 @@ DEFAULT_MODELS = ("helm_d_tiny", "llama_tiny")
 def run_demo(out: str | Path = "runs/demo", models: tuple[str, ...] = DEFAULT_MODELS,
              overrides: tuple[str, ...] = (), threads: int = 2) -> list[dict[str, Any]]:
     """Train each of ``models`` with the ``tiny`` recipe (plus ``overrides``); return one result row per model."""
-    from helmlm.data.shards import prepare_data
     from helmlm.models.params import count_parameters
     from helmlm.training.checkpoint import latest_checkpoint
     from helmlm.training.config import load_train_config
@@ -32,7 +31,6 @@ def run_demo(out: str | Path = "runs/demo", models: tuple[str, ...] = DEFAULT_MO
     for model in models:
         config = load_train_config("tiny", [f"model={model}", f"out_dir={out / model}",
                                             f"train.threads={threads}", *overrides])
-        prepare_data(config.data, progress=True)
         resume = latest_checkpoint(config.out_dir) is not None
         print(f"\n== {model}: {config.train.steps} steps of {config.train.micro_batch} x {config.train.seq_len} "
               f"tokens{' (resuming)' if resume else ''}", file=sys.stderr, flush=True)

@@ -84,5 +84,5 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
     if max_norm > 0 and total.isfinite():
         for group in (sharded, plain):
             if group:
-                torch.nn.utils.clip_grads_with_norm_(group, max_norm, full(total) if is_dtensor(total) else total)
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

@@ -30,10 +30,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import geoopt
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
+from helmlm.data.packing import PackedRows, RowStream
+from helmlm.data.shards import prepare_data
+from helmlm.geometry import manifold_violation
+from helmlm.models import HELMForCausalLM
+from helmlm.models.modeling import causal_lm_loss, lm_targets, padded_document_ids
+from helmlm.models.params import count_parameters
+from helmlm.nn.mice import LorentzExperts
+from helmlm.nn.routing import balance_step, routed_layers, routing_stats
+from helmlm.training.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
 from helmlm.training.config import TrainConfig
+from helmlm.training.fsdp import average_ignored_gradients, clip_gradients, full, shard_euclidean_parts
+from helmlm.training.optim import build_optimizer, lr_multiplier
 
 # Settings that may differ between a run and its resumption (they do not change the trajectory).
 RESUME_FREE = ("eval.", "log.", "checkpoint.", "out_dir", "train.threads", "train.device", "train.strategy",
@@ -158,12 +172,6 @@ class Trainer:
     """Builds data, model and optimizers from a :class:`TrainConfig` and runs :meth:`fit`."""
 
     def __init__(self, config: TrainConfig, resume: bool = False, dist_env: Distributed | None = None):
-        from helmlm.data.packing import PackedRows, RowStream
-        from helmlm.data.shards import prepare_data
-        from helmlm.models import HELMForCausalLM
-        from helmlm.training.checkpoint import latest_checkpoint, read_checkpoint_state
-        from helmlm.training.optim import build_optimizer
-
         self.config, t = config, config.train
         self.env = dist_env or init_distributed(t.device)
         if t.threads:
@@ -220,15 +228,12 @@ class Trainer:
         self.model = HELMForCausalLM(self.model_config).to(self.env.device)
         self.fsdp = self.env.active and t.strategy == "fsdp"
         if self.fsdp:  # shard before building the optimizer: sharding replaces the parameters
-            from helmlm.training.fsdp import shard_euclidean_parts
-
             shard_euclidean_parts(self.model)
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
                                          t.riemannian_lr)
+        self.routed = bool(routed_layers(self.model))
         self.step, self.tokens_seen, self.last_metrics = 0, 0, {}
         if self.checkpoint is not None:
-            from helmlm.training.checkpoint import load_checkpoint
-
             state = load_checkpoint(self.checkpoint, self.model, self.optimizer)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.stream.position = state["data_position"]
@@ -240,8 +245,6 @@ class Trainer:
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.env.active or self.fsdp:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
         # No buffer broadcast: buffers are identical on every rank by construction (gate biases move by the same
         # all-reduced update), and broadcasting would overwrite each rank's expert counts between micro-batches.
@@ -256,8 +259,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Summed next-token cross-entropy of a micro-batch (fp32) and the routed layers' balance loss."""
-        from helmlm.models.modeling import causal_lm_loss, padded_document_ids
-
         with torch.autocast(self.env.device.type, dtype=self.autocast or torch.bfloat16,
                             enabled=self.autocast is not None):
             out = self.wrapped(batch["input_ids"], document_ids=batch["document_ids"],
@@ -270,15 +271,10 @@ class Trainer:
 
     @staticmethod
     def _count_targets(batch: dict[str, torch.Tensor]) -> int:
-        from helmlm.models.modeling import lm_targets, padded_document_ids
-
         docs = padded_document_ids(batch["document_ids"], batch["attention_mask"])
         return int((lm_targets(batch["input_ids"], docs) != -100).sum())
 
     def train_step(self) -> dict[str, float]:
-        from helmlm.nn.routing import balance_step, routed_layers, routing_stats
-        from helmlm.training.optim import lr_multiplier
-
         t, env = self.config.train, self.env
         lr_factor = lr_multiplier(self.step, t.steps, t.resolved_warmup(), t.min_lr_ratio)
         self.optimizer.set_lr(lr_factor)
@@ -287,7 +283,7 @@ class Trainer:
         counts = torch.tensor([float(sum(self._count_targets(b) for b in batches)),
                                float(sum(int(b["attention_mask"].sum()) for b in batches))], dtype=torch.float64)
         n_targets, n_tokens = (int(x) for x in env.all_reduce(counts.to(env.device)).tolist())
-        alpha = self.model_config.moe_balance_alpha if routed_layers(self.model) else 0.0
+        alpha = self.model_config.moe_balance_alpha if self.routed else 0.0
         ce_total = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, batch in enumerate(batches):
             batch = self._to_device(batch)
@@ -302,16 +298,12 @@ class Trainer:
                 loss.backward()
             ce_total += ce_sum.detach().double()
         if self.fsdp:
-            from helmlm.training.fsdp import average_ignored_gradients, clip_gradients
-
             average_ignored_gradients(self.model)
             grad_norm = clip_gradients(list(self.model.parameters()), t.clip)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                        t.clip if t.clip > 0 else float("inf"))
-        stats = torch.stack([ce_total, grad_norm.detach().double().to(env.device)])
-        env.all_reduce(stats[:1])
-        loss_value, norm_value = stats[0].item() / max(1, n_targets), stats[1].item()
+        loss_value, norm_value = env.all_reduce(ce_total).item() / max(1, n_targets), float(grad_norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
@@ -321,7 +313,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         health_due = (self.step + 1) % self.config.log.health_every == 0 or self.step + 1 == t.steps
-        load = routing_stats(self.model) if health_due and routed_layers(self.model) else None
+        load = routing_stats(self.model) if health_due and self.routed else None
         balance_step(self.model, t.balance_speed)
         self.step += 1
         self.tokens_seen += n_tokens
@@ -359,12 +351,6 @@ class Trainer:
     @torch.no_grad()
     def health(self) -> dict[str, Any]:
         """Manifold health: the embedding table's largest constraint violation, expert curvatures."""
-        import geoopt
-
-        from helmlm.geometry import manifold_violation
-        from helmlm.nn.mice import LorentzExperts
-        from helmlm.training.fsdp import full
-
         out: dict[str, Any] = {}
         table = getattr(self.model.model.embed, "weight", None)
         if isinstance(table, geoopt.ManifoldParameter):
@@ -377,8 +363,6 @@ class Trainer:
         return out
 
     def _last_good(self) -> str:
-        from helmlm.training.checkpoint import latest_checkpoint
-
         ckpt = latest_checkpoint(self.out_dir)
         where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
         return f"{where}. Lower train.lr or raise train.warmup_ratio, then resume with --resume"
@@ -386,9 +370,6 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint (every rank takes part, rank 0 writes), unless a parameter is no longer finite: then
         stop, and the previous checkpoint stays the latest."""
-        from helmlm.training.checkpoint import save_checkpoint
-        from helmlm.training.fsdp import full
-
         peak = torch.stack([full(p.detach().abs().amax()).float() for p in self.model.parameters()])
         if not torch.isfinite(peak).all():
             raise NonFiniteLossError(f"non-finite parameters after step {self.step}; not saved; {self._last_good()}")
@@ -411,10 +392,6 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``; return the last training and validation metrics. ``tokens_per_s`` is end to end
         (validation and checkpoints included)."""
-        from tqdm.auto import tqdm
-
-        from helmlm.models.params import count_parameters
-
         cfg, t, env = self.config, self.config.train, self.env
         main = env.is_main
         if main:
