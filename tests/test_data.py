@@ -27,6 +27,17 @@ BAD_TEXT = "caf\ufffd ok \ufffd\ufffd"
 UNICODE_TEXT = "caf\u00e9 \u6f22\u5b57 \U0001f642 na\u00efve \u00fcber"  # é, 漢字, emoji: valid multi-byte UTF-8
 
 
+def _binary(n: int = 5000, share: float = 0.18, seed: int = 0) -> tuple[bytes, int]:
+    """PNG-like bytes (signature, then letters, spaces and about ``share`` high bytes) and the exact number of
+    invalid UTF-8 bytes: every high byte is a lone continuation byte (0x80-0xBF) or 0xF8-0xFF, never valid."""
+    rng = np.random.default_rng(seed)
+    ascii_ = np.frombuffer(b"abcdefghij klmnop qrstuvwxyz ", dtype=np.uint8)
+    high = np.concatenate([np.arange(0x80, 0xC0), np.arange(0xF8, 0x100)]).astype(np.uint8)
+    body = np.where(rng.random(n) < share, rng.choice(high, n), rng.choice(ascii_, n)).astype(np.uint8)
+    data = b"\x89PNG\r\n\x1a\n" + body.tobytes()  # the signature adds 1 invalid byte (0x89)
+    return data, 1 + int((body >= 0x80).sum())
+
+
 def _words(seed: int = 0, n: int = 150) -> list[str]:
     """Pseudo-words (ASCII plus a few non-ASCII ones) so that BPE has plenty of merges to learn."""
     rng = np.random.default_rng(seed)
@@ -51,16 +62,18 @@ def _write_jsonl(path: Path, texts: list[str], field: str = "text") -> None:
 
 
 def _make_corpus(root: Path, n: int = 120, seed: int = 1) -> tuple[Path, list[str]]:
-    """A corpus directory and its documents in reading order: a JSONL, a non-UTF-8 text file, a whitespace-only
-    file (skipped), and a long text file."""
+    """A corpus directory and its documents in reading order: a JSONL, a text file with 3 invalid UTF-8 bytes
+    (under 1 % of its bytes, so accepted by default), a whitespace-only file (skipped), and a long text file."""
     root.mkdir(parents=True)
     docs = _texts(n, seed, long_every=15)
     _write_jsonl(root / "a.jsonl", docs)
-    (root / "b_bad.txt").write_bytes(BAD_BYTES)
+    rest = " " + " ".join(_texts(30, seed + 2))
+    assert 3 / (len(BAD_BYTES) + len(rest.encode())) < 0.01
+    (root / "b_bad.txt").write_bytes(BAD_BYTES + rest.encode())
     (root / "c_blank.txt").write_text(" \n\t \n")
     long_doc = " ".join(_texts(40, seed + 1))
     (root / "d_long.txt").write_text(long_doc, encoding="utf-8")
-    return root, docs + [BAD_TEXT, long_doc]
+    return root, docs + [BAD_TEXT + rest, long_doc]
 
 
 def _config(paths, out: Path, **kw) -> DataConfig:
@@ -167,17 +180,95 @@ def test_missing_path_or_unknown_type_is_a_data_error(tmp_path):
 
 
 def test_invalid_utf8_bytes_are_each_replaced_and_counted(tmp_path):
-    """Each invalid byte becomes one U+FFFD and is counted exactly; valid multi-byte UTF-8 is untouched."""
+    """Each invalid byte becomes one U+FFFD and is counted exactly; valid multi-byte UTF-8 is untouched (files far
+    above the 1 % threshold, accepted with ``max_invalid_utf8=1``)."""
     (tmp_path / "a_bad.txt").write_bytes(BAD_BYTES)
     (tmp_path / "b_good.txt").write_text(UNICODE_TEXT, encoding="utf-8")
     # JSONL: a raw invalid byte inside the string, and a truncated 3-byte sequence (2 bytes of 漢) -> 2 replacements
     (tmp_path / "c.jsonl").write_bytes(b'{"text": "x\x80y"}\n{"text": "z\xe6\xbc"}\n' +
                                        json.dumps({"text": UNICODE_TEXT}, ensure_ascii=False).encode() + b"\n")
     stats = TextStats()
-    docs = list(local_documents([tmp_path], stats=stats))
+    docs = list(local_documents([tmp_path], stats=stats, max_invalid_utf8=1.0))
     assert docs == [BAD_TEXT, UNICODE_TEXT, "x\ufffdy", "z\ufffd\ufffd", UNICODE_TEXT]
     assert stats.replaced_bytes == 3 + 1 + 2
     assert stats.documents_with_replacements == 3 and stats.documents == 5
+
+
+def test_binary_file_named_txt_is_refused_naming_the_file_and_the_share(tmp_path):
+    """A binary file named ``.txt`` (18 % of its bytes invalid UTF-8) is a DataError naming the file, the share,
+    its size and the flag; with ``max_invalid_utf8=1`` it is read, each invalid byte replaced and counted."""
+    data, invalid = _binary()
+    share = invalid / len(data)
+    assert 0.17 < share < 0.19
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
+    (tmp_path / "image.txt").write_bytes(data)
+    with pytest.raises(DataError) as err:
+        list(local_documents([tmp_path]))
+    message = str(err.value)
+    assert str(tmp_path / "image.txt") in message
+    assert f"{100 * share:.1f} % of its {len(data):,} bytes ({invalid:,}) are not valid UTF-8" in message
+    assert "binary" in message and "data.max_invalid_utf8=1" in message
+    stats = TextStats()
+    docs = list(local_documents([tmp_path], stats=stats, max_invalid_utf8=1.0))
+    assert len(docs) == 2 and docs[0] == "fine" and docs[1].count("\ufffd") == invalid
+    assert stats.replaced_bytes == invalid and stats.documents_with_replacements == 1
+    with pytest.raises(DataError, match="image.txt"):  # just above the share: refused; at it: accepted
+        list(local_documents([tmp_path], max_invalid_utf8=share * 0.999))
+    assert len(list(local_documents([tmp_path], max_invalid_utf8=share))) == 2
+
+
+def test_small_share_of_invalid_utf8_is_accepted_by_default(tmp_path):
+    """A text file with 0.5 % invalid bytes is read by default (replaced and counted); a threshold of 0 refuses it;
+    a gzip-compressed file is judged on its decompressed bytes."""
+    text = " ".join(_texts(20, 2)).encode()[:995]
+    data = text[:300] + b"\xff\xfe\x80\xbf\xc0" + text[300:]  # 5 invalid bytes in 1,000
+    (tmp_path / "a.txt").write_bytes(data)
+    stats = TextStats()
+    assert [d.count("\ufffd") for d in local_documents([tmp_path / "a.txt"], stats=stats)] == [5]
+    assert stats.replaced_bytes == 5
+    with pytest.raises(DataError, match=r"0\.50 % of its 1,000 bytes \(5\)"):
+        list(local_documents([tmp_path / "a.txt"], max_invalid_utf8=0.0))
+    binary, _ = _binary(seed=1)
+    with gzip.open(tmp_path / "b.txt.gz", "wb") as f:
+        f.write(binary)
+    with pytest.raises(DataError, match=r"b\.txt\.gz: 1\d\.\d % of its"):
+        list(local_documents([tmp_path / "b.txt.gz"]))
+
+
+def test_jsonl_file_above_the_threshold_is_refused_before_any_of_its_documents(tmp_path):
+    """A JSONL file whose invalid bytes are late in the file is refused before its first (valid) line is yielded:
+    the share is over the whole file; the files before it are read normally."""
+    _write_jsonl(tmp_path / "a.jsonl", ["first", "second"])
+    binary, invalid = _binary(2000, seed=2)
+    body, invalid = binary[8:], invalid - 1  # without the PNG signature (its newlines would cut the JSON line)
+    lines = [json.dumps({"text": t}).encode() for t in _texts(5, 3)]
+    (tmp_path / "b.jsonl").write_bytes(b"\n".join(lines) + b'\n{"text": "' + body + b'"}\n')
+    got = []
+    with pytest.raises(DataError) as err:
+        for doc in local_documents([tmp_path]):
+            got.append(doc)
+    assert got == ["first", "second"]
+    assert str(tmp_path / "b.jsonl") in str(err.value) and "not valid UTF-8" in str(err.value)
+    docs = list(local_documents([tmp_path], max_invalid_utf8=1.0))
+    assert docs[:7] == ["first", "second", *_texts(5, 3)] and docs[7].count("\ufffd") == invalid
+
+
+def test_max_invalid_utf8_is_validated_and_not_part_of_the_spec(tmp_path):
+    """``data.max_invalid_utf8`` must be in [0, 1]; it does not change ``spec()``, so raising it reuses a prepared
+    directory instead of calling it "prepared with other settings"."""
+    base = _config([tmp_path], tmp_path / "p")
+    for value in (0.0, 0.5, 1.0):
+        relaxed = _config([tmp_path], tmp_path / "p", max_invalid_utf8=value)
+        relaxed.validate()
+        assert relaxed.spec() == base.spec() and "max_invalid_utf8" not in relaxed.spec()
+    for value in (-0.01, 1.5, float("nan")):
+        with pytest.raises(DataError, match="max_invalid_utf8"):
+            _config([tmp_path], tmp_path / "p", max_invalid_utf8=value).validate()
+    corpus, _ = _make_corpus(tmp_path / "corpus", n=40)
+    out = prepare_data(_config([corpus], tmp_path / "prep"), progress=False)
+    before = _file_state(out)
+    assert prepare_data(_config([corpus], out, max_invalid_utf8=1.0), progress=False) == out
+    assert _file_state(out) == before
 
 
 def test_split_of_is_a_deterministic_function_of_text_with_the_requested_fraction():
@@ -298,22 +389,27 @@ def test_literal_eos_text_inside_a_document_is_not_a_document_end(tmp_path):
 
 def test_prepare_data_rejects_an_empty_corpus(tmp_path):
     """A corpus of whitespace-only documents is a DataError saying "empty" with the number of empty documents, and
-    leaves no complete manifest (BPE path and pretrained-tokenizer path)."""
+    leaves no data directory behind (BPE path, where it fails while training the tokenizer, and pretrained-tokenizer
+    path, where it fails after the manifest was written); an empty directory given as data.dir stays, empty."""
     (tmp_path / "c").mkdir()
     for i in range(3):
         (tmp_path / "c" / f"{i}.txt").write_text(" \n\t ")
     with pytest.raises(DataError, match="empty") as err:
         prepare_data(_config([tmp_path / "c"], tmp_path / "p1"), progress=False)
     assert "3 empty ones skipped" in str(err.value)
-    assert read_manifest(tmp_path / "p1") is None
+    assert not (tmp_path / "p1").exists()
     train_bpe(_texts(50, 0), vocab_size=300).save_pretrained(tmp_path / "tok")
     with pytest.raises(DataError, match="empty") as err:
-        prepare_data(_config([tmp_path / "c"], tmp_path / "p2", tokenizer=str(tmp_path / "tok")), progress=False)
+        prepare_data(_config([tmp_path / "c"], tmp_path / "p2" / "deeper", tokenizer=str(tmp_path / "tok")),
+                     progress=False)
     assert "3 empty documents" in str(err.value)
-    m = read_manifest(tmp_path / "p2")
-    assert m is None or not m["complete"]
+    assert not (tmp_path / "p2").exists()  # the parent it made is gone too
     with pytest.raises(DataError):
-        TokenShards(tmp_path / "p2")
+        TokenShards(tmp_path / "p2" / "deeper")
+    (tmp_path / "p3").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        prepare_data(_config([tmp_path / "c"], tmp_path / "p3"), progress=False)
+    assert (tmp_path / "p3").is_dir() and not list((tmp_path / "p3").iterdir())
 
 
 def test_prepare_data_reuses_same_spec_and_refuses_other_spec(tmp_path):
@@ -335,6 +431,92 @@ def test_prepare_data_reuses_same_spec_and_refuses_other_spec(tmp_path):
     with pytest.raises(DataError, match="not a helmlm data directory"):
         prepare_data(_config([corpus], tmp_path / "foreign"), progress=False)
     assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
+
+
+def test_prepare_data_refuses_a_binary_file_and_leaves_no_directory(tmp_path):
+    """A binary ``.txt`` in the corpus: ``prepare_data`` raises the DataError naming it and removes the directory
+    (and the parent) it created, so that a retry with ``max_invalid_utf8=1`` starts clean and succeeds, with the
+    replaced bytes counted in the manifest."""
+    corpus, _ = _make_corpus(tmp_path / "corpus", n=60)
+    data, invalid = _binary(seed=3)
+    (corpus / "e_image.txt").write_bytes(data)
+    out = tmp_path / "new" / "prep"
+    with pytest.raises(DataError, match="e_image.txt: 1\\d\\.\\d % of its"):
+        prepare_data(_config([corpus], out), progress=False)
+    assert not (tmp_path / "new").exists()
+    prepare_data(_config([corpus], out, max_invalid_utf8=1.0), progress=False)
+    m = read_manifest(out)
+    assert m["complete"] and m["text"]["replaced_bytes"] == 3 + invalid
+    assert m["text"]["documents_with_replacements"] == 2
+
+
+def test_data_error_while_resuming_keeps_the_directory(tmp_path, monkeypatch):
+    """A directory with a manifest is never removed: an interrupted preparation (partial state kept), then a binary
+    file added to the corpus (last in reading order): the resumed preparation raises the DataError when it reaches
+    it, and nothing is removed."""
+    corpus, _ = _make_corpus(tmp_path / "corpus", n=60)
+    config = _config([corpus], tmp_path / "run", shard_tokens=300, batch_documents=4)
+    real_encode = shards_mod._encode
+
+    def interrupted(tokenizer, texts):
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(shards_mod, "_encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(config, progress=False)
+    monkeypatch.setattr(shards_mod, "_encode", real_encode)
+    before = _file_state(tmp_path / "run")
+    assert read_manifest(tmp_path / "run")["complete"] is False
+    (corpus / "e_image.txt").write_bytes(_binary(seed=4)[0])
+    with pytest.raises(DataError, match="e_image.txt"):
+        prepare_data(config, progress=False)
+    after = _file_state(tmp_path / "run")  # it got further (more shards) before reaching the bad file
+    assert set(before) <= set(after) and all(after[k] == v for k, v in before.items() if k != "manifest.json")
+    m = read_manifest(tmp_path / "run")
+    assert m["complete"] is False and m["documents_read"] > 0
+
+
+def test_empty_validation_split_warns_and_is_recorded(tmp_path, capsys):
+    """``val_fraction > 0`` but no document falls in the validation split: preparation succeeds (a tiny corpus still
+    trains) and prints a warning even with progress=False, recorded in ``manifest["warnings"]``; a corpus with
+    validation documents, or ``val_fraction=0``, gets no such warning."""
+    texts = [t for t in _texts(80, 8) if split_of(t, 0.01) == "train"]
+    (tmp_path / "c").mkdir()
+    _write_jsonl(tmp_path / "c" / "a.jsonl", texts)
+    out = prepare_data(_config([tmp_path / "c"], tmp_path / "p", val_fraction=0.01), progress=False)
+    expected = (f"the validation split is empty ({len(texts)} documents, data.val_fraction=0.01): validation loss "
+                "will not be reported; raise data.val_fraction or add documents")
+    assert f"warning: {expected}\n" in capsys.readouterr().err
+    m = read_manifest(out)
+    assert m["complete"] and expected in m["warnings"]
+    assert TokenShards(out, "val").num_tokens == 0 and TokenShards(out, "train").num_documents == len(texts)
+    out0 = prepare_data(_config([tmp_path / "c"], tmp_path / "p0", val_fraction=0.0), progress=False)
+    assert "validation split" not in capsys.readouterr().err
+    assert not any("validation split" in w for w in read_manifest(out0)["warnings"])
+    corpus, _ = _make_corpus(tmp_path / "corpus", n=60)
+    out2 = prepare_data(_config([corpus], tmp_path / "p2"), progress=False)
+    assert read_manifest(out2)["splits"]["val"]["tokens"] > 0
+    assert "validation split" not in capsys.readouterr().err
+    assert not any("validation split" in w for w in read_manifest(out2)["warnings"])
+
+
+def test_bpe_smaller_than_the_vocabulary_asked_warns_and_is_recorded(tmp_path, capsys):
+    """A corpus too small for ``vocab_size`` merges: the warning names the size reached and the size asked (printed
+    even with progress=False) and is recorded in the manifest; a BPE that reaches the size asked does not warn."""
+    (tmp_path / "c").mkdir()
+    _write_jsonl(tmp_path / "c" / "a.jsonl", _texts(40, 9))
+    out = prepare_data(_config([tmp_path / "c"], tmp_path / "p", vocab_size=8192), progress=False)
+    m = read_manifest(out)
+    size = m["tokenizer"]["size"]
+    assert 258 <= size < 8192 and size == tokenizer_size(load_tokenizer(out / "tokenizer"))
+    err = capsys.readouterr().err
+    assert f"warning: the byte-level BPE reached only {size:,} of the 8,192 tokens asked" in err
+    assert "too small" in err and "model.vocab_size" in err
+    assert [w for w in m["warnings"] if "byte-level BPE" in w] == [err.split("warning: ", 1)[1].split("\n")[0]]
+    out2 = prepare_data(_config([tmp_path / "c"], tmp_path / "p2", vocab_size=300), progress=False)
+    assert read_manifest(out2)["tokenizer"]["size"] == 300
+    assert "byte-level BPE" not in capsys.readouterr().err
+    assert not any("byte-level BPE" in w for w in read_manifest(out2)["warnings"])
 
 
 def _interrupted_then_resumed(tmp_path, monkeypatch, calls: int):

@@ -3,7 +3,9 @@
 Layout of a prepared data directory::
 
     manifest.json            spec (what was asked for), tokenizer hash / size / EOS id, dtype, per-split shards
-                             with token and document counts, text statistics, progress, ``complete``
+                             with token and document counts, text statistics, progress, ``complete``, and
+                             ``warnings`` (messages also printed at preparation time: an empty validation split,
+                             a BPE smaller than the vocabulary asked)
     tokenizer/               the tokenizer (``AutoTokenizer.from_pretrained`` loads it)
     train-00000.bin          raw token ids (uint16 when the vocabulary has < 65536 ids, else uint32)
     train-00000.idx.npy      int64 end offset of each document in the shard (every document ends with EOS)
@@ -13,7 +15,9 @@ Preparation reads documents in a fixed order, splits them by a hash of their tex
 batches of documents in parallel (the Rust tokenizer's thread pool) and flushes a shard per split every
 ``shard_tokens`` training tokens. Every file is written to a temporary name and renamed into place, and the manifest
 is rewritten (atomically) after each flush with the number of source documents consumed, so an interrupted
-preparation resumes where the last flush left it and never leaves a torn file behind.
+preparation resumes where the last flush left it and never leaves a torn file behind. Bad input (a
+:class:`DataError` such as an empty corpus or a binary file) in a directory that this preparation created leaves
+nothing behind, so a retry starts clean.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ class DataConfig:
     """What to prepare. ``source``: ``builtin`` (the offline English corpus, see :mod:`helmlm.data.builtin`),
     ``local`` (``paths``: files, directories or globs) or ``hf`` (``hf_name`` / ``hf_config`` / ``hf_split``,
     streamed). ``tokenizer``: ``bpe`` trains a byte-level BPE of ``vocab_size`` on the training documents (at most
-    ``tokenizer_train_documents``); anything else is a Hugging Face tokenizer directory or hub name."""
+    ``tokenizer_train_documents``); anything else is a Hugging Face tokenizer directory or hub name.
+    ``max_invalid_utf8``: the largest share of a local text/JSONL file's bytes that may be invalid UTF-8 (replaced
+    by U+FFFD) before the file is refused as binary or wrongly encoded; 1.0 accepts anything."""
 
     source: str = "builtin"
     paths: list[str] = field(default_factory=list)
@@ -59,6 +65,7 @@ class DataConfig:
     dir: str = "data/builtin"
     shard_tokens: int = 50_000_000
     batch_documents: int = 512
+    max_invalid_utf8: float = 0.01
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -72,12 +79,17 @@ class DataConfig:
         for name in ("shard_tokens", "batch_documents", "vocab_size"):
             if getattr(self, name) < 1:
                 raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.max_invalid_utf8 <= 1.0:
+            raise DataError(f"data.max_invalid_utf8 must be in [0, 1] (a share of a file's bytes; 1 accepts any "
+                            f"file), got {self.max_invalid_utf8}")
         if self.max_documents is not None and self.max_documents < 1:
             raise DataError(f"data.max_documents must be >= 1 or null, got {self.max_documents}")
 
     def spec(self) -> dict[str, Any]:
-        """The settings that determine the prepared tokens (shard size and batching do not)."""
-        spec = {k: v for k, v in asdict(self).items() if k not in ("dir", "shard_tokens", "batch_documents")}
+        """The settings that determine the prepared tokens (shard size, batching and the invalid UTF-8 threshold,
+        which only accepts or refuses a corpus, do not)."""
+        ignored = ("dir", "shard_tokens", "batch_documents", "max_invalid_utf8")
+        spec = {k: v for k, v in asdict(self).items() if k not in ignored}
         if self.source == "local":
             spec["paths"] = [str(Path(p).expanduser().resolve()) for p in self.paths]
         if self.tokenizer != "bpe":
@@ -90,9 +102,10 @@ def iter_documents(config: DataConfig, stats: TextStats | None = None, progress:
     if config.source == "builtin":
         from helmlm.data.builtin import build_builtin_corpus
 
-        docs = local_documents([build_builtin_corpus(progress=progress) / "documents.jsonl"], "text", stats)
+        docs = local_documents([build_builtin_corpus(progress=progress) / "documents.jsonl"], "text", stats,
+                               max_invalid_utf8=config.max_invalid_utf8)
     elif config.source == "local":
-        docs = local_documents(config.paths, config.text_field, stats)
+        docs = local_documents(config.paths, config.text_field, stats, max_invalid_utf8=config.max_invalid_utf8)
     else:
         docs = hf_documents(config.hf_name, config.hf_config, config.hf_split, config.text_field, stats=stats)
     for i, doc in enumerate(docs):
@@ -128,6 +141,27 @@ def _write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
     _write_atomic(data_dir / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
 
 
+def _warn(warnings: list[str], message: str) -> None:
+    """Print ``message`` as a warning (always, progress or not) and record it in ``warnings`` (the manifest's)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+    if message not in warnings:
+        warnings.append(message)
+
+
+def _remove_created(out: Path, existed: bool, made_parents: list[Path]) -> None:
+    """Undo a fresh preparation: empty ``out`` if it existed (it was empty), else remove it and the parents made."""
+    if existed:
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    for parent in made_parents:  # nearest first; stop at the first one that is not empty (someone else's now)
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
 def _spec_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
@@ -137,7 +171,9 @@ def prepare_data(config: DataConfig, data_dir: str | Path | None = None, *, prog
     """Prepare (or finish preparing) ``config`` into ``data_dir`` (default ``config.dir``); return the directory.
 
     A complete directory prepared with the same spec is reused as is; one prepared with another spec is an error
-    (nothing is overwritten); an incomplete one resumes after the last flushed shard.
+    (nothing is overwritten); an incomplete one resumes after the last flushed shard. A :class:`DataError` (bad
+    input) during a fresh preparation (no directory, or an empty one) removes what it created; an interruption or
+    any other error keeps the partial state to resume from.
     """
     config.validate()
     out = Path(data_dir or config.dir)
@@ -152,29 +188,41 @@ def prepare_data(config: DataConfig, data_dir: str | Path | None = None, *, prog
             return out
     elif out.exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not a helmlm data directory (no manifest.json); choose another data.dir")
-    out.mkdir(parents=True, exist_ok=True)
     log = (lambda msg: print(f"prepare: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-
-    if manifest is None:
-        tokenizer = _make_tokenizer(config, out / "tokenizer", log, progress)
-        size = tokenizer_size(tokenizer)
-        manifest = {"format": FORMAT_VERSION, "complete": False, "spec": spec,
-                    "tokenizer": {"dir": "tokenizer", "sha256": tokenizer_hash(tokenizer), "size": size,
-                                  "eos_id": tokenizer.eos_token_id},
-                    "dtype": token_dtype(size).name, "documents_read": 0, "text": TextStats().to_dict(),
-                    "bytes_read": 0, "seconds": 0.0, "splits": {s: {"shards": []} for s in SPLITS}}
-        _write_manifest(out, manifest)
-    else:
+    if manifest is not None:
         tokenizer = load_tokenizer(out / "tokenizer")
         if tokenizer_hash(tokenizer) != manifest["tokenizer"]["sha256"]:
             raise DataError(f"{out}/tokenizer does not match its manifest (hash differs); delete {out} and prepare "
                             "again")
         log(f"resuming after {manifest['documents_read']:,} documents")
-    _tokenize_into(config, out, manifest, tokenizer, log, progress)
+        _tokenize_into(config, out, manifest, tokenizer, log, progress)
+        return out
+
+    existed = out.exists()
+    made_parents, parent = [], out.parent
+    while not parent.exists():
+        made_parents.append(parent)
+        parent = parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        warnings: list[str] = []
+        tokenizer = _make_tokenizer(config, out / "tokenizer", log, progress, warnings)
+        size = tokenizer_size(tokenizer)
+        manifest = {"format": FORMAT_VERSION, "complete": False, "spec": spec,
+                    "tokenizer": {"dir": "tokenizer", "sha256": tokenizer_hash(tokenizer), "size": size,
+                                  "eos_id": tokenizer.eos_token_id},
+                    "dtype": token_dtype(size).name, "documents_read": 0, "text": TextStats().to_dict(),
+                    "bytes_read": 0, "seconds": 0.0, "splits": {s: {"shards": []} for s in SPLITS},
+                    "warnings": warnings}
+        _write_manifest(out, manifest)
+        _tokenize_into(config, out, manifest, tokenizer, log, progress)
+    except DataError:
+        _remove_created(out, existed, made_parents)  # bad input: a retry must start clean, not "resume"
+        raise
     return out
 
 
-def _make_tokenizer(config: DataConfig, tok_dir: Path, log, progress: bool):
+def _make_tokenizer(config: DataConfig, tok_dir: Path, log, progress: bool, warnings: list[str]):
     if config.tokenizer != "bpe":
         tokenizer = load_tokenizer(config.tokenizer)
     else:
@@ -197,7 +245,13 @@ def _make_tokenizer(config: DataConfig, tok_dir: Path, log, progress: bool):
 
         tokenizer = train_bpe(texts(), config.vocab_size)
         seconds = time.perf_counter() - start
-        log(f"trained a byte-level BPE with {tokenizer_size(tokenizer):,} tokens in {seconds:.1f} s")
+        size = tokenizer_size(tokenizer)
+        log(f"trained a byte-level BPE with {size:,} tokens in {seconds:.1f} s")
+        if size < config.vocab_size:
+            _warn(warnings, f"the byte-level BPE reached only {size:,} of the {config.vocab_size:,} tokens asked "
+                            f"(data.vocab_size): the corpus is too small for more merges; the model's vocabulary "
+                            f"should follow the tokenizer ({size:,}), as the trainer does unless model.vocab_size "
+                            "is set")
     tmp = tok_dir.with_name(f".{tok_dir.name}.tmp-{os.getpid()}")
     tokenizer.save_pretrained(tmp)
     if tok_dir.exists():
@@ -278,6 +332,11 @@ def _tokenize_into(config: DataConfig, out: Path, manifest: dict[str, Any], toke
     if state["read"] == 0:
         raise DataError(f"the corpus is empty (source {config.source!r}, {stats.empty} empty documents skipped); "
                         "check data.paths / data.hf_name")
+    val_tokens = sum(s["tokens"] for s in manifest["splits"]["val"]["shards"]) + buffered["val"]
+    if config.val_fraction > 0 and val_tokens == 0:
+        _warn(manifest.setdefault("warnings", []),
+              f"the validation split is empty ({state['read']:,} documents, data.val_fraction={config.val_fraction:g}"
+              "): validation loss will not be reported; raise data.val_fraction or add documents")
     flush(final=True)
     splits = manifest["splits"]
     mb = manifest["bytes_read"] / 1e6

@@ -3,8 +3,10 @@
 - :func:`local_documents`: files, directories (files of the known types below, recursively; others are skipped)
   or globs of plain text (``.txt``/``.md``/``.text``: one document per file),
   JSON lines (``.jsonl``/``.json``: one document per line, field ``text_field``) and parquet (one per row, column
-  ``text_field``); any of them may be gzip-compressed (``.gz``). Invalid UTF-8 is replaced by U+FFFD and counted
-  in :class:`TextStats` (never silently dropped, never a crash).
+  ``text_field``); any of them may be gzip-compressed (``.gz``). A text/JSONL file whose share of invalid UTF-8
+  bytes exceeds ``max_invalid_utf8`` (default 1 %) is refused before any of its documents is yielded (it is binary
+  or in another encoding); below that, invalid UTF-8 is replaced by U+FFFD and counted in :class:`TextStats`
+  (never silently dropped, never a crash).
 - :func:`hf_documents`: any Hugging Face dataset by name / config / split, streamed (the paper's corpus is
   ``wikimedia/wikipedia``, config ``20231101.en``); only touched when asked for, and it needs ``helmlm[data]``.
 - :func:`split_of`: the train/validation split of a document, decided by a hash of its text, so it does not depend
@@ -62,6 +64,33 @@ def decode_utf8(data: bytes, stats: TextStats | None = None) -> str:
     return text
 
 
+def invalid_utf8_bytes(data: bytes) -> int:
+    """Number of bytes of ``data`` that are not valid UTF-8 (each one becomes one U+FFFD in :func:`decode_utf8`)."""
+    try:
+        data.decode("utf-8")
+        return 0  # the common case: one strict decode, no regex
+    except UnicodeDecodeError:
+        pass
+    return _ESCAPED.subn("", data.decode("utf-8", "surrogateescape"))[1]
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.1f}" if share >= 0.1 else f"{100 * share:.2f}"
+
+
+def check_utf8_share(path: Path, data: bytes, max_invalid_utf8: float) -> int:
+    """The number of invalid UTF-8 bytes of ``data`` (the content of ``path``); a :class:`DataError` naming the file
+    and the share when that share of its bytes exceeds ``max_invalid_utf8``."""
+    invalid = invalid_utf8_bytes(data)
+    if invalid and invalid / len(data) > max_invalid_utf8:
+        share = invalid / len(data)
+        raise DataError(f"{path}: {_percent(share)} % of its {len(data):,} bytes ({invalid:,}) are not valid UTF-8, "
+                        f"more than the {_percent(max_invalid_utf8)} % allowed by data.max_invalid_utf8; it looks "
+                        "like a binary file or text in another encoding: convert it to UTF-8 or leave it out, or "
+                        "set data.max_invalid_utf8=1 to accept it anyway (invalid bytes become U+FFFD)")
+    return invalid
+
+
 def split_of(text: str, val_fraction: float) -> str:
     """``"val"`` for a ``val_fraction`` share of documents chosen by a hash of the text, else ``"train"``."""
     if val_fraction <= 0:
@@ -101,9 +130,11 @@ def _read_bytes(path: Path) -> bytes:
         return f.read()
 
 
-def local_documents(paths: Sequence[str | Path], text_field: str = "text",
-                    stats: TextStats | None = None) -> Iterator[str]:
-    """Documents of local files (see the module docstring), in file order; empty documents are skipped."""
+def local_documents(paths: Sequence[str | Path], text_field: str = "text", stats: TextStats | None = None, *,
+                    max_invalid_utf8: float = 0.01) -> Iterator[str]:
+    """Documents of local files (see the module docstring), in file order; empty documents are skipped. A text or
+    JSONL file with more than a ``max_invalid_utf8`` share of invalid UTF-8 bytes (over the whole file, checked
+    before any of its documents is yielded) is a :class:`DataError`; 1.0 accepts anything."""
     stats = stats if stats is not None else TextStats()
     for path in expand_paths(paths):
         kind = _kind(path)
@@ -111,9 +142,13 @@ def local_documents(paths: Sequence[str | Path], text_field: str = "text",
             raise DataError(f"{path}: unknown file type; use .txt/.md (one document per file), .jsonl (one JSON "
                             f"object per line with a {text_field!r} field) or .parquet (a {text_field!r} column)")
         if kind == "text":
-            texts: Iterator[str] = iter([decode_utf8(_read_bytes(path), stats)])
+            data = _read_bytes(path)
+            check_utf8_share(path, data, max_invalid_utf8)
+            texts: Iterator[str] = iter([decode_utf8(data, stats)])
         elif kind == "jsonl":
-            texts = _jsonl_texts(path, text_field, stats)
+            data = _read_bytes(path)
+            check_utf8_share(path, data, max_invalid_utf8)
+            texts = _jsonl_texts(path, data, text_field, stats)
         else:
             texts = _parquet_texts(path, text_field)
         for text in texts:
@@ -124,8 +159,8 @@ def local_documents(paths: Sequence[str | Path], text_field: str = "text",
                 stats.empty += 1
 
 
-def _jsonl_texts(path: Path, text_field: str, stats: TextStats) -> Iterator[str]:
-    for lineno, line in enumerate(io.BytesIO(_read_bytes(path)), 1):
+def _jsonl_texts(path: Path, data: bytes, text_field: str, stats: TextStats) -> Iterator[str]:
+    for lineno, line in enumerate(io.BytesIO(data), 1):
         if not line.strip():
             continue
         try:
