@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _cmd_smoke(args: argparse.Namespace) -> int:
@@ -91,7 +92,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     summary = {"dir": str(data_dir), "documents": manifest["documents_read"],
                "train_tokens": manifest["splits"]["train"]["tokens"], "val_tokens": manifest["splits"]["val"]["tokens"],
                "tokenizer_size": manifest["tokenizer"]["size"], "replaced_bytes": manifest["text"]["replaced_bytes"],
-               "rows": rows.num_rows, "seq_len": rows.seq_len, "packing_efficiency": round(rows.stats.efficiency, 4)}
+               "rows": rows.num_rows, "seq_len": rows.seq_len, "packing_efficiency": round(rows.stats.efficiency, 4),
+               "warnings": manifest.get("warnings", [])}
     print(json.dumps(summary) if args.json else "\n".join(f"{k:>20}: {v}" for k, v in summary.items()))
     return 0
 
@@ -102,10 +104,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from helmlm.training.trainer import train
 
     config = load_train_config(*_config_and_overrides(args))
-    metrics = train(config, resume=args.resume)
+    metrics = train(config, resume=args.resume_from or args.resume, extend=args.extend)
     if args.json and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics))
     return 0
+
+
+def _resume_path(argv: list[str]) -> list[str]:
+    """``train --resume PATH`` (or ``--resume=PATH``) -> ``--resume-from PATH``, so that a bare ``--resume``
+    stays a flag and never swallows the config or an override that follows it. The word after ``--resume`` is a
+    path when it is a directory, or looks like one (has a ``/``, is not a ``.yaml`` file and not an override)."""
+    if not argv or argv[0] != "train":
+        return argv
+    out, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if word.startswith("--resume="):
+            out += ["--resume-from", word.split("=", 1)[1]]
+        elif word == "--resume" and nxt is not None and not nxt.startswith("-") and "=" not in nxt and (
+                Path(nxt).is_dir() or ("/" in nxt and not Path(nxt).is_file() and not nxt.endswith((".yaml", ".yml")))):
+            out += ["--resume-from", nxt]
+            i += 1
+        else:
+            out.append(word)
+        i += 1
+    return out
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -129,16 +153,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a saved model directory (``helmlm export`` output), streaming tokens to stdout."""
-    from pathlib import Path
-
     import torch
 
-    from helmlm.generation import GenerationError, SamplingSettings, generate
+    from helmlm.generation import GenerationError, SamplingSettings, check_request, fresh_seed, generate
 
+    seed = args.seed if args.seed is not None else fresh_seed()
     settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                args.repetition_penalty, args.seed)
+                                args.repetition_penalty, seed)
     settings.validate()  # before any loading
     model_dir = Path(args.model_dir)
+    if (model_dir / "checkpoints").is_dir() or (model_dir / "state.json").is_file():
+        raise GenerationError(f"{model_dir} is a training run or checkpoint, not a model directory; export it "
+                              f"first: `helmlm export {model_dir} OUT_DIR`, then `helmlm generate OUT_DIR`")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json); create one with "
                                 "`helmlm export RUN_DIR OUT_DIR`")
@@ -162,38 +188,64 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    encoded = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
+    for prompt, ids in zip(prompts, encoded):
         if not ids:
             raise GenerationError(f"empty prompt {prompt!r}: it encodes to no tokens")
+    check_request(model, encoded, settings)  # every prompt fits, before anything is printed
+    if args.verbose:
+        print(f"seed {seed} (repeat with --seed {seed})", file=sys.stderr, flush=True)
+    for prompt, ids in zip(prompts, encoded):
+        if args.json:
+            out = generate(model, [ids], settings, eos_token_id=tokenizer.eos_token_id,
+                           stop=_stop_rule(tokenizer, args.stop))[0]
+            text = _cut_at_stop(tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]), args.stop)
+            print(json.dumps({"prompt": prompt, "completion": text, "new_tokens": len(out), "seed": seed}))
+            continue
         print(prompt, end="", flush=True)
-        pieces: list[int] = []
-        shown = ""
-        hold = max((len(s) for s in args.stop), default=1) - 1  # never print what may become a stop string
-
-        def visible(text: str) -> str:
-            cut = min((text.find(s) for s in args.stop if s in text), default=-1)
-            return text if cut < 0 else text[:cut]
-
-        def stream(step: list[int | None]) -> None:
-            nonlocal shown
-            if step[0] is None or step[0] == tokenizer.eos_token_id:
-                return
-            pieces.append(step[0])
-            text = visible(tokenizer.decode(pieces))
-            text = text[: len(text) - hold] if hold else text
-            if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole multi-byte character
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-
-        def stopped(row: int, generated: list[int]) -> bool:
-            return any(s in tokenizer.decode(generated) for s in args.stop)
-
-        out = generate(model, [ids], settings, eos_token_id=tokenizer.eos_token_id, streamer=stream,
-                       stop=stopped if args.stop else None)[0]
-        tail = visible(tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]))[len(shown):]
-        print(tail, flush=True)
+        try:
+            _stream_completion(model, tokenizer, ids, settings, args.stop)
+        except BaseException:
+            print(flush=True)  # an error message must not run on from the text
+            raise
     return 0
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str:
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def _stop_rule(tokenizer, stop: list[str]):
+    if not stop:
+        return None
+    return lambda row, generated: any(s in tokenizer.decode(generated) for s in stop)
+
+
+def _stream_completion(model, tokenizer, ids: list[int], settings, stop: list[str]) -> None:
+    """Print the continuation of ``ids`` as it is generated, holding back what may still become a stop string and
+    incomplete multi-byte characters; the output ends before the first stop string."""
+    from helmlm.generation import generate
+
+    pieces: list[int] = []
+    shown = ""
+    hold = max((len(s) for s in stop), default=1) - 1  # never print what may become a stop string
+
+    def stream(step: list[int | None]) -> None:
+        nonlocal shown
+        if step[0] is None or step[0] == tokenizer.eos_token_id:
+            return
+        pieces.append(step[0])
+        text = _cut_at_stop(tokenizer.decode(pieces), stop)
+        text = text[: len(text) - hold] if hold else text
+        if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    out = generate(model, [ids], settings, eos_token_id=tokenizer.eos_token_id, streamer=stream,
+                   stop=_stop_rule(tokenizer, stop))[0]
+    tail = _cut_at_stop(tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]), stop)[len(shown):]
+    print(tail, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1] (default 0.95)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None,
+                     help="sampling seed for exact repeats (default: fresh randomness on each call)")
+    gen.add_argument("--verbose", action="store_true", help="also print the seed used (to stderr)")
+    gen.add_argument("--json", action="store_true",
+                     help="no streaming: one JSON line per prompt (prompt, completion, new_tokens, seed)")
     gen.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable); the "
                      "output ends before it")
     gen.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -262,14 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
                                         "-m helmlm train CONFIG ...")
     trainp.add_argument("config", nargs="?", help="training YAML or shipped recipe (default: built-in defaults)")
     trainp.add_argument("overrides", nargs="*", help=overrides_help)
-    trainp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    trainp.add_argument("--resume", action="store_true",
+                        help="continue from the newest intact checkpoint in out_dir (a damaged newer one is reported "
+                             "and skipped); `--resume PATH` continues from that checkpoint or run directory")
+    trainp.add_argument("--resume-from", default=None, help=argparse.SUPPRESS)
+    trainp.add_argument("--extend", action="store_true",
+                        help="with --resume: train a run beyond its planned steps (set a larger train.steps); the "
+                             "learning-rate schedule is re-planned as if train.steps had been the total from the start")
     trainp.add_argument("--json", action="store_true", help="print the final metrics as one JSON line")
     trainp.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_resume_path(list(sys.argv[1:] if argv is None else argv)))
     for name in ("steps", "batch", "seq_len"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

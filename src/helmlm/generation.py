@@ -10,11 +10,14 @@ multiplies negative ones of every token already in the row (prompt included); th
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from helmlm.models.modeling import output_cache
 
 
 class GenerationError(ValueError):
@@ -28,7 +31,7 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # None: fresh randomness on every call (see :func:`fresh_seed`)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -64,6 +67,26 @@ def next_token_scores(logits: Tensor, history: Tensor, history_mask: Tensor, s: 
     return logits
 
 
+def fresh_seed() -> int:
+    """A seed from the operating system's entropy: what sampling uses when no seed is given, so that two calls
+    differ (torch's unseeded ``Generator`` always starts from the same default seed)."""
+    return secrets.randbits(63)
+
+
+def check_request(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> None:
+    """Raise :class:`GenerationError` unless ``prompts`` can be continued under ``settings`` (valid values,
+    non-empty prompts, prompt + ``max_new_tokens`` within the context window)."""
+    settings.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("empty prompt: every prompt needs at least one token")
+    context = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest + settings.max_new_tokens > context:
+        raise GenerationError(f"prompt of {longest} tokens + max_new_tokens {settings.max_new_tokens} = "
+                              f"{longest + settings.max_new_tokens} exceeds the context window of {context} tokens; "
+                              "shorten the prompt or lower max_new_tokens")
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings | None = None,
              eos_token_id: int | Sequence[int] | None = None,
@@ -74,15 +97,8 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
     decoded text). ``streamer`` receives each step's new token per row (``None`` for finished rows).
     Returns the generated ids per row (prompts excluded)."""
     s = settings or SamplingSettings()
-    s.validate()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise GenerationError("empty prompt: every prompt needs at least one token")
-    context = model.config.max_position_embeddings
+    check_request(model, prompts, s)
     longest = max(len(p) for p in prompts)
-    if longest + s.max_new_tokens > context:
-        raise GenerationError(f"prompt of {longest} tokens + max_new_tokens {s.max_new_tokens} = "
-                              f"{longest + s.max_new_tokens} exceeds the context window of {context} tokens; "
-                              "shorten the prompt or lower max_new_tokens")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     device = next(model.parameters()).device
     pad = next(iter(eos), 0)
@@ -90,11 +106,10 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generator = torch.Generator(device=device)
-    if s.seed is not None:
-        generator.manual_seed(s.seed)
+    generator.manual_seed(s.seed if s.seed is not None else fresh_seed())
     model.eval()
     out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = output_cache(out), out.logits[:, -1]
     history, history_mask = ids, mask
     next_pos = positions[:, -1:] + 1
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -119,7 +134,6 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
         step_mask = torch.ones_like(token).unsqueeze(-1)  # finished rows keep decoding; their output is dropped
         history = torch.cat([history, token.unsqueeze(-1)], dim=1)
         history_mask = torch.cat([history_mask, step_mask], dim=1)
-        out = model(token.unsqueeze(-1), attention_mask=step_mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
+        out = model(token.unsqueeze(-1), attention_mask=step_mask, position_ids=next_pos, cache=cache, use_cache=True)
         logits, next_pos = out.logits[:, -1], next_pos + 1
     return result

@@ -258,6 +258,16 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, document_ids: Tensor | None =
                            reduction=reduction)
 
 
+# transformers renamed the output field ``past_key_values`` to ``cache`` in its 5.x series and warns whenever the old
+# name is written or read; the model writes the field under the name the installed version defines.
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(output: MoeCausalLMOutputWithPast) -> ModelCache | None:
+    """The KV cache of a forward output, whichever transformers version named the field."""
+    return output.get(CACHE_FIELD)
+
+
 class HELMForCausalLM(HELMPreTrainedModel):
     """A HELM decoder with a linear language-model head (over the full Lorentz vector for ``lorentz``).
 
@@ -289,8 +299,10 @@ class HELMForCausalLM(HELMPreTrainedModel):
         attention_mask: Tensor | None = None,
         past_key_values: ModelCache | None = None,
         use_cache: bool = False,
+        cache: ModelCache | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values  # transformers 5.x calls it ``cache``
         if use_cache and past_key_values is None:
             past_key_values = ModelCache(len(self.model.layers))
         hidden = self.model(input_ids, document_ids=document_ids, position_ids=position_ids,
@@ -303,4 +315,4 @@ class HELMForCausalLM(HELMPreTrainedModel):
             loss = causal_lm_loss(logits, labels, padded_document_ids(document_ids, attention_mask))
             if aux_loss is not None and self.config.moe_balance_alpha:
                 loss = loss + self.config.moe_balance_alpha * aux_loss
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=past_key_values)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, **{CACHE_FIELD: past_key_values})

@@ -4,19 +4,27 @@ A checkpoint is a directory ``<out_dir>/checkpoints/step-00000123/`` holding
 
 - ``model.safetensors``: the model's state dict (parameters and buffers, e.g. MiCE gate biases);
 - ``optimizer.safetensors``: every tensor of the optimizers' state (moments, step counters) and the RNG states;
-- ``state.json``: step, data-stream position, the full training config, the tokenizer hash, the optimizers'
-  non-tensor state (param groups, scalar entries) and the last metrics; written last.
+- ``state.json``: step, data-stream position, the full training config, the resolved model config, the tokenizer
+  hash, the optimizers' non-tensor state (param groups, scalar entries), the last metrics, and the size and sha256
+  of each safetensors file (the checkpoint's manifest); written last.
 
 It is built under a temporary name, every file is fsynced, and only then renamed into place; ``latest`` (a one-line
 file naming the newest checkpoint) is replaced atomically afterwards. A crash at any point leaves either the
 previous ``latest`` or the new one, both complete; leftover temporary directories are ignored and removed.
+
+Damage after the fact (a full disk, a copy cut short, bit rot) is caught by :func:`verify_checkpoint`, which checks
+every file against the manifest before anything is loaded; :func:`find_checkpoint` then falls back to the newest
+intact checkpoint and says which one it skipped and why. Hashing costs one extra read of each file (about 1 s per
+GB), which is small next to writing it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,19 @@ from safetensors.torch import load_file, save_file
 from helmlm.training.fsdp import like
 
 STATE_FILE = "state.json"
+WEIGHT_FILES = ("model.safetensors", "optimizer.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or does not fit; the message names it and says what to do."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -89,7 +110,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model_state: dict[str, torch
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         opt_tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1) + "\n")
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in WEIGHT_FILES}
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizer": opt_meta, "files": files},
+                                             indent=1) + "\n")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -109,19 +132,95 @@ def save_checkpoint(out_dir: str | Path, step: int, model_state: dict[str, torch
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint: the one ``latest`` names, else the highest ``step-*`` with a state file."""
+    """The newest checkpoint that finished writing: the one ``latest`` names, else the highest ``step-*`` with a
+    state file. Its files are not verified: :func:`find_checkpoint` does that."""
+    candidates = _candidates(out_dir)
+    return candidates[0] if candidates else None
+
+
+def _candidates(out_dir: str | Path) -> list[Path]:
+    """Checkpoints with a state file, newest first (the one ``latest`` names leads)."""
     root = checkpoint_root(out_dir)
+    found = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()), reverse=True)
     pointer = root / "latest"
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
-    return complete[-1] if complete else None
+        named = root / pointer.read_text().strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    return found
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    path = Path(path) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is not a checkpoint (no {STATE_FILE})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is damaged (not valid JSON: {err})") from None
+    if not isinstance(state, dict) or not {"step", "config", "optimizer"} <= set(state):
+        raise CheckpointError(f"{path} is damaged (step, config or optimizer state missing)")
+    return state
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check every file of checkpoint ``path`` against its manifest (size, then sha256); return its state.
+    Raises :class:`CheckpointError` naming the damaged file. Checkpoints written before manifests existed are only
+    checked for their files' presence."""
+    path = Path(path)
+    state = read_checkpoint_state(path)
+    for name in WEIGHT_FILES:
+        file = path / name
+        expected = state.get("files", {}).get(name)
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if expected is None:
+            continue
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file} is damaged: {size:,} bytes, the manifest says {expected['bytes']:,} "
+                                  "(truncated?)")
+        if file_sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} is damaged: its sha256 differs from the manifest's")
+    return state
+
+
+def find_checkpoint(path: str | Path, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to use for ``path`` and its verified state.
+
+    ``path`` is a checkpoint directory (used if intact, else an error) or a run directory: its newest intact
+    checkpoint, after telling ``log`` about each damaged newer one that was skipped."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path, verify_checkpoint(path)
+    candidates = _candidates(path)
+    if not candidates:
+        missing = "" if path.exists() else " (it does not exist)"
+        raise CheckpointError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run directory with "
+                              f"checkpoints{missing}")
+    damaged = []
+    for candidate in candidates:
+        try:
+            state = verify_checkpoint(candidate)
+        except CheckpointError as err:
+            damaged.append(str(err))
+            log(f"warning: skipping checkpoint {candidate.name}: {err}")
+            continue
+        if damaged:
+            log(f"warning: using {candidate} (step {state['step']}), the newest intact checkpoint")
+        return candidate, state
+    raise CheckpointError(f"every checkpoint in {checkpoint_root(path)} is damaged: " + "; ".join(damaged))
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a damaged file reported as a :class:`CheckpointError`."""
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a torn file
+        raise CheckpointError(f"{file} is damaged and cannot be read ({err})") from None
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
@@ -129,12 +228,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
     path = Path(path)
     state = read_checkpoint_state(path)
     current = model.state_dict()
-    weights = {k: like(v, current[k]) if k in current else v for k, v in load_file(path / "model.safetensors").items()}
+    weights = {k: like(v, current[k]) if k in current else v for k, v in read_tensors(path / "model.safetensors").items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit this model (missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}); was it written for another model config?")
-    tensors = load_file(path / "optimizer.safetensors")
+        raise CheckpointError(f"checkpoint {path} does not fit this model (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}); was it written for another model config?")
+    tensors = read_tensors(path / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))
     cuda_rng = tensors.pop("rng.cuda", None)
     if cuda_rng is not None and torch.cuda.is_available():
@@ -152,3 +251,62 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
                 if isinstance(v, torch.Tensor):
                     opt.state[p][k] = like(v, p)
     return state
+
+
+def checkpoint_model_config(state: dict[str, Any]):
+    """The :class:`~helmlm.models.HELMConfig` a checkpoint was trained with: the resolved one it records (the
+    vocabulary sized to the tokenizer, say), else the one its training config describes (older checkpoints)."""
+    from helmlm.models import HELMConfig
+    from helmlm.training.config import train_config_from_dict
+
+    if "model_config" in state:
+        return HELMConfig.from_dict(state["model_config"])
+    return train_config_from_dict(state["config"]).model_config()
+
+
+def read_initial_weights(source: str | Path, model_config, log: Callable[[str], None] = print
+                         ) -> tuple[dict[str, torch.Tensor], str | None, str]:
+    """The weights at ``source`` for ``train.init_from``, checked against ``model_config``'s architecture.
+
+    ``source`` is a checkpoint, a run directory (its newest intact checkpoint) or a model directory written by
+    ``save_pretrained`` / ``helmlm export``. Returns ``(state dict, tokenizer sha256 or None, description)``; the
+    tokenizer hash comes from the checkpoint, or from the model directory's tokenizer when it has one."""
+    from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash
+    from helmlm.models import HELMConfig, HELMForCausalLM
+
+    path = Path(source)
+    if (path / "config.json").is_file() and not (path / STATE_FILE).is_file() and not checkpoint_root(path).is_dir():
+        try:
+            source_config = HELMConfig.from_pretrained(path)
+            weights = HELMForCausalLM.from_pretrained(path).state_dict()
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot load the model directory {path}: {err}") from None
+        has_tokenizer = (path / "tokenizer.json").is_file()
+        sha = tokenizer_hash(load_tokenizer(path)) if has_tokenizer else None
+        description = f"the model directory {path}"
+    elif path.is_dir():
+        checkpoint, state = find_checkpoint(path, log)
+        source_config = checkpoint_model_config(state)
+        weights, sha = read_tensors(checkpoint / "model.safetensors"), state.get("tokenizer_sha256")
+        description = f"the checkpoint {checkpoint} (step {state['step']})"
+    else:
+        raise CheckpointError(f"{path} does not exist; give a checkpoint, a run directory or a model directory")
+    expected = {k: tuple(v.shape) for k, v in _shapes(model_config).items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != found:
+        ignore = {"max_position_embeddings", "eos_token_id", "pad_token_id", "bos_token_id", "transformers_version"}
+        a, b = source_config.to_dict(), model_config.to_dict()
+        fields = [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(set(a) | set(b))
+                  if k not in ignore and a.get(k) != b.get(k)]
+        raise CheckpointError(f"{description} holds another architecture than this run's model ("
+                              + ("; ".join(fields) or "parameter shapes differ")
+                              + "); set the model section to match it (e.g. model.preset and model.vocab_size)")
+    return weights, sha, description
+
+
+def _shapes(model_config) -> dict[str, torch.Tensor]:
+    """The state dict of ``model_config``'s model as shapes only (built on the meta device: no memory)."""
+    from helmlm.models import HELMForCausalLM
+
+    with torch.device("meta"):
+        return HELMForCausalLM(model_config).state_dict()

@@ -37,7 +37,9 @@ class TrainSettings:
     """The optimisation. ``micro_batch`` rows of ``seq_len`` per rank and forward; an optimizer step sees
     ``micro_batch x grad_accum x world_size`` rows. ``steps`` counts optimizer steps; warm-up is
     ``warmup_steps`` if set, else ``warmup_ratio x steps``. ``precision: auto`` is bf16 autocast on CUDA GPUs that
-    support it and fp32 elsewhere (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
+    support it and fp32 elsewhere (CPU bf16 matmuls are slower than fp32 on most CPUs). ``init_from``: a checkpoint,
+    run or model directory whose weights start a new run (continued pretraining, fine-tuning); the optimizer, the
+    schedule and the data position start fresh."""
 
     seq_len: int = 256
     micro_batch: int = 8
@@ -60,6 +62,7 @@ class TrainSettings:
     device: str = "auto"
     threads: int = 0
     strategy: str = "ddp"
+    init_from: str | None = None
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * self.steps)
@@ -164,12 +167,25 @@ SECTIONS = {"data": DataConfig, "train": TrainSettings, "eval": EvalSettings, "l
             "checkpoint": CheckpointSettings}
 
 
+# Names other trainers use for our settings, so that a typo'd or habitual key still gets a suggestion.
+ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "total_steps": "steps",
+           "batch_size": "micro_batch", "micro_batch_size": "micro_batch", "per_device_batch_size": "micro_batch",
+           "gradient_accumulation_steps": "grad_accum", "grad_accum_steps": "grad_accum",
+           "accumulation_steps": "grad_accum", "seq_length": "seq_len", "sequence_length": "seq_len",
+           "max_seq_len": "seq_len", "context_length": "seq_len", "block_size": "seq_len", "warmup": "warmup_steps",
+           "max_grad_norm": "clip", "grad_clip": "clip", "dtype": "precision", "mixed_precision": "precision",
+           "min_lr": "min_lr_ratio", "adam_beta1": "beta1", "adam_beta2": "beta2", "adam_eps": "eps",
+           "eval_every": "every", "eval_interval": "every", "save_every": "every", "keep": "keep_last",
+           "init": "init_from", "init_checkpoint": "init_from", "pretrained": "init_from"}
+
+
 def _check_keys(data: dict[str, Any], known: set[str], where: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         hints = []
         for key in unknown:
-            match = difflib.get_close_matches(key, sorted(known), 1, 0.6)
+            match = [ALIASES[key]] if ALIASES.get(key) in known else \
+                difflib.get_close_matches(key, sorted(known), 1, 0.6)
             hints.append(f"{where}.{key}" + (f" (did you mean {where}.{match[0]}?)" if match else ""))
         raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}")
 

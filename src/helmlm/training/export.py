@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -18,25 +19,22 @@ class ExportError(ValueError):
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (``.../step-XXXXXXXX``), or a run directory (its latest checkpoint)."""
-    from helmlm.training.checkpoint import STATE_FILE, latest_checkpoint
+    """A checkpoint directory (``.../step-XXXXXXXX``, verified), or a run directory (its newest intact checkpoint;
+    damaged newer ones are reported on stderr)."""
+    from helmlm.training.checkpoint import CheckpointError, find_checkpoint
 
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    if path.is_dir() and (found := latest_checkpoint(path)) is not None:
-        return found
-    raise ExportError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run directory with checkpoints")
+    try:
+        return find_checkpoint(path, log=lambda msg: print(msg, file=sys.stderr, flush=True))[0]
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Write the model of ``checkpoint`` and its tokenizer (``tokenizer``, default: the one in the run's data
     directory, checked against the hash recorded in the checkpoint) to ``out_dir``; return ``out_dir``."""
-    from safetensors.torch import load_file
-
     from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash
     from helmlm.models import HELMForCausalLM
-    from helmlm.training.checkpoint import read_checkpoint_state
+    from helmlm.training.checkpoint import checkpoint_model_config, read_checkpoint_state, read_tensors
     from helmlm.training.config import train_config_from_dict
 
     ckpt = resolve_checkpoint(checkpoint)
@@ -54,10 +52,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
         raise ExportError(f"the tokenizer at {tok_path} is not the one this checkpoint was trained with (hash "
                           "differs); pass the right one with --tokenizer DIR")
 
-    model_config = config.model_config()
+    model_config = checkpoint_model_config(state)
     model_config.eos_token_id = model_config.pad_token_id = tok.eos_token_id
+    tok.model_max_length = model_config.max_position_embeddings  # not transformers' "unlimited" 1e30
     model = HELMForCausalLM(model_config)
-    missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    missing, unexpected = model.load_state_dict(read_tensors(ckpt / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ExportError(f"{ckpt}/model.safetensors does not fit its own config (missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]})")
@@ -66,9 +65,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _readable_by_all(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _readable_by_all(directory: Path) -> None:
+    """Give every file the mode a plain ``open`` would (0644 under the usual umask): ``save_pretrained`` writes
+    some through temporary files, which are created 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)

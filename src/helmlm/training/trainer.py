@@ -44,14 +44,15 @@ from helmlm.models.modeling import causal_lm_loss, lm_targets, padded_document_i
 from helmlm.models.params import count_parameters
 from helmlm.nn.mice import LorentzExperts
 from helmlm.nn.routing import balance_step, routed_layers, routing_stats
-from helmlm.training.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
+from helmlm.training.checkpoint import (CheckpointError, find_checkpoint, latest_checkpoint, load_checkpoint,
+                                        read_initial_weights, save_checkpoint)
 from helmlm.training.config import TrainConfig
 from helmlm.training.fsdp import average_ignored_gradients, clip_gradients, full, shard_euclidean_parts
 from helmlm.training.optim import build_optimizer, lr_multiplier
 
 # Settings that may differ between a run and its resumption (they do not change the trajectory).
 RESUME_FREE = ("eval.", "log.", "checkpoint.", "out_dir", "train.threads", "train.device", "train.strategy",
-               "data.dir", "data.shard_tokens", "data.batch_documents")
+               "data.dir", "data.shard_tokens", "data.batch_documents", "data.max_invalid_utf8", "train.init_from")
 
 
 class TrainingError(RuntimeError):
@@ -112,11 +113,13 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Trajectory-relevant settings that differ between a checkpoint's config and this run's."""
+def config_differences(saved: dict[str, Any], current: dict[str, Any], extra_free: tuple[str, ...] = ()) -> list[str]:
+    """Trajectory-relevant settings that differ between a checkpoint's config and this run's (``extra_free``:
+    more keys allowed to differ, e.g. ``train.steps`` when extending)."""
     a, b = _flat(saved), _flat(current)
+    free = RESUME_FREE + extra_free
     return [f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)]
+            if a.get(k) != b.get(k) and not k.startswith(free)]
 
 
 def _record_step(line: str) -> float:
@@ -171,7 +174,8 @@ class MetricsLog:
 class Trainer:
     """Builds data, model and optimizers from a :class:`TrainConfig` and runs :meth:`fit`."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, dist_env: Distributed | None = None):
+    def __init__(self, config: TrainConfig, resume: bool | str | Path = False, dist_env: Distributed | None = None,
+                 extend: bool = False):
         self.config, t = config, config.train
         self.env = dist_env or init_distributed(t.device)
         if t.threads:
@@ -180,19 +184,10 @@ class Trainer:
         self.log_fn = (lambda msg: print(msg, file=sys.stderr, flush=True)) if self.env.is_main else (lambda msg: None)
 
         # Resume checks come first, so that a refused resume writes nothing.
-        self.checkpoint = latest_checkpoint(self.out_dir) if resume else None
-        if resume and self.checkpoint is None:
-            raise TrainingError(f"--resume: no checkpoint in {self.out_dir / 'checkpoints'}; run without --resume "
-                                "to start this run")
-        if not resume and latest_checkpoint(self.out_dir) is not None:
-            raise TrainingError(f"{self.out_dir} already holds checkpoints of a run; pass --resume to continue it, "
-                                "or choose another out_dir (nothing was overwritten)")
-        saved = read_checkpoint_state(self.checkpoint) if self.checkpoint else None
-        if saved is not None:
-            diffs = config_differences(saved["config"], config.to_dict())
-            if diffs:
-                raise TrainingError(f"cannot resume from {self.checkpoint}: it was written for another config ("
-                                    + "; ".join(diffs) + "); use the same settings, or start a new out_dir")
+        self.checkpoint, saved = self._resume_point(resume, extend)
+        if t.init_from and self.checkpoint is None and not Path(t.init_from).exists():
+            raise TrainingError(f"train.init_from={t.init_from} does not exist; give a checkpoint, a run directory or "
+                                "a model directory (helmlm export output)")
 
         # Data: rank 0 prepares (or reuses) the shards while the others wait; a failure there stops every rank.
         failed = torch.zeros(1, device=self.env.device)
@@ -211,6 +206,9 @@ class Trainer:
         self.train_rows = PackedRows(self.data_dir, "train", t.seq_len, t.reset_positions)
         self.val_rows = PackedRows(self.data_dir, "val", t.seq_len, t.reset_positions) \
             if self.train_rows.shards.manifest["splits"]["val"].get("tokens", 0) else None
+        if self.val_rows is None:
+            self.log_fn(f"warning: {self.data_dir} has no validation tokens (data.val_fraction="
+                        f"{config.data.val_fraction}): validation loss will not be reported")
         self.tokenizer_sha = self.train_rows.shards.manifest["tokenizer"]["sha256"]
         if saved is not None and saved.get("tokenizer_sha256") != self.tokenizer_sha:
             raise TrainingError(f"cannot resume from {self.checkpoint}: its data used another tokenizer "
@@ -218,14 +216,11 @@ class Trainer:
         self.stream = RowStream(self.train_rows.num_rows, t.seed)
 
         # Model and optimizer (same seed on every rank: identical initial weights).
-        self.model_config = config.model_config()
-        n_ids = self.train_rows.shards.vocab_size
-        if n_ids > self.model_config.vocab_size:
-            raise TrainingError(f"the tokenizer has {n_ids:,} token ids but the model's vocab_size is "
-                                f"{self.model_config.vocab_size:,}; set model.vocab_size={n_ids} (or larger), or "
-                                f"prepare data with data.vocab_size <= {self.model_config.vocab_size}")
+        self.model_config = self._sized_model_config(self.train_rows.shards.vocab_size)
         torch.manual_seed(t.seed)
         self.model = HELMForCausalLM(self.model_config).to(self.env.device)
+        if t.init_from and self.checkpoint is None:  # shard after loading: FSDP replaces the parameters
+            self._load_initial_weights(t.init_from)
         self.fsdp = self.env.active and t.strategy == "fsdp"
         if self.fsdp:  # shard before building the optimizer: sharding replaces the parameters
             shard_euclidean_parts(self.model)
@@ -241,6 +236,69 @@ class Trainer:
             self.log_fn(f"resumed from {self.checkpoint} (step {self.step}, {self.tokens_seen:,} tokens)")
         self.wrapped = self._wrap(self.model)
         self.autocast = self._autocast_dtype()
+
+    def _resume_point(self, resume: bool | str | Path, extend: bool) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to resume from and its verified state (``None, None`` for a new run). ``resume`` is
+        ``True`` (this run's newest intact checkpoint) or a checkpoint / run directory; ``extend`` lets
+        ``train.steps`` grow past the checkpoint's plan."""
+        if not resume:
+            if extend:
+                raise TrainingError("--extend continues an existing run; use it together with --resume")
+            if latest_checkpoint(self.out_dir) is not None:
+                raise TrainingError(f"{self.out_dir} already holds checkpoints of a run; pass --resume to continue "
+                                    "it, or choose another out_dir (nothing was overwritten)")
+            return None, None
+        if resume is True and latest_checkpoint(self.out_dir) is None:
+            raise TrainingError(f"--resume: no checkpoint in {self.out_dir / 'checkpoints'}; run without --resume "
+                                "to start this run")
+        try:
+            checkpoint, saved = find_checkpoint(self.out_dir if resume is True else resume, log=self.log_fn)
+        except CheckpointError as err:
+            raise TrainingError(f"cannot resume: {err}") from None
+        current, steps = self.config.to_dict(), self.config.train.steps
+        diffs = config_differences(saved["config"], current, extra_free=("train.steps",) if extend else ())
+        if diffs:
+            hint = "use the same settings, or start a new out_dir"
+            if not extend and not config_differences(saved["config"], current, extra_free=("train.steps",)):
+                hint = "to train beyond the planned steps add --extend (the schedule is re-planned over the new total)"
+            raise TrainingError(f"cannot resume from {checkpoint}: it was written for another config ("
+                                + "; ".join(diffs) + f"); {hint}")
+        if extend:
+            if steps <= saved["step"]:
+                raise TrainingError(f"--extend: train.steps={steps} must be larger than the checkpoint's step "
+                                    f"{saved['step']}")
+            t = self.config.train
+            factor = lr_multiplier(saved["step"], steps, t.resolved_warmup(), t.min_lr_ratio)
+            self.log_fn(f"extending the run from step {saved['step']} to {steps}: the learning-rate schedule is "
+                        f"re-planned over {steps} steps (next lr {t.lr * factor:.3g})")
+        return checkpoint, saved
+
+    def _sized_model_config(self, n_ids: int):
+        """The model config, its vocabulary sized to the tokenizer's ``n_ids`` ids unless ``model.vocab_size`` is
+        set explicitly (then it must hold every id)."""
+        config = self.config.model_config()
+        if n_ids > config.vocab_size:
+            raise TrainingError(f"the tokenizer has {n_ids:,} token ids but the model's vocab_size is "
+                                f"{config.vocab_size:,}; set model.vocab_size={n_ids} (or larger), or prepare data "
+                                f"with data.vocab_size <= {config.vocab_size}")
+        if n_ids < config.vocab_size and "vocab_size" not in self.config.model:
+            self.log_fn(f"note: the model's vocabulary follows the tokenizer: {n_ids:,} ids instead of the preset's "
+                        f"{config.vocab_size:,} (set model.vocab_size to choose another size)")
+            config.vocab_size = n_ids
+        return config
+
+    def _load_initial_weights(self, source: str) -> None:
+        """``train.init_from``: the weights of a checkpoint, run or model directory; the optimizer starts fresh."""
+        try:
+            weights, tokenizer_sha, description = read_initial_weights(source, self.model_config, self.log_fn)
+        except CheckpointError as err:
+            raise TrainingError(f"train.init_from: {err}") from None
+        if tokenizer_sha is not None and tokenizer_sha != self.tokenizer_sha:
+            raise TrainingError(f"train.init_from={source} was trained with another tokenizer than this run's data "
+                                f"({tokenizer_sha[:12]} vs {self.tokenizer_sha[:12]}); prepare the data with that "
+                                "tokenizer (data.tokenizer=ITS_DIRECTORY) and a new data.dir")
+        self.model.load_state_dict(weights)
+        self.log_fn(f"initialised the weights from {description}; the optimizer starts fresh")
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.env.active or self.fsdp:
@@ -364,8 +422,10 @@ class Trainer:
 
     def _last_good(self) -> str:
         ckpt = latest_checkpoint(self.out_dir)
-        where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
-        return f"{where}. Lower train.lr or raise train.warmup_ratio, then resume with --resume"
+        if ckpt is None:
+            return ("no checkpoint was written yet. Lower train.lr or raise train.warmup_ratio, then start the run "
+                    "again (without --resume)")
+        return f"the last good checkpoint is {ckpt}. Lower train.lr or raise train.warmup_ratio, then resume with --resume"
 
     def save(self) -> Path | None:
         """Write a checkpoint (every rank takes part, rank 0 writes), unless a parameter is no longer finite: then
@@ -380,7 +440,8 @@ class Trainer:
                             for pid, entry in opt["state"].items()}
         path = None
         if self.env.is_main:
-            state = {"config": self.config.to_dict(), "data_position": self.stream.position,
+            state = {"config": self.config.to_dict(), "model_config": self.model_config.to_diff_dict(),
+                     "data_position": self.stream.position,
                      "tokens_seen": self.tokens_seen, "tokenizer_sha256": self.tokenizer_sha,
                      "metrics": self.last_metrics}
             path = save_checkpoint(self.out_dir, self.step, model_state, opt_state, state,
@@ -444,12 +505,28 @@ class Trainer:
             bar.close()
             if log:
                 log.close()
+        self.log_fn(self._summary(result, time.perf_counter() - start, ran=self.tokens_seen > start_tokens))
         return result
 
+    def _summary(self, metrics: dict[str, Any], seconds: float, ran: bool) -> str:
+        """The one line that ends a run: where it stands and where its checkpoint is."""
+        t = self.config.train
+        parts = [f"step {self.step}/{t.steps}"]
+        if "loss" in metrics:
+            parts.append(f"train loss {metrics['loss']:.4f}")
+        if "val_loss" in metrics:
+            parts.append(f"val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.2f})")
+        parts.append(f"{self.tokens_seen:,} tokens")
+        head = f"done in {seconds:.1f} s" if ran else "nothing to do: the run is already complete (--extend with a " \
+                                                       "larger train.steps trains it further)"
+        return f"{head}: {', '.join(parts)}; checkpoint {latest_checkpoint(self.out_dir)}"
 
-def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Run a training job from a config (see :class:`Trainer`); returns the final metrics."""
-    trainer = Trainer(config, resume=resume)
+
+def train(config: TrainConfig, resume: bool | str | Path = False, extend: bool = False) -> dict[str, Any]:
+    """Run a training job from a config (see :class:`Trainer`); returns the final metrics. ``resume``: ``True``
+    continues from the newest intact checkpoint in ``out_dir``, a path from that checkpoint or run directory;
+    ``extend`` lets a resumed run grow to a larger ``train.steps``."""
+    trainer = Trainer(config, resume=resume, extend=extend)
     try:
         return trainer.fit()
     finally:
