@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from helmlm.models import HELMForCausalLM, load_config
+from helmlm.models import HELMForCausalLM, load_config, output_cache
 
 
 def timed(fn, repeat: int) -> float:
@@ -39,7 +39,7 @@ def measure(model: HELMForCausalLM, context: int, decode_steps: int, repeat: int
     prefill_s = timed(lambda: model(ids[:, :context], use_cache=True), repeat)
 
     def decode() -> None:
-        cache = model(ids[:, :context], use_cache=True).past_key_values
+        cache = output_cache(model(ids[:, :context], use_cache=True))
         start = time.perf_counter()
         for t in range(context, context + decode_steps):
             model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)

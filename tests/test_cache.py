@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helmlm.models import HELMForCausalLM, InputError, load_config
+from helmlm.models import HELMForCausalLM, InputError, load_config, output_cache
 from helmlm.nn.cache import ModelCache
 
 PRESETS = ["helm_d_tiny", "llama_tiny", "helm_mice_tiny", "deepseek_tiny"]
@@ -28,7 +28,7 @@ def test_cached_decoding_equals_recomputation(preset):
         full = model(ids).logits
         out = model(ids[:, :7], use_cache=True)
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = output_cache(out)
         for t in range(7, 16):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             steps.append(out.logits)
@@ -50,7 +50,7 @@ def test_left_padded_batch_decodes_like_each_prompt_alone(preset):
     with torch.no_grad():
         out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
         logits = [out.logits[:, -1:]]
-        cache, next_pos = out.past_key_values, positions[:, -1:] + 1
+        cache, next_pos = output_cache(out), positions[:, -1:] + 1
         for t in range(6):
             out = model(continuation[:, t : t + 1], past_key_values=cache, use_cache=True,
                         attention_mask=torch.ones(2, 1, dtype=torch.long), position_ids=next_pos)
@@ -75,7 +75,7 @@ def test_cache_length_is_checked_against_the_context_window():
 def test_measured_cache_memory_matches_kv_bytes_per_token(preset):
     model = make(preset)
     with torch.no_grad():
-        cache = model(torch.randint(0, 97, (3, 40)), use_cache=True).past_key_values
+        cache = output_cache(model(torch.randint(0, 97, (3, 40)), use_cache=True))
     assert cache.nbytes() == 3 * 40 * model.kv_bytes_per_token()
     assert model.kv_bytes_per_token(torch.bfloat16) * 4 == model.kv_bytes_per_token(torch.float64)
 

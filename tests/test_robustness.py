@@ -240,3 +240,18 @@ def test_divergence_before_any_checkpoint_says_to_start_again(corpus, tmp_path):
     trainer = Trainer(load_train_config(None, overrides(corpus, tmp_path)))
     assert "no checkpoint was written yet" in trainer._last_good()
     assert "start the run again (without --resume)" in trainer._last_good()
+
+
+def test_resume_takes_a_path_only_when_one_follows():
+    """``--resume`` stays a flag before an override or the config; a directory after it is the checkpoint."""
+    from helmlm.cli import parse_args
+
+    parse = lambda *argv: parse_args(["train", *argv])  # noqa: E731
+    args = parse("tiny", "--resume", "train.steps=5", "--extend")
+    assert args.resume and args.resume_from is None and args.extend
+    assert args.config == "tiny" and args.overrides == ["train.steps=5"]
+    args = parse("--resume", "tiny")
+    assert args.resume and args.config == "tiny"
+    args = parse("tiny", "--resume", "runs/x/checkpoints/step-00000004", "train.lr=1e-3")
+    assert args.resume_from == "runs/x/checkpoints/step-00000004" and args.overrides == ["train.lr=1e-3"]
+    assert parse("--resume=runs/x", "tiny").resume_from == "runs/x"

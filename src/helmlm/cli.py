@@ -330,8 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; overrides may also follow options (``train tiny --resume train.steps=9``), which plain
+    argparse refuses once an option has ended the positional list."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(_resume_path(argv))
+    if extra and hasattr(args, "overrides") and not any(word.startswith("-") for word in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_resume_path(list(sys.argv[1:] if argv is None else argv)))
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     for name in ("steps", "batch", "seq_len"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
