@@ -146,7 +146,8 @@ def measure_read(config) -> dict:
 def measure_prepare(args: argparse.Namespace, root: Path):
     """Prepare with BPE training into root/bpe, then with that tokenizer into root/pretrained; return the record
     and the DataConfig of root/bpe."""
-    from helmlm.data.shards import DataConfig, prepare_data, read_manifest
+    from helmlm.config import DataConfig
+    from helmlm.data.shards import prepare_data, read_manifest
 
     config = DataConfig(source=args.source, paths=list(args.paths), text_field=args.text_field,
                         max_documents=args.max_documents, vocab_size=args.vocab_size, dir=str(root / "bpe"))
@@ -270,14 +271,15 @@ def measure_loader(args: argparse.Namespace, data_dir: Path, seq_lens: list[int]
 def measure_train(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
     import torch
 
-    from helmlm.data.shards import DataConfig, read_manifest
+    from helmlm.config import DataConfig
+    from helmlm.data.shards import read_manifest
 
     manifest = read_manifest(data_dir)
     n_ids = manifest["tokenizer"]["size"]
     seq_len, micro_batch = args.train_seq_len, args.train_micro_batch
 
     if args.train_mode == "trainer":
-        from helmlm.training.config import LogSettings, TrainConfig, TrainSettings
+        from helmlm.config import LogSettings, TrainConfig, TrainSettings
         from helmlm.training.trainer import Trainer
 
         steps = args.train_warmup + args.train_steps

@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from helmlm.config import DataConfig
 from helmlm.data import shards as shards_mod
 from helmlm.data.packing import PackedRows, RowStream, best_fit_decreasing, split_documents
-from helmlm.data.shards import DataConfig, TokenShards, prepare_data, read_manifest
+from helmlm.data.shards import TokenShards, prepare_data, read_manifest
 from helmlm.data.sources import DataError, TextStats, local_documents, split_of
 from helmlm.data.tokenizer import EOS_TOKEN, load_tokenizer, tokenizer_hash, tokenizer_size, train_bpe
 

@@ -14,16 +14,16 @@ import stat
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import cli, corpus, metrics, overrides  # noqa: F401  (corpus is a fixture)
 
+from helmlm.config import load_train_config
 from helmlm.generation import SamplingSettings, generate
 from helmlm.models import HELMForCausalLM, load_config
+from helmlm.models.config import ConfigError
 from helmlm.training.checkpoint import latest_checkpoint, read_checkpoint_state
-from helmlm.training.config import load_train_config
 from helmlm.training.export import export_checkpoint
 from helmlm.training.optim import lr_multiplier
 from helmlm.training.trainer import Trainer, TrainingError, train
-from helmlm.models.config import ConfigError
-from test_train import cli, corpus, metrics, overrides  # noqa: F401  (corpus is a fixture)
 
 
 def step_dir(run, step: int):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from helmlm.models.config import ConfigError
 from helmlm.training.checkpoint import latest_checkpoint
-from helmlm.training.config import load_train_config
+from helmlm.config import load_train_config
 from helmlm.training.trainer import NonFiniteLossError, Trainer, TrainingError, train
 
 ROOT = Path(__file__).resolve().parent.parent

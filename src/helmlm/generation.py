@@ -1,5 +1,6 @@
 """Text generation with the KV cache: greedy, temperature, top-k, top-p, repetition penalty, EOS, seeds, batches of
-prompts of different lengths (left padding), streaming.
+prompts of different lengths (left padding), streaming; :func:`complete` adds text-level stop strings and streaming
+of whole characters, and :func:`load_model_dir` opens a model directory (what ``helmlm generate`` runs on).
 
 A small engine of our own rather than transformers' ``GenerationMixin``: the HMLA latent cache does not fit
 transformers' ``Cache.update(key, value)`` interface (it stores no keys or values), and owning the loop keeps every
@@ -13,15 +14,13 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from helmlm.errors import GenerationError  # noqa: F401  (re-exported)
 from helmlm.models.modeling import output_cache
-
-
-class GenerationError(ValueError):
-    """Invalid generation request (empty prompt, too long, bad sampling values); the message says what to do."""
 
 
 @dataclass
@@ -137,3 +136,61 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
         out = model(token.unsqueeze(-1), attention_mask=step_mask, position_ids=next_pos, cache=cache, use_cache=True)
         logits, next_pos = out.logits[:, -1], next_pos + 1
     return result
+
+
+def load_model_dir(path: str | Path):
+    """``(model, tokenizer)`` from a model directory (``helmlm export`` or ``save_pretrained`` output), with errors
+    that say what to do when ``path`` is a training run, has no config or no tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir() or (path / "state.json").is_file():
+        raise GenerationError(f"{path} is a training run or checkpoint, not a model directory; export it first: "
+                              f"`helmlm export {path} OUT_DIR`, then `helmlm generate OUT_DIR`")
+    if not (path / "config.json").is_file():
+        raise GenerationError(f"{path} is not a model directory (no config.json); create one with "
+                              "`helmlm export RUN_DIR OUT_DIR`")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise GenerationError(f"no tokenizer in {path} ({err}); export the model with its tokenizer") from None
+    hf_logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(path), tokenizer
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def complete(model, tokenizer, prompt_ids: Sequence[int], settings: SamplingSettings,
+             stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> str:
+    """The text that continues ``prompt_ids``, ending before the first of the ``stop`` strings (or at EOS, or after
+    ``max_new_tokens``). ``on_text`` receives the text as it is generated, in pieces that never include a part of
+    a stop string or half of a multi-byte character; their concatenation is the returned text."""
+    eos = tokenizer.eos_token_id
+    hold = max((len(s) for s in stop), default=1) - 1  # what may still become a stop string is held back
+    pieces: list[int] = []
+    shown = ""
+
+    def stream(step: list[int | None]) -> None:
+        nonlocal shown
+        if on_text is None or step[0] is None or step[0] == eos:
+            return
+        pieces.append(step[0])
+        text = _cut_at_stop(tokenizer.decode(pieces), stop)
+        text = text[: len(text) - hold] if hold else text
+        if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a whole multi-byte character
+            on_text(text[len(shown):])
+            shown = text
+
+    def stopped(row: int, generated: list[int]) -> bool:
+        return any(s in tokenizer.decode(generated) for s in stop)
+
+    out = generate(model, [list(prompt_ids)], settings, eos_token_id=eos, streamer=stream,
+                   stop=stopped if stop else None)[0]
+    text = _cut_at_stop(tokenizer.decode([t for t in out if t != eos]), stop)
+    if on_text is not None and len(text) > len(shown):
+        on_text(text[len(shown):])
+    return text

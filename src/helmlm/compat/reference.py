@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from helmlm.errors import ReferenceCompatError  # noqa: F401  (re-exported)
 from helmlm.models.config import ConfigError, HELMConfig
 from helmlm.models.modeling import HELMForCausalLM
 
@@ -46,9 +47,6 @@ REFERENCE_DEFAULTS: dict[str, Any] = {
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _HELM_D_ROPE_THETA = 10000.0  # hard-coded in the reference's HELM-D (helm_d.py)
 
-
-class ReferenceCompatError(ValueError):
-    """A reference checkpoint or flag set that cannot be mapped; the message names the keys or flags."""
 
 
 def parse_arch(arch: str) -> tuple[int, int, int]:
@@ -125,7 +123,7 @@ def _read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Ten
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"reference checkpoint not found: {path}")
+            raise ReferenceCompatError(f"reference checkpoint not found: {path}")
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 

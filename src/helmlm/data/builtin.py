@@ -25,9 +25,11 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, BinaryIO
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from helmlm.errors import CorpusBuildError, SourceToolMissing  # noqa: F401  (re-exported)
 
 BUILDER_VERSION = 1  # bump whenever the extraction or cleaning changes the output
 CORPUS_NAME = "builtin-v1"
@@ -37,12 +39,6 @@ _CORPUS_FILES = frozenset({DOCUMENTS_FILE, MANIFEST_FILE})
 _COMMAND_TIMEOUT_S = 900
 
 
-class SourceToolMissing(RuntimeError):
-    """The download tool (npm or pip) that some built-in sources need is not available."""
-
-
-class CorpusBuildError(RuntimeError):
-    """Building the built-in corpus failed: download, hash mismatch, unsafe or empty archive, bad output dir."""
 
 
 @dataclass(frozen=True)

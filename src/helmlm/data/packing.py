@@ -162,3 +162,15 @@ class RowStream:
     @property
     def epoch(self) -> float:
         return self.position / self.num_rows
+
+
+def data_summary(data_dir: str | Path, seq_len: int) -> dict:
+    """What a prepared data directory holds: documents, train/val tokens, tokenizer size, replaced bytes, rows of
+    ``seq_len`` and their packing efficiency, and the preparation's warnings (``helmlm prepare`` prints this)."""
+    rows = PackedRows(data_dir, "train", seq_len)
+    manifest = rows.shards.manifest
+    return {"dir": str(data_dir), "documents": manifest["documents_read"],
+            "train_tokens": manifest["splits"]["train"]["tokens"], "val_tokens": manifest["splits"]["val"]["tokens"],
+            "tokenizer_size": manifest["tokenizer"]["size"], "replaced_bytes": manifest["text"]["replaced_bytes"],
+            "rows": rows.num_rows, "seq_len": rows.seq_len, "packing_efficiency": round(rows.stats.efficiency, 4),
+            "warnings": manifest.get("warnings", [])}

@@ -28,73 +28,17 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from helmlm.config import DataConfig
 from helmlm.data.sources import DataError, TextStats, hf_documents, local_documents, split_of
 from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash, tokenizer_size, train_bpe
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-SOURCES = ("builtin", "local", "hf")
-
-
-@dataclass
-class DataConfig:
-    """What to prepare. ``source``: ``builtin`` (the offline English corpus, see :mod:`helmlm.data.builtin`),
-    ``local`` (``paths``: files, directories or globs) or ``hf`` (``hf_name`` / ``hf_config`` / ``hf_split``,
-    streamed). ``tokenizer``: ``bpe`` trains a byte-level BPE of ``vocab_size`` on the training documents (at most
-    ``tokenizer_train_documents``); anything else is a Hugging Face tokenizer directory or hub name.
-    ``max_invalid_utf8``: the largest share of a local text/JSONL file's bytes that may be invalid UTF-8 (replaced
-    by U+FFFD) before the file is refused as binary or wrongly encoded; 1.0 accepts anything."""
-
-    source: str = "builtin"
-    paths: list[str] = field(default_factory=list)
-    hf_name: str | None = None
-    hf_config: str | None = None
-    hf_split: str = "train"
-    text_field: str = "text"
-    max_documents: int | None = None
-    val_fraction: float = 0.01
-    tokenizer: str = "bpe"
-    vocab_size: int = 8192
-    tokenizer_train_documents: int | None = 200_000
-    dir: str = "data/builtin"
-    shard_tokens: int = 50_000_000
-    batch_documents: int = 512
-    max_invalid_utf8: float = 0.01
-
-    def validate(self) -> None:
-        if self.source not in SOURCES:
-            raise DataError(f"data.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
-        if self.source == "local" and not self.paths:
-            raise DataError("data.source=local needs data.paths (files, directories or globs)")
-        if self.source == "hf" and not self.hf_name:
-            raise DataError("data.source=hf needs data.hf_name (e.g. wikimedia/wikipedia with hf_config 20231101.en)")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise DataError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("shard_tokens", "batch_documents", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.max_invalid_utf8 <= 1.0:
-            raise DataError(f"data.max_invalid_utf8 must be in [0, 1] (a share of a file's bytes; 1 accepts any "
-                            f"file), got {self.max_invalid_utf8}")
-        if self.max_documents is not None and self.max_documents < 1:
-            raise DataError(f"data.max_documents must be >= 1 or null, got {self.max_documents}")
-
-    def spec(self) -> dict[str, Any]:
-        """The settings that determine the prepared tokens (shard size, batching and the invalid UTF-8 threshold,
-        which only accepts or refuses a corpus, do not)."""
-        ignored = ("dir", "shard_tokens", "batch_documents", "max_invalid_utf8")
-        spec = {k: v for k, v in asdict(self).items() if k not in ignored}
-        if self.source == "local":
-            spec["paths"] = [str(Path(p).expanduser().resolve()) for p in self.paths]
-        if self.tokenizer != "bpe":
-            spec.pop("vocab_size"), spec.pop("tokenizer_train_documents")
-        return spec
 
 
 def iter_documents(config: DataConfig, stats: TextStats | None = None, progress: bool = False) -> Iterator[str]:

@@ -25,13 +25,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from helmlm.errors import DataError  # noqa: F401  (re-exported)
+
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 
-
-class DataError(ValueError):
-    """Bad data input (no files, empty corpus, missing field, unreadable file); the message says what to do."""
 
 
 @dataclass

@@ -8,6 +8,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from helmlm.errors import ConfigError  # noqa: F401  (re-exported)
+
 GEOMETRIES = ("lorentz", "euclidean")
 ATTENTIONS = ("mha", "mla")
 FFNS = ("dense", "moe")
@@ -15,9 +17,6 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 MOE_COMBINES = ("paper", "reference")
 MOE_DISPATCHES = ("auto", "grouped", "dense")
 
-
-class ConfigError(ValueError):
-    """An inconsistent or invalid model configuration; the message names the field and what to do."""
 
 
 class HELMConfig(PretrainedConfig):
@@ -292,7 +291,7 @@ class HELMConfig(PretrainedConfig):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
         data = data.get("model", data) if isinstance(data, dict) else data
         if not isinstance(data, dict):
@@ -328,7 +327,7 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> HELMConfig:
     if not path.is_file():
         preset = PRESETS_DIR / f"{path.stem if path.suffix == '.yaml' else name_or_path}.yaml"
         if not preset.is_file():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(available_presets())}")
         path = preset
     return HELMConfig.from_yaml(path, **overrides)

@@ -15,11 +15,10 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+from helmlm.errors import InputError  # noqa: F401  (re-exported)
 from helmlm.models.config import HELMConfig
-from helmlm.nn.cache import LayerCache, ModelCache
 from helmlm.nn import (
     LatentAttention,
-    MoE,
     LorentzEmbedding,
     LorentzFeedForward,
     LorentzLatentAttention,
@@ -28,18 +27,16 @@ from helmlm.nn import (
     LorentzRMSNorm,
     LorentzSelfAttention,
     MiCE,
+    MoE,
     RMSNorm,
     RoutedFFN,
     SelfAttention,
     SwiGLU,
     document_causal_mask,
-    routed_layers,
     rotary_tables,
+    routed_layers,
 )
-
-
-class InputError(ValueError):
-    """Invalid model input (token ids, shapes, lengths); the message says what was wrong and what to do."""
+from helmlm.nn.cache import LayerCache, ModelCache
 
 
 class LorentzBlock(nn.Module):

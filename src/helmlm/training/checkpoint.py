@@ -31,14 +31,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from helmlm.errors import CheckpointError  # noqa: F401  (re-exported)
 from helmlm.training.fsdp import like
 
 STATE_FILE = "state.json"
 WEIGHT_FILES = ("model.safetensors", "optimizer.safetensors")
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, damaged or does not fit; the message names it and says what to do."""
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -256,8 +254,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
 def checkpoint_model_config(state: dict[str, Any]):
     """The :class:`~helmlm.models.HELMConfig` a checkpoint was trained with: the resolved one it records (the
     vocabulary sized to the tokenizer, say), else the one its training config describes (older checkpoints)."""
+    from helmlm.config import train_config_from_dict
     from helmlm.models import HELMConfig
-    from helmlm.training.config import train_config_from_dict
 
     if "model_config" in state:
         return HELMConfig.from_dict(state["model_config"])

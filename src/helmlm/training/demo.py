@@ -21,9 +21,9 @@ DEFAULT_MODELS = ("helm_d_tiny", "llama_tiny")
 def run_demo(out: str | Path = "runs/demo", models: tuple[str, ...] = DEFAULT_MODELS,
              overrides: tuple[str, ...] = (), threads: int = 2) -> list[dict[str, Any]]:
     """Train each of ``models`` with the ``tiny`` recipe (plus ``overrides``); return one result row per model."""
+    from helmlm.config import load_train_config
     from helmlm.models.params import count_parameters
     from helmlm.training.checkpoint import latest_checkpoint
-    from helmlm.training.config import load_train_config
     from helmlm.training.trainer import train
 
     out = Path(out)

@@ -13,9 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-
-class ExportError(ValueError):
-    """The checkpoint, tokenizer or output directory cannot be used; the message says what to do."""
+from helmlm.errors import ExportError  # noqa: F401  (re-exported)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -32,10 +30,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Write the model of ``checkpoint`` and its tokenizer (``tokenizer``, default: the one in the run's data
     directory, checked against the hash recorded in the checkpoint) to ``out_dir``; return ``out_dir``."""
+    from helmlm.config import train_config_from_dict
     from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash
     from helmlm.models import HELMForCausalLM
     from helmlm.training.checkpoint import checkpoint_model_config, read_checkpoint_state, read_tensors
-    from helmlm.training.config import train_config_from_dict
 
     ckpt = resolve_checkpoint(checkpoint)
     out = Path(out_dir)

@@ -36,17 +36,24 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from helmlm.config import TrainConfig
 from helmlm.data.packing import PackedRows, RowStream
 from helmlm.data.shards import prepare_data
+from helmlm.errors import NonFiniteLossError, TrainingError  # noqa: F401  (re-exported)
 from helmlm.geometry import manifold_violation
 from helmlm.models import HELMForCausalLM
 from helmlm.models.modeling import causal_lm_loss, lm_targets, padded_document_ids
 from helmlm.models.params import count_parameters
 from helmlm.nn.mice import LorentzExperts
 from helmlm.nn.routing import balance_step, routed_layers, routing_stats
-from helmlm.training.checkpoint import (CheckpointError, find_checkpoint, latest_checkpoint, load_checkpoint,
-                                        read_initial_weights, save_checkpoint)
-from helmlm.training.config import TrainConfig
+from helmlm.training.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    read_initial_weights,
+    save_checkpoint,
+)
 from helmlm.training.fsdp import average_ignored_gradients, clip_gradients, full, shard_euclidean_parts
 from helmlm.training.optim import build_optimizer, lr_multiplier
 
@@ -55,12 +62,6 @@ RESUME_FREE = ("eval.", "log.", "checkpoint.", "out_dir", "train.threads", "trai
                "data.dir", "data.shard_tokens", "data.batch_documents", "data.max_invalid_utf8", "train.init_from")
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (bad resume, vocabulary mismatch, ...); the message says what to do."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss or gradient norm became NaN/inf; nothing was updated or saved at that step."""
 
 
 @dataclass

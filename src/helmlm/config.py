@@ -1,4 +1,5 @@
-"""Training configuration: one YAML file with sections, plus ``section.key=value`` overrides from the command line.
+"""The run configuration of ``helmlm train`` / ``prepare`` / ``demo``, every section in this one module: one YAML file
+with sections, plus ``section.key=value`` overrides from the command line.
 
 ```yaml
 model: helm_d_tiny                 # a preset name or YAML path, or a mapping: {preset: helm_d_tiny, hidden_size: 194}
@@ -20,16 +21,71 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helmlm.data.shards import DataConfig
-from helmlm.models.config import ConfigError
+from helmlm.errors import ConfigError, DataError
 
+SOURCES = ("builtin", "local", "hf")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class DataConfig:
+    """What to prepare. ``source``: ``builtin`` (the offline English corpus, see :mod:`helmlm.data.builtin`),
+    ``local`` (``paths``: files, directories or globs) or ``hf`` (``hf_name`` / ``hf_config`` / ``hf_split``,
+    streamed). ``tokenizer``: ``bpe`` trains a byte-level BPE of ``vocab_size`` on the training documents (at most
+    ``tokenizer_train_documents``); anything else is a Hugging Face tokenizer directory or hub name.
+    ``max_invalid_utf8``: the largest share of a local text/JSONL file's bytes that may be invalid UTF-8 (replaced
+    by U+FFFD) before the file is refused as binary or wrongly encoded; 1.0 accepts anything."""
+
+    source: str = "builtin"
+    paths: list[str] = field(default_factory=list)
+    hf_name: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    max_documents: int | None = None
+    val_fraction: float = 0.01
+    tokenizer: str = "bpe"
+    vocab_size: int = 8192
+    tokenizer_train_documents: int | None = 200_000
+    dir: str = "data/builtin"
+    shard_tokens: int = 50_000_000
+    batch_documents: int = 512
+    max_invalid_utf8: float = 0.01
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise DataError(f"data.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
+        if self.source == "local" and not self.paths:
+            raise DataError("data.source=local needs data.paths (files, directories or globs)")
+        if self.source == "hf" and not self.hf_name:
+            raise DataError("data.source=hf needs data.hf_name (e.g. wikimedia/wikipedia with hf_config 20231101.en)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("shard_tokens", "batch_documents", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.max_invalid_utf8 <= 1.0:
+            raise DataError(f"data.max_invalid_utf8 must be in [0, 1] (a share of a file's bytes; 1 accepts any "
+                            f"file), got {self.max_invalid_utf8}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise DataError(f"data.max_documents must be >= 1 or null, got {self.max_documents}")
+
+    def spec(self) -> dict[str, Any]:
+        """The settings that determine the prepared tokens (shard size, batching and the invalid UTF-8 threshold,
+        which only accepts or refuses a corpus, do not)."""
+        ignored = ("dir", "shard_tokens", "batch_documents", "max_invalid_utf8")
+        spec = {k: v for k, v in asdict(self).items() if k not in ignored}
+        if self.source == "local":
+            spec["paths"] = [str(Path(p).expanduser().resolve()) for p in self.paths]
+        if self.tokenizer != "bpe":
+            spec.pop("vocab_size"), spec.pop("tokenizer_train_documents")
+        return spec
 
 
 @dataclass
@@ -317,7 +373,7 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     return config
 
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "presets" / "train"
+RECIPES_DIR = Path(__file__).resolve().parent / "presets" / "train"
 
 
 def resolve_recipe(name_or_path: str | Path) -> Path:
@@ -329,5 +385,5 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     if path.suffix in ("", ".yaml") and recipe.is_file():
         return recipe
     names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"no training config {str(name_or_path)!r} (not a file, and no shipped recipe of that "
+    raise ConfigError(f"no training config {str(name_or_path)!r} (not a file, and no shipped recipe of that "
                             f"name; recipes: {names})")

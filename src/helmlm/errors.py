@@ -1,0 +1,64 @@
+"""The errors a user can cause, under one base class.
+
+Every error that bad input can cause (a config key, a data file, a checkpoint, a generation request, a diverging
+run) is a :class:`HelmlmError`: the command line prints its message, which says what was wrong and what to do, and
+exits with status 2 without a traceback. Anything else that escapes is a bug and keeps its traceback. Each class also
+derives from the built-in exception it refines (``ValueError`` for bad values, ``RuntimeError`` for a failing run),
+so ``except ValueError`` keeps working for callers that predate this module.
+
+Layers in :mod:`helmlm.nn` raise plain ``ValueError`` for invalid constructor arguments: those are programming errors,
+and the model config validates every such value before a layer is built.
+
+This module imports nothing, so every package can use it (and ``helmlm --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+
+class HelmlmError(Exception):
+    """Base class of every user-facing error; the message says what was wrong and what to do."""
+
+
+class ConfigError(HelmlmError, ValueError):
+    """A model or training config is invalid: unknown key, wrong type, out-of-range or inconsistent value, missing
+    config file."""
+
+
+class InputError(HelmlmError, ValueError):
+    """A model was called with invalid inputs (shapes, ids out of range, positions beyond the context)."""
+
+
+class DataError(HelmlmError, ValueError):
+    """Bad data input: no files, empty corpus, binary file, missing field, unreadable or mismatched shards."""
+
+
+class CorpusBuildError(HelmlmError, RuntimeError):
+    """Building the built-in corpus failed: download, hash mismatch, unsafe or empty archive, bad output dir."""
+
+
+class SourceToolMissing(CorpusBuildError):
+    """The download tool (npm or pip) that some built-in sources need is not available."""
+
+
+class CheckpointError(HelmlmError, ValueError):
+    """A checkpoint is missing, damaged or does not fit; the message names it and says what to do."""
+
+
+class ExportError(HelmlmError, ValueError):
+    """The checkpoint, tokenizer or output directory of an export cannot be used."""
+
+
+class GenerationError(HelmlmError, ValueError):
+    """An invalid generation request: empty prompt, too long, bad sampling values, not a model directory."""
+
+
+class TrainingError(HelmlmError, RuntimeError):
+    """The run cannot start or go on (bad resume, vocabulary mismatch, ...)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or gradient norm became NaN/inf; nothing was updated or saved at that step."""
+
+
+class ReferenceCompatError(HelmlmError, ValueError):
+    """A reference checkpoint cannot be loaded: missing or unexpected keys, shapes, unsupported architecture."""
