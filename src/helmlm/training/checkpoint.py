@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helmlm.errors import CheckpointError  # noqa: F401  (re-exported)
-from helmlm.training.fsdp import like
+from helmlm.training.distributed import like
 
 STATE_FILE = "state.json"
 WEIGHT_FILES = ("model.safetensors", "optimizer.safetensors")
@@ -261,50 +261,3 @@ def checkpoint_model_config(state: dict[str, Any]):
         return HELMConfig.from_dict(state["model_config"])
     return train_config_from_dict(state["config"]).model_config()
 
-
-def read_initial_weights(source: str | Path, model_config, log: Callable[[str], None] = print
-                         ) -> tuple[dict[str, torch.Tensor], str | None, str]:
-    """The weights at ``source`` for ``train.init_from``, checked against ``model_config``'s architecture.
-
-    ``source`` is a checkpoint, a run directory (its newest intact checkpoint) or a model directory written by
-    ``save_pretrained`` / ``helmlm export``. Returns ``(state dict, tokenizer sha256 or None, description)``; the
-    tokenizer hash comes from the checkpoint, or from the model directory's tokenizer when it has one."""
-    from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash
-    from helmlm.models import HELMConfig, HELMForCausalLM
-
-    path = Path(source)
-    if (path / "config.json").is_file() and not (path / STATE_FILE).is_file() and not checkpoint_root(path).is_dir():
-        try:
-            source_config = HELMConfig.from_pretrained(path)
-            weights = HELMForCausalLM.from_pretrained(path).state_dict()
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"cannot load the model directory {path}: {err}") from None
-        has_tokenizer = (path / "tokenizer.json").is_file()
-        sha = tokenizer_hash(load_tokenizer(path)) if has_tokenizer else None
-        description = f"the model directory {path}"
-    elif path.is_dir():
-        checkpoint, state = find_checkpoint(path, log)
-        source_config = checkpoint_model_config(state)
-        weights, sha = read_tensors(checkpoint / "model.safetensors"), state.get("tokenizer_sha256")
-        description = f"the checkpoint {checkpoint} (step {state['step']})"
-    else:
-        raise CheckpointError(f"{path} does not exist; give a checkpoint, a run directory or a model directory")
-    expected = {k: tuple(v.shape) for k, v in _shapes(model_config).items()}
-    found = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != found:
-        ignore = {"max_position_embeddings", "eos_token_id", "pad_token_id", "bos_token_id", "transformers_version"}
-        a, b = source_config.to_dict(), model_config.to_dict()
-        fields = [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(set(a) | set(b))
-                  if k not in ignore and a.get(k) != b.get(k)]
-        raise CheckpointError(f"{description} holds another architecture than this run's model ("
-                              + ("; ".join(fields) or "parameter shapes differ")
-                              + "); set the model section to match it (e.g. model.preset and model.vocab_size)")
-    return weights, sha, description
-
-
-def _shapes(model_config) -> dict[str, torch.Tensor]:
-    """The state dict of ``model_config``'s model as shapes only (built on the meta device: no memory)."""
-    from helmlm.models import HELMForCausalLM
-
-    with torch.device("meta"):
-        return HELMForCausalLM(model_config).state_dict()

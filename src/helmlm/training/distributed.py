@@ -1,4 +1,5 @@
-"""FSDP2 for the Euclidean parts (``train.strategy=fsdp``), with manifold parameters kept out of sharding.
+"""Distributed training: the process group ``torchrun`` describes (:func:`init_distributed`, :class:`Distributed`),
+and FSDP2 for the Euclidean parts (``train.strategy=fsdp``), with manifold parameters kept out of sharding.
 
 ``fully_shard`` would turn a geoopt ``ManifoldParameter`` (the Lorentz embedding table) into a plain ``DTensor``, and
 Riemannian Adam would then silently treat it as Euclidean. So every decoder layer and the root are sharded with the
@@ -14,10 +15,58 @@ world size.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import geoopt
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from helmlm.errors import TrainingError
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> Distributed:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPUs)."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return Distributed(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
 def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -86,3 +135,47 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
             if group:
                 torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def on_main_rank(env: Distributed, work: Callable[[], object]) -> None:
+    """Run ``work`` on rank 0 while the other ranks wait; if it fails, every rank stops (rank 0 re-raises the
+    error, the others raise a :class:`TrainingError` pointing at it)."""
+    failed = torch.zeros(1, device=env.device)
+    error = None
+    if env.is_main:
+        try:
+            work()
+        except Exception as err:  # re-raised below, after the other ranks have been told
+            error, failed[0] = err, 1.0
+    env.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise TrainingError("rank 0 failed while preparing the run (its error message says why)")
+
+
+def wrap_model(model: nn.Module, env: Distributed, fsdp: bool) -> nn.Module:
+    """The module the training step calls: DDP on several ranks (FSDP models are already sharded in place)."""
+    if not env.active or fsdp:
+        return model
+    ids = [env.local_rank] if env.device.type == "cuda" else None
+    # No buffer broadcast: buffers are identical on every rank by construction (gate biases move by the same
+    # all-reduced update), and broadcasting would overwrite each rank's expert counts between micro-batches.
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``bf16``, or ``auto`` on a CUDA GPU that supports it: bfloat16 autocast; otherwise none (fp32)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def gathered_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Model and optimizer state dicts with every sharded tensor gathered whole (all ranks take part)."""
+    model_state = {k: full(v) for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    for opt in opt_state["optimizers"]:
+        opt["state"] = {pid: {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                        for pid, entry in opt["state"].items()}
+    return model_state, opt_state

@@ -1,0 +1,82 @@
+"""What a run records on rank 0: ``metrics.jsonl`` (always) and TensorBoard scalars (:class:`MetricsLog`), and the
+manifold health of the model (:func:`manifold_health`: the Lorentz table's constraint violation, expert
+curvatures)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import geoopt
+import torch
+
+from helmlm.geometry import manifold_violation
+from helmlm.nn.mice import LorentzExperts
+from helmlm.training.distributed import full
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics line; a torn last line (a kill mid-write) or an empty one counts as infinitely late."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
+class MetricsLog:
+    """Rank 0's metrics: ``metrics.jsonl`` (always), TensorBoard scalars (when installed and enabled)."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():  # drop records past the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                print("note: TensorBoard is not installed (pip install 'helmlm[tensorboard]'); logging to "
+                      f"{self.path} only", file=sys.stderr)
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+                elif isinstance(v, list):
+                    for i, x in enumerate(v):
+                        if isinstance(x, (int, float)):
+                            self.writer.add_scalar(f"{kind}/{k}/{i}", x, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+@torch.no_grad()
+def manifold_health(model: torch.nn.Module, curvature: float) -> dict[str, Any]:
+    """The embedding table's largest constraint violation (relative to its scale, fp64) when it is a Lorentz
+    ``ManifoldParameter``, and the curvatures of every MiCE expert bank."""
+    out: dict[str, Any] = {}
+    table = getattr(model.model.embed, "weight", None)
+    if isinstance(table, geoopt.ManifoldParameter):
+        out["embedding_violation"] = manifold_violation(table, curvature, relative_to="scale").max().item()
+    curv = {name: full(m.curvatures).tolist() for name, m in model.named_modules() if isinstance(m, LorentzExperts)}
+    if curv:
+        out["expert_curvatures"] = curv
+    return out
