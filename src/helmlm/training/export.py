@@ -1,15 +1,13 @@
 """``helmlm export CHECKPOINT OUT_DIR``: a training checkpoint -> a Hugging Face model directory.
 
-The directory holds ``config.json`` + ``model.safetensors`` (``save_pretrained``) and the tokenizer the model was
-trained with, so ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer.from_pretrained(OUT_DIR)``
-work after ``import helmlm``. It is written under a temporary name and renamed when complete; an existing,
-non-empty ``OUT_DIR`` is never overwritten.
+The directory holds ``config.json`` + ``model.safetensors`` and the tokenizer the model was trained with, so
+``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer.from_pretrained(OUT_DIR)`` work after
+``import helmlm``. This module reads the training checkpoint and finds its tokenizer; writing the directory is
+:func:`helmlm.models.hf.save_model_dir`, next to the rest of the Hugging Face integration.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -33,12 +31,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
     from helmlm.config import train_config_from_dict
     from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash
     from helmlm.models import HELMForCausalLM
+    from helmlm.models.hf import check_new_dir, save_model_dir
     from helmlm.training.checkpoint import checkpoint_model_config, read_checkpoint_state, read_tensors
 
     ckpt = resolve_checkpoint(checkpoint)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} already exists and is not empty; choose a new directory (nothing was written)")
+    out = check_new_dir(out_dir)
     state = read_checkpoint_state(ckpt)
     config = train_config_from_dict(state["config"])
     tok_path = Path(tokenizer) if tokenizer is not None else Path(config.data.dir) / "tokenizer"
@@ -52,31 +49,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
 
     model_config = checkpoint_model_config(state)
     model_config.eos_token_id = model_config.pad_token_id = tok.eos_token_id
-    tok.model_max_length = model_config.max_position_embeddings  # not transformers' "unlimited" 1e30
     model = HELMForCausalLM(model_config)
     missing, unexpected = model.load_state_dict(read_tensors(ckpt / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ExportError(f"{ckpt}/model.safetensors does not fit its own config (missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]})")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        _readable_by_all(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_model_dir(model, tok, out)
 
-
-def _readable_by_all(directory: Path) -> None:
-    """Give every file the mode a plain ``open`` would (0644 under the usual umask): ``save_pretrained`` writes
-    some through temporary files, which are created 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in directory.rglob("*"):
-        if file.is_file():
-            file.chmod(0o666 & ~umask)
