@@ -14,8 +14,8 @@ previous ``latest`` or the new one, both complete; leftover temporary directorie
 
 Damage after the fact (a full disk, a copy cut short, bit rot) is caught by :func:`verify_checkpoint`, which checks
 every file against the manifest before anything is loaded; :func:`find_checkpoint` then falls back to the newest
-intact checkpoint and says which one it skipped and why. Hashing costs one extra read of each file (about 1 s per
-GB), which is small next to writing it.
+intact checkpoint and says which one it skipped and why. Hashing costs one extra read of each file, which is
+small next to writing it.
 """
 
 from __future__ import annotations
