@@ -87,3 +87,14 @@ def test_latent_cache_of_the_paper_presets_is_under_a_quarter_of_helm_d():
     mice = load_config("helm_mice_120m").kv_cache_floats_per_token()
     assert (helm_d, mice) == (4680, 564)
     assert mice * 4 <= helm_d
+
+
+def test_model_cache_attention_mask_hides_cached_padding_but_never_a_query_itself():
+    """Step masks over cached + new keys: causal, padding keys hidden, and every query sees its own key."""
+    cache = ModelCache(1)
+    first = cache.attention_mask(torch.tensor([[0, 1, 1]]))  # a left-padded prompt
+    assert first.shape == (1, 1, 3, 3)
+    assert first[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    step = cache.attention_mask(torch.tensor([[1]]))
+    assert step.shape == (1, 1, 1, 4) and step[0, 0].tolist() == [[False, True, True, True]]
+    assert cache.mask.tolist() == [[False, True, True, True]]

@@ -24,8 +24,10 @@ from helmlm.geometry import (
     manifold_violation,
     max_radius,
     minkowski_inner,
+    minkowski_sign,
     origin,
     project,
+    promote,
     rescale_curvature,
     sq_distance,
     time_from_space,
@@ -286,7 +288,7 @@ def test_distance_symmetric_nonnegative_zero_diagonal(seed, dtype, c):
     """Pairwise distances over all norms: finite, symmetric, >= 0, and exactly 0 from a point to itself."""
     x = random_points(NORMS, seed, dtype, c)
     d = distance(x[:, None, :], x[None, :, :], c)
-    d2 = sq_distance(x[:, None, :], x[None, :, :], c)
+    d2 = sq_distance(x[:, None, :], x[None, :, :])
     assert_finite(d, d2)
     assert d.dtype == dtype and d.shape == (len(NORMS), len(NORMS))
     assert (d >= 0).all() and (d2 >= 0).all()
@@ -340,7 +342,7 @@ def test_sq_distance_matches_inner_product_formula(seed, dtype, c):
     xx, yy = x[:, None, :], y[None, :, :]
     ref = -2 * c - 2 * minkowski_inner(xx.double(), yy.double())
     scale = xx[..., 0].double().square() + yy[..., 0].double().square()
-    d2 = sq_distance(xx, yy, c)
+    d2 = sq_distance(xx, yy)
     assert d2.dtype == dtype
     assert ((d2.double() - ref).abs() / scale).max() < TOL[dtype]
     # Moderate norms (|s| in 1e-2 .. 3, so pairwise d2 >~ 1e-4 while the terms are <~ 20): relative agreement on d2
@@ -350,7 +352,7 @@ def test_sq_distance_matches_inner_product_formula(seed, dtype, c):
     off_diag = ~torch.eye(len(m), dtype=torch.bool)
     inner = minkowski_inner(mm.double(), nn.double())[off_diag]
     ref_d2 = -2 * c - 2 * inner
-    assert ((sq_distance(mm, nn, c).double()[off_diag] - ref_d2).abs() / ref_d2).max() < 100 * TOL[dtype]
+    assert ((sq_distance(mm, nn).double()[off_diag] - ref_d2).abs() / ref_d2).max() < 100 * TOL[dtype]
     ref_d = math.sqrt(c) * torch.acosh(-inner / c)
     assert ((distance(mm, nn, c).double()[off_diag] - ref_d).abs() / ref_d).max() < 100 * TOL[dtype]
 
@@ -485,7 +487,7 @@ def test_centroid_minimises_weighted_squared_distance(seed, c):
     mu = centroid(x, c, w[None, :])[0]
 
     def cost(p):
-        return (w * sq_distance(p[..., None, :], x, c)).sum(-1)
+        return (w * sq_distance(p[..., None, :], x)).sum(-1)
 
     g = torch.Generator().manual_seed(seed)
     nearby = expmap0(logmap0(mu, c) + 0.05 * torch.randn(64, SPACE_DIM, generator=g, dtype=torch.float64), c)
@@ -690,3 +692,15 @@ def test_distance_matches_geoopt(seed, c):
     ref = _geoopt(c).dist(x, y)
     assert (ref > 1e-2).all()  # geoopt's arcosh clamps x^2 - 1 at 1e-15, so keep points apart
     assert ((distance(x, y, c) - ref).abs() / ref).max() < GEOOPT_RTOL
+
+
+def test_promote_and_minkowski_sign():
+    """promote lifts only bf16/fp16 (to fp32); minkowski_sign is (-1, 1, ..., 1) in the input's dtype."""
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        assert promote(torch.ones(2, dtype=dtype)).dtype == expected
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert promote(x) is x
+    sign = minkowski_sign(x)
+    assert sign.dtype == torch.float64 and sign.tolist() == [-1.0, 1.0, 1.0, 1.0, 1.0]
+    torch.testing.assert_close((x * x * sign).sum(-1), minkowski_inner(x, x), rtol=0, atol=0)

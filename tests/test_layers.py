@@ -20,6 +20,8 @@ from helmlm.nn import (
     LorentzSelfAttention,
     apply_rotary,
     document_causal_mask,
+    gemm_pad,
+    lorentz_init_,
     lorentz_sdpa,
     naive_lorentz_attention,
     rotary_tables,
@@ -241,6 +243,19 @@ def test_lorentz_linear_output_on_manifold(c, dtype):
         tol = VIOLATION_TOL[dtype]
         rel = "curvature" if norms is NORMED_NORMS else "scale"
         assert manifold_violation(out, c, relative_to=rel).max().item() <= (tol if rel == "curvature" else 1e-6)
+
+
+def test_gemm_pad_and_lorentz_init():
+    """gemm_pad rounds widths up to a multiple of 8; lorentz_init_ is nn.init.xavier_uniform_(gain sqrt 2) on a
+    matrix, and on a stack of matrices it uses each matrix's own fans."""
+    assert [gemm_pad(n) for n in (1, 7, 8, 9, 259, 1039, 1040)] == [7, 1, 0, 7, 5, 1, 0]
+    torch.manual_seed(0)
+    ours = lorentz_init_(torch.empty(33, 34))
+    torch.manual_seed(0)
+    assert torch.equal(ours, torch.nn.init.xavier_uniform_(torch.empty(33, 34), gain=math.sqrt(2)))
+    stack = lorentz_init_(torch.empty(4, 40, 10))
+    bound = math.sqrt(2) * math.sqrt(6 / 50)
+    assert stack.abs().max() <= bound and stack.abs().max() > 0.9 * bound
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -69,7 +69,8 @@ def test_hmla_matches_naive_oracle_fp64():
 def test_one_expert_top1_is_a_curvature_rescaled_hffn():
     """E=1, k=1, no shared expert, paper mode: MiCE(x) = sqrt(c/c1) * HFFN_c1(sqrt(c1/c) x), computed independently."""
     torch.manual_seed(0)
-    mice = MiCE(18, 24, n_routed=1, topk=1, n_shared=0, curvatures=[0.6], combine="paper").double()
+    mice = MiCE(18, 24, n_routed_experts=1, n_activated_experts=1, n_shared_experts=0, curvatures=[0.6],
+                combine="paper").double()
     ffn = LorentzFeedForward(18, 24, curvature=0.6).double()
     e = mice.experts
     with torch.no_grad():
@@ -85,7 +86,7 @@ def test_one_expert_top1_is_a_curvature_rescaled_hffn():
 
 def test_bias_changes_selection_not_weights():
     torch.manual_seed(0)
-    mice = MiCE(18, 24, n_routed=4, topk=2, combine="paper")
+    mice = MiCE(18, 24, n_routed_experts=4, n_activated_experts=2, combine="paper")
     x = lift(torch.randn(64, 17) * 3, 1.0)
     w0, i0, s0 = mice.gate(x[..., 1:])
     mice.gate.bias.copy_(torch.tensor([5.0, 5.0, -5.0, -5.0]))
@@ -96,7 +97,7 @@ def test_bias_changes_selection_not_weights():
 
 
 def test_curvatures_stay_positive_after_a_huge_step():
-    mice = MiCE(18, 24, n_routed=4, topk=2, curvatures=[0.1, 0.5, 1.0, 2.0])
+    mice = MiCE(18, 24, n_routed_experts=4, n_activated_experts=2, curvatures=[0.1, 0.5, 1.0, 2.0])
     opt = torch.optim.SGD(mice.parameters(), lr=1.0)
     x = lift(torch.randn(32, 17) * 3, 1.0)
     (mice(x).sum() * 1e6).backward()

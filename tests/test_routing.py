@@ -155,7 +155,7 @@ def test_group_limited_routing_matches_brute_force(score_func):
     """With 8 experts in 4 groups and 2 allowed groups: per token, pick the 2 groups with the largest sum of their
     top-2 biased scores, then the top-3 biased experts inside them (a per-token Python loop)."""
     torch.manual_seed(0)
-    gate = Gate(16, 8, 3, score_func, route_scale=1.5, n_groups=4, topk_groups=2)
+    gate = Gate(16, 8, 3, score_func, route_scale=1.5, n_expert_groups=4, n_limited_groups=2)
     gate.bias.copy_(torch.randn(8) * 0.1)
     x = torch.randn(40, 16)
     weights, indices, scores = gate(x)

@@ -48,7 +48,6 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _HELM_D_ROPE_THETA = 10000.0  # hard-coded in the reference's HELM-D (helm_d.py)
 
 
-
 def parse_arch(arch: str) -> tuple[int, int, int]:
     """Parse the reference's ``"L{layers}_W{width}_A{heads}"`` (heads default to ``width // 64``, as there)."""
     layers, width, heads = (re.search(p, arch) for p in (r"L(\d+)", r"W(\d+)", r"A(\d+)"))
@@ -147,16 +146,32 @@ def _is_curvature_alias(key: str) -> bool:
     return key.endswith((".k", ".c")) or key in ("k", "c")
 
 
-def _helm_d_key_map(config: HELMConfig) -> tuple[dict[str, list[str]], set[str]]:
-    """Map each helmlm parameter to the reference key(s) it is built from; plus the droppable reference keys."""
+def _common_key_map(config: HELMConfig, *, embed: str, norm: str, head: str, layers: str,
+                    block: dict[str, str]) -> tuple[dict[str, list[str]], set[str]]:
+    """The keys both reference models map one to one: embedding, final projection, final norm and head, and per
+    block (reference prefix ``{layers}.{i}``) the entries of ``block`` (helmlm suffix -> reference suffix); plus the
+    dead per-block attention ``bias``."""
     key_map: dict[str, list[str]] = {
-        "model.embed.weight": ["token_embed.embedding"],
+        "model.embed.weight": [embed],
         "model.final_proj.weight": ["final_proj.linear.weight"],
         "model.final_proj.bias": ["final_proj.linear.bias"],
-        "model.norm.weight": ["ln_final.weight"],
-        "lm_head.weight": ["mapping.weight"],
+        "model.norm.weight": [norm],
+        "lm_head.weight": [head],
     }
-    dead = {"token_embed.add_pos.w_y", "token_embed.add_pos.scale", "attn_mask", "freqs_complex"}
+    dead = set()
+    for i in range(config.num_hidden_layers):
+        key_map.update({f"model.layers.{i}.{ours}": [f"{layers}.{i}.{ref}"] for ours, ref in block.items()})
+        dead.add(f"{layers}.{i}.attn.bias")
+    return key_map, dead
+
+
+def _helm_d_key_map(config: HELMConfig) -> tuple[dict[str, list[str]], set[str]]:
+    """Map each helmlm parameter to the reference key(s) it is built from; plus the droppable reference keys."""
+    key_map, dead = _common_key_map(
+        config, embed="token_embed.embedding", norm="ln_final.weight", head="mapping.weight", layers="resblocks",
+        block={"attn.temperature": "attn.scale", "attn_norm.weight": "ln_1.weight", "ffn_norm.weight": "ln_2.weight",
+               "attn_residual.weight": "res1.w_y", "ffn_residual.weight": "res2.w_y"})
+    dead |= {"token_embed.add_pos.w_y", "token_embed.add_pos.scale", "attn_mask", "freqs_complex"}
     for i in range(config.num_hidden_layers):
         ref, ours = f"resblocks.{i}", f"model.layers.{i}"
         for p in ("weight", "bias"):
@@ -164,54 +179,40 @@ def _helm_d_key_map(config: HELMConfig) -> tuple[dict[str, list[str]], set[str]]
             key_map[f"{ours}.attn.out.{p}"] = [f"{ref}.attn.final_linear.{p}"]
             for w in ("w1", "w2", "w3"):
                 key_map[f"{ours}.ffn.{w}.{p}"] = [f"{ref}.mlp.{w}.linear.{p}"]
-        key_map[f"{ours}.attn.temperature"] = [f"{ref}.attn.scale"]
-        key_map[f"{ours}.attn_norm.weight"] = [f"{ref}.ln_1.weight"]
-        key_map[f"{ours}.ffn_norm.weight"] = [f"{ref}.ln_2.weight"]
-        key_map[f"{ours}.attn_residual.weight"] = [f"{ref}.res1.w_y"]
-        key_map[f"{ours}.ffn_residual.weight"] = [f"{ref}.res2.w_y"]
-        dead.add(f"{ref}.attn.bias")
     return key_map, dead
 
 
 def _helm_mice_key_map(config: HELMConfig) -> tuple[dict[str, list[str]], set[str]]:
     """As :func:`_helm_d_key_map`, for the reference's LorentzDeepSeekV3 (HMLA + MiCE)."""
-    key_map: dict[str, list[str]] = {
-        "model.embed.weight": ["embed.weight" if config.project_emb else "embed.embedding"],
-        "model.final_proj.weight": ["final_proj.linear.weight"],
-        "model.final_proj.bias": ["final_proj.linear.bias"],
-        "model.norm.weight": ["norm.weight"],
-        "lm_head.weight": ["head.weight"],
-    }
-    dead = {"embed.add_pos.w_y", "embed.add_pos.scale", "attn_mask", "freqs_cis"}
+    key_map, dead = _common_key_map(
+        config, embed="embed.weight" if config.project_emb else "embed.embedding", norm="norm.weight",
+        head="head.weight", layers="layers",
+        block={"attn.kv_norm.weight": "attn.kv_norm.weight", "attn.temperature": "attn.softmax_scale",
+               "attn_norm.weight": "attn_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
+               "attn_residual.weight": "attn_res.w_y", "ffn_residual.weight": "ffn_res.w_y"})
+    dead |= {"embed.add_pos.w_y", "embed.add_pos.scale", "attn_mask", "freqs_cis"}
     experts = range(config.n_routed_experts)
     for i in range(config.num_hidden_layers):
         ref, ours = f"layers.{i}", f"model.layers.{i}"
         for lin in ("wq", "wkv_a", "wkv_b", "wo"):
             for p in ("weight", "bias"):
                 key_map[f"{ours}.attn.{lin}.{p}"] = [f"{ref}.attn.{lin}.linear.{p}"]
-        key_map[f"{ours}.attn.kv_norm.weight"] = [f"{ref}.attn.kv_norm.weight"]
-        key_map[f"{ours}.attn.temperature"] = [f"{ref}.attn.softmax_scale"]
-        key_map[f"{ours}.attn_norm.weight"] = [f"{ref}.attn_norm.weight"]
-        key_map[f"{ours}.ffn_norm.weight"] = [f"{ref}.ffn_norm.weight"]
-        key_map[f"{ours}.attn_residual.weight"] = [f"{ref}.attn_res.w_y"]
-        key_map[f"{ours}.ffn_residual.weight"] = [f"{ref}.ffn_res.w_y"]
-        dead.add(f"{ref}.attn.bias")
-        if config.is_moe_layer(i):
-            key_map[f"{ours}.ffn.gate.weight"] = [f"{ref}.ffn.gate.weight"]
-            key_map[f"{ours}.ffn.gate.bias"] = [f"{ref}.ffn.gate.bias"]
-            for w in ("w1", "w2", "w3"):
-                for p, ours_p in (("weight", w), ("bias", "b" + w[1])):
-                    key_map[f"{ours}.ffn.experts.{ours_p}"] = [f"{ref}.ffn.experts.{j}.{w}.linear.{p}" for j in experts]
-                    if config.n_shared_experts:
-                        key_map[f"{ours}.ffn.shared.{w}.{p}"] = [f"{ref}.ffn.shared_experts.{w}.linear.{p}"]
-            key_map[f"{ours}.ffn.experts.log_curvature"] = [f"{ref}.ffn.experts.{j}.expert_manifold.k" for j in experts]
-            if config.n_shared_experts:
-                key_map[f"{ours}.ffn.shared_residual.weight"] = [f"{ref}.ffn.add_experts.w_y"]
-                key_map[f"{ours}.ffn.shared_residual.log_scale"] = [f"{ref}.ffn.add_experts.scale"]
-        else:
+        if not config.is_moe_layer(i):
             for w in ("w1", "w2", "w3"):
                 for p in ("weight", "bias"):
                     key_map[f"{ours}.ffn.{w}.{p}"] = [f"{ref}.ffn.{w}.linear.{p}"]
+            continue
+        key_map[f"{ours}.ffn.gate.weight"] = [f"{ref}.ffn.gate.weight"]
+        key_map[f"{ours}.ffn.gate.bias"] = [f"{ref}.ffn.gate.bias"]
+        for w in ("w1", "w2", "w3"):
+            for p, ours_p in (("weight", w), ("bias", "b" + w[1])):
+                key_map[f"{ours}.ffn.experts.{ours_p}"] = [f"{ref}.ffn.experts.{j}.{w}.linear.{p}" for j in experts]
+                if config.n_shared_experts:
+                    key_map[f"{ours}.ffn.shared.{w}.{p}"] = [f"{ref}.ffn.shared_experts.{w}.linear.{p}"]
+        key_map[f"{ours}.ffn.experts.log_curvature"] = [f"{ref}.ffn.experts.{j}.expert_manifold.k" for j in experts]
+        if config.n_shared_experts:
+            key_map[f"{ours}.ffn.shared_residual.weight"] = [f"{ref}.ffn.add_experts.w_y"]
+            key_map[f"{ours}.ffn.shared_residual.log_scale"] = [f"{ref}.ffn.add_experts.scale"]
     return key_map, dead
 
 

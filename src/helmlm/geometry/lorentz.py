@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "promote",
+    "minkowski_sign",
     "as_curvature",
     "minkowski_inner",
     "time_from_space",
@@ -40,8 +42,11 @@ __all__ = [
 _MAX_RADIUS = {torch.float32: 40.0, torch.float64: 350.0}
 
 
-def _promote(x: Tensor) -> Tensor:
-    """Upcast bf16/fp16 to fp32; fp32 and fp64 pass through (the manifold-op precision policy)."""
+def promote(x: Tensor) -> Tensor:
+    """Upcast bf16/fp16 to fp32; fp32 and fp64 pass through (the manifold-op precision policy).
+
+    The one dtype-promotion rule of helmlm: the layers of :mod:`helmlm.nn` use it wherever they leave a low
+    precision for a manifold operation or a normalisation."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
@@ -52,14 +57,16 @@ def max_radius(dtype: torch.dtype) -> float:
 
 def as_curvature(c: float | Tensor, like: Tensor) -> Tensor:
     """Return ``c`` as a tensor on ``like``'s device, in ``like``'s (promoted) dtype; a tensor keeps its graph."""
-    dtype = _promote(like).dtype
+    dtype = promote(like).dtype
     if isinstance(c, Tensor):
         return c.to(device=like.device, dtype=dtype)
     return torch.tensor(float(c), device=like.device, dtype=dtype)
 
 
-def _time_sign(x: Tensor) -> Tensor:
-    """The metric signature ``(-1, 1, ..., 1)`` as a vector matching ``x``'s last axis."""
+def minkowski_sign(x: Tensor) -> Tensor:
+    """The metric signature ``(-1, 1, ..., 1)`` as a vector matching ``x``'s last axis (its size, dtype, device).
+
+    ``<x, y>_L = sum(x * y * sign)``; hyperbolic attention multiplies queries by it (``q~ = (-q_t, q_s)``)."""
     sign = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
     sign[0] = -1
     return sign
@@ -71,21 +78,21 @@ def minkowski_inner(x: Tensor, y: Tensor, keepdim: bool = False) -> Tensor:
     Written as ``sum(x * y * sign)`` with the signature vector ``sign = (-1, 1, ..., 1)``: no slicing, so the
     backward pass does not materialise zero-padded slice gradients.
     """
-    x, y = _promote(x), _promote(y)
+    x, y = promote(x), promote(y)
     prod = x.square() if x is y else x * y
-    return (prod * _time_sign(prod)).sum(-1, keepdim=keepdim)
+    return (prod * minkowski_sign(prod)).sum(-1, keepdim=keepdim)
 
 
 def time_from_space(space: Tensor, c: float | Tensor, accurate: bool = False) -> Tensor:
     """Time coordinate of the point with space part ``s``: ``sqrt(|s|^2 + c)`` (shape ``(..., 1)``).
 
     ``accurate=True`` accumulates ``|s|^2`` of an fp32 input in fp64 and rounds once. Use it where points have
-    large norms and must sit on the hyperboloid to fp32's limit (the residual stream, |s| ~ 50-100): fp32
-    accumulation moves ``<x, x>_L`` by up to ~1e-3 c there (measured 1.4e-3 at |s| = 77), fp64 accumulation leaves
-    only the rounding of ``x_t`` (6.5e-4). It costs an fp64 copy of ``s`` (PyTorch materialises the cast), about
-    1 % of a HELM-D training step per call site, so the layers use it for the residual stream only.
+    large norms and must sit on the hyperboloid to fp32's limit (the residual stream, |s| ~ 50-100): there fp32
+    accumulation moves ``<x, x>_L`` by a visible fraction of ``c``, fp64 accumulation leaves only the rounding of
+    ``x_t``. It costs an fp64 copy of ``s`` (PyTorch materialises the cast), so the layers use it for the residual
+    stream only (measured: docs/precision.md).
     """
-    space = _promote(space)
+    space = promote(space)
     if accurate and space.dtype == torch.float32:
         sq = space.square().sum(-1, keepdim=True, dtype=torch.float64)
         return (sq + as_curvature(c, space).double()).sqrt().float()
@@ -127,7 +134,7 @@ def lift(space: Tensor, c: float | Tensor, accurate: bool = False) -> Tensor:
 
     ``accurate``: accumulate ``|s|^2`` in fp64 for fp32 inputs (see :func:`time_from_space`).
     """
-    space = _promote(space)
+    space = promote(space)
     c = as_curvature(c, space)
     if c.dim() > space.dim():  # a curvature with more axes than the points: plain autograd handles broadcasting
         return torch.cat([time_from_space(space, c, accurate), space], dim=-1)
@@ -141,13 +148,13 @@ def origin(space_dim: int, c: float | Tensor, *, dtype: torch.dtype = torch.floa
     return o
 
 
-def sq_distance(x: Tensor, y: Tensor, c: float | Tensor | None = None) -> Tensor:
-    """Squared Lorentzian distance ``d2(x, y) = -2c - 2<x, y>_L``.
+def sq_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Squared Lorentzian distance ``d2(x, y) = -2c - 2<x, y>_L`` of two points on the same hyperboloid.
 
     Computed as ``<x - y, x - y>_L``, which equals the formula on the manifold but does not cancel catastrophically
-    for nearby points; clamped at 0. ``c`` is accepted for symmetry with the other functions and is not needed.
+    for nearby points (and needs no ``c``); clamped at 0.
     """
-    d = _promote(x) - _promote(y)
+    d = promote(x) - promote(y)
     return minkowski_inner(d, d).clamp_min(0)
 
 
@@ -159,7 +166,7 @@ def distance(x: Tensor, y: Tensor, c: float | Tensor) -> Tensor:
     loses half the digits. Far points: the arcosh form, because ``d2`` then cancels catastrophically (its terms are
     ~``c e^(2r)`` while it is ~``c e^r``). The gradient is finite (zero) at ``x == y``.
     """
-    x, y = _promote(x), _promote(y)
+    x, y = promote(x), promote(y)
     sqrt_c = as_curvature(c, x).sqrt()
     z = -minkowski_inner(x, y) / sqrt_c.square()  # cosh(d / sqrt(c))
     near = z <= 2
@@ -200,7 +207,7 @@ def expmap0(u: Tensor, c: float | Tensor) -> Tensor:
     hyperboloid to working precision. The radius ``r = |u|/sqrt(c)`` is clamped at :func:`max_radius` so that
     huge inputs give finite points instead of ``inf``.
     """
-    u = _promote(u)
+    u = promote(u)
     sqrt_c = as_curvature(c, u).sqrt()
     r = _norm(u) / sqrt_c
     r_clamped = r.clamp_max(max_radius(u.dtype))
@@ -216,7 +223,7 @@ def logmap0(x: Tensor, c: float | Tensor) -> Tensor:
     ``logmap0(x) = sqrt(c) asinh(|x_s|/sqrt(c)) x_s/|x_s|``. Only the space part is used (the asinh form), which is
     stable near the origin, unlike ``arcosh(x_t/sqrt(c))``.
     """
-    xs = _promote(x)[..., 1:]
+    xs = promote(x)[..., 1:]
     sqrt_c = as_curvature(c, xs).sqrt()
     r = _norm(xs) / sqrt_c
     return xs * _asinhc(r)
@@ -224,12 +231,12 @@ def logmap0(x: Tensor, c: float | Tensor) -> Tensor:
 
 def project(x: Tensor, c: float | Tensor) -> Tensor:
     """Project onto the hyperboloid by recomputing the time coordinate from the space part (``lift(x_s)``)."""
-    return lift(_promote(x)[..., 1:], c)
+    return lift(promote(x)[..., 1:], c)
 
 
 def rescale_curvature(x: Tensor, c_from: float | Tensor, c_to: float | Tensor) -> Tensor:
     """Map a point of the ``c_from`` hyperboloid onto the ``c_to`` one: ``x * sqrt(c_to / c_from)``."""
-    x = _promote(x)
+    x = promote(x)
     return x * (as_curvature(c_to, x) / as_curvature(c_from, x)).sqrt()
 
 
@@ -239,7 +246,7 @@ def lorentz_normalize(a: Tensor, c: float | Tensor, eps: float = 1e-8) -> Tensor
     For ``a`` a positive combination of hyperboloid points this is their weighted Lorentzian centroid. ``eps``
     bounds the denominator away from 0.
     """
-    a = _promote(a)
+    a = promote(a)
     denom = minkowski_inner(a, a, keepdim=True).abs().clamp_min(eps).sqrt()
     return a * (as_curvature(c, a).sqrt() / denom)  # one pass over `a`; the factor is per point
 
@@ -250,8 +257,8 @@ def centroid(x: Tensor, c: float | Tensor, weights: Tensor | None = None, eps: f
     ``a = weights @ x``, ``mu = sqrt(c) a / sqrt(|<a, a>_L|)``. With ``weights=None`` returns the centroid of the
     ``M`` points (shape ``(..., D)``); with weights, one centroid per weight row (shape ``(..., K, D)``).
     """
-    x = _promote(x)
-    a = x.mean(dim=-2) if weights is None else _promote(weights).to(x.dtype) @ x
+    x = promote(x)
+    a = x.mean(dim=-2) if weights is None else promote(weights).to(x.dtype) @ x
     return lorentz_normalize(a, c, eps)
 
 

@@ -9,14 +9,14 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from helmlm.errors import ConfigError  # noqa: F401  (re-exported)
+from helmlm.nn.mice import COMBINE_MODES, Combine
+from helmlm.nn.routing import DISPATCHES, SCORE_FUNCS, Dispatch, ScoreFunc
 
+# Choices of the block's structure, which only the config knows; the routing choices (SCORE_FUNCS, DISPATCHES,
+# COMBINE_MODES) are defined once by the layers that use them, in helmlm.nn, and imported here.
 GEOMETRIES = ("lorentz", "euclidean")
 ATTENTIONS = ("mha", "mla")
 FFNS = ("dense", "moe")
-SCORE_FUNCS = ("softmax", "sigmoid")
-MOE_COMBINES = ("paper", "reference")
-MOE_DISPATCHES = ("auto", "grouped", "dense")
-
 
 
 class HELMConfig(PretrainedConfig):
@@ -74,16 +74,16 @@ class HELMConfig(PretrainedConfig):
         n_activated_experts: int = 2,
         n_shared_experts: int = 1,
         moe_intermediate_size: int | None = None,
-        score_func: str = "softmax",
+        score_func: ScoreFunc = "softmax",
         route_scale: float = 1.0,
         n_expert_groups: int = 1,
         n_limited_groups: int = 1,
         expert_curvatures: list[float] | None = None,
         learn_expert_curvature: bool = True,
-        moe_combine: str = "paper",
+        moe_combine: Combine = "paper",
         moe_renormalize: bool | None = None,
         moe_balance_alpha: float = 1e-4,
-        moe_dispatch: str = "auto",
+        moe_dispatch: Dispatch = "auto",
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -193,64 +193,81 @@ class HELMConfig(PretrainedConfig):
         return self.ffn == "moe" and index >= self.n_dense_layers
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first inconsistent field and how to fix it."""
+        """Raise :class:`ConfigError` naming the first inconsistent field and how to fix it.
 
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        The checks run in a fixed order (sizes and choices, MLA dims, MoE settings, heads and rotary dims, the
+        remaining scalars), so the field named is always the first one that is wrong in that order."""
+        self._validate_basics()
+        if self.attention == "mla":
+            self._validate_mla()
+        if self.ffn == "moe":
+            self._validate_moe_counts()
+            self._validate_moe_choices()
+        self._validate_heads()
+        self._validate_scalars()
 
+    def _positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    def _non_negative_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+    def _one_of(self, name: str, allowed: tuple[str, ...]) -> None:
+        if getattr(self, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    def _validate_basics(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings"):
-            positive_int(name)
+            self._positive_int(name)
         for name, allowed in (("geometry", GEOMETRIES), ("attention", ATTENTIONS), ("ffn", FFNS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+            self._one_of(name, allowed)
         if self.curvature <= 0:
             raise ConfigError(f"curvature must be > 0 (sectional curvature -1/c), got {self.curvature}")
-        if self.attention == "mla":
-            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                positive_int(name)
-            if self.is_lorentz and (self.qk_rope_head_dim < 3 or self.v_head_dim < 2):
-                raise ConfigError(f"qk_rope_head_dim must be >= 3 and v_head_dim >= 2 (ambient coordinates, one "
-                                  f"is time); got {self.qk_rope_head_dim} and {self.v_head_dim}")
-        if self.ffn == "moe":
-            for name in ("n_routed_experts", "n_activated_experts", "moe_intermediate_size",
-                         "n_expert_groups", "n_limited_groups"):
-                positive_int(name)
-            if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
-                raise ConfigError(f"n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
-            if not isinstance(self.n_dense_layers, int) or self.n_dense_layers < 0:
-                raise ConfigError(f"n_dense_layers must be an integer >= 0, got {self.n_dense_layers!r}")
-            if self.n_activated_experts > self.n_routed_experts:
-                raise ConfigError(f"n_activated_experts={self.n_activated_experts} (top-k) exceeds "
-                                  f"n_routed_experts={self.n_routed_experts}")
-            if self.n_routed_experts % self.n_expert_groups:
-                raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not divisible by "
-                                  f"n_expert_groups={self.n_expert_groups}")
-            if self.n_limited_groups > self.n_expert_groups:
-                raise ConfigError(f"n_limited_groups={self.n_limited_groups} exceeds "
-                                  f"n_expert_groups={self.n_expert_groups}")
-            if self.n_expert_groups > 1 and (self.n_routed_experts // self.n_expert_groups) * \
-                    self.n_limited_groups < self.n_activated_experts:
-                raise ConfigError(f"n_limited_groups={self.n_limited_groups} groups of "
-                                  f"{self.n_routed_experts // self.n_expert_groups} experts cannot hold "
-                                  f"n_activated_experts={self.n_activated_experts}")
-            if self.score_func not in SCORE_FUNCS:
-                raise ConfigError(f"score_func must be one of {', '.join(SCORE_FUNCS)}; got {self.score_func!r}")
-            if self.moe_dispatch not in MOE_DISPATCHES:
-                raise ConfigError(f"moe_dispatch must be one of {', '.join(MOE_DISPATCHES)}; "
-                                  f"got {self.moe_dispatch!r}")
-            if not isinstance(self.moe_balance_alpha, (int, float)) or self.moe_balance_alpha < 0:
-                raise ConfigError(f"moe_balance_alpha must be a number >= 0, got {self.moe_balance_alpha!r}")
-            if self.is_lorentz and self.moe_intermediate_size < 2:
-                raise ConfigError(f"moe_intermediate_size must be >= 2 for Lorentz experts (ambient width, one "
-                                  f"coordinate is time), got {self.moe_intermediate_size}")
-            if self.moe_combine not in MOE_COMBINES:
-                raise ConfigError(f"moe_combine must be one of {', '.join(MOE_COMBINES)}; got {self.moe_combine!r}")
-            curv = self.resolved_expert_curvatures()
-            if len(curv) != self.n_routed_experts or min(curv) <= 0:
-                raise ConfigError(f"expert_curvatures must list {self.n_routed_experts} positive values, got {curv}")
+
+    def _validate_mla(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            self._positive_int(name)
+        if self.is_lorentz and (self.qk_rope_head_dim < 3 or self.v_head_dim < 2):
+            raise ConfigError(f"qk_rope_head_dim must be >= 3 and v_head_dim >= 2 (ambient coordinates, one "
+                              f"is time); got {self.qk_rope_head_dim} and {self.v_head_dim}")
+
+    def _validate_moe_counts(self) -> None:
+        for name in ("n_routed_experts", "n_activated_experts", "moe_intermediate_size",
+                     "n_expert_groups", "n_limited_groups"):
+            self._positive_int(name)
+        self._non_negative_int("n_shared_experts")
+        self._non_negative_int("n_dense_layers")
+        routed, active, groups, limited = (self.n_routed_experts, self.n_activated_experts, self.n_expert_groups,
+                                           self.n_limited_groups)
+        if active > routed:
+            raise ConfigError(f"n_activated_experts={active} (top-k) exceeds n_routed_experts={routed}")
+        if routed % groups:
+            raise ConfigError(f"n_routed_experts={routed} is not divisible by n_expert_groups={groups}")
+        if limited > groups:
+            raise ConfigError(f"n_limited_groups={limited} exceeds n_expert_groups={groups}")
+        if groups > 1 and (routed // groups) * limited < active:
+            raise ConfigError(f"n_limited_groups={limited} groups of {routed // groups} experts cannot hold "
+                              f"n_activated_experts={active}")
+
+    def _validate_moe_choices(self) -> None:
+        self._one_of("score_func", SCORE_FUNCS)
+        self._one_of("moe_dispatch", DISPATCHES)
+        if not isinstance(self.moe_balance_alpha, (int, float)) or self.moe_balance_alpha < 0:
+            raise ConfigError(f"moe_balance_alpha must be a number >= 0, got {self.moe_balance_alpha!r}")
+        if self.is_lorentz and self.moe_intermediate_size < 2:
+            raise ConfigError(f"moe_intermediate_size must be >= 2 for Lorentz experts (ambient width, one "
+                              f"coordinate is time), got {self.moe_intermediate_size}")
+        self._one_of("moe_combine", COMBINE_MODES)
+        curv = self.resolved_expert_curvatures()
+        if len(curv) != self.n_routed_experts or min(curv) <= 0:
+            raise ConfigError(f"expert_curvatures must list {self.n_routed_experts} positive values, got {curv}")
+
+    def _validate_heads(self) -> None:
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.attention == "mha" and self.hidden_size % self.num_attention_heads:
@@ -258,22 +275,26 @@ class HELMConfig(PretrainedConfig):
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
                 "every head gets hidden_size / num_attention_heads coordinates")
         if self.rotary_dim % 2:
-            if self.attention == "mla" and self.is_lorentz:
-                what = (f"qk_rope_head_dim={self.qk_rope_head_dim} ambient coordinates, so the rotary key's space "
-                        f"part has {self.rotary_dim}")
-            elif self.attention == "mla":
-                what = f"qk_rope_head_dim={self.qk_rope_head_dim}"
-            elif self.is_lorentz:
-                what = (f"each head has {self.head_dim} ambient coordinates, so its space part (rotated by HoPE) "
-                        f"has {self.rotary_dim}")
-            else:
-                what = f"each head has {self.rotary_dim} coordinates"
-            raise ConfigError(
-                f"rotary dim {self.rotary_dim} is odd ({what}, with hidden_size={self.hidden_size} and "
+            raise ConfigError(self._odd_rotary_message())
+
+    def _odd_rotary_message(self) -> str:
+        fix = "choose a width/head count whose rotated dim is even"
+        if self.attention == "mla" and self.is_lorentz:
+            what = (f"qk_rope_head_dim={self.qk_rope_head_dim} ambient coordinates, so the rotary key's space "
+                    f"part has {self.rotary_dim}")
+            fix = "choose an odd qk_rope_head_dim"
+        elif self.attention == "mla":
+            what, fix = f"qk_rope_head_dim={self.qk_rope_head_dim}", "choose an even qk_rope_head_dim"
+        elif self.is_lorentz:
+            what = (f"each head has {self.head_dim} ambient coordinates, so its space part (rotated by HoPE) "
+                    f"has {self.rotary_dim}")
+        else:
+            what = f"each head has {self.rotary_dim} coordinates"
+        return (f"rotary dim {self.rotary_dim} is odd ({what}, with hidden_size={self.hidden_size} and "
                 f"num_attention_heads={self.num_attention_heads}); rotary embeddings rotate coordinate pairs, so "
-                + ("choose an odd qk_rope_head_dim" if self.attention == "mla" and self.is_lorentz
-                   else "choose an even qk_rope_head_dim" if self.attention == "mla"
-                   else "choose a width/head count whose rotated dim is even"))
+                + fix)
+
+    def _validate_scalars(self) -> None:
         if self.is_lorentz and self.intermediate_size < 2:
             raise ConfigError(f"intermediate_size must be >= 2 for a Lorentz FFN, got {self.intermediate_size}")
         if self.project_emb and not self.is_lorentz:

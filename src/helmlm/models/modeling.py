@@ -9,6 +9,8 @@ and ``ffn="moe"`` swap in HMLA and MiCE (HELM-MiCE), or MLA and MoE for the Deep
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -39,30 +41,37 @@ from helmlm.nn import (
 from helmlm.nn.cache import LayerCache, ModelCache
 
 
+def routing_settings(config: HELMConfig) -> dict[str, Any]:
+    """The routed-FFN arguments that MiCE and MoE share, under the config's names."""
+    return {"n_routed_experts": config.n_routed_experts, "n_activated_experts": config.n_activated_experts,
+            "n_shared_experts": config.n_shared_experts, "score_func": config.score_func,
+            "route_scale": config.route_scale, "n_expert_groups": config.n_expert_groups,
+            "n_limited_groups": config.n_limited_groups, "dispatch": config.moe_dispatch}
+
+
 class LorentzBlock(nn.Module):
     """Pre-norm hyperbolic block: ``h = res1(h, attn(norm1(h)))``, ``h = res2(h, ffn(norm2(h)))``."""
 
     def __init__(self, config: HELMConfig, index: int = 0):
         super().__init__()
-        width, c, eps = config.hidden_size, config.curvature, config.rms_norm_eps
+        ambient, c, eps = config.hidden_size, config.curvature, config.rms_norm_eps
         scale, tau = config.resolved_residual_scale(), config.resolved_attention_temperature()
-        self.attn_norm = LorentzRMSNorm(width - 1, eps, c)
+        self.attn_norm = LorentzRMSNorm(ambient - 1, eps, c)
         if config.attention == "mla":
-            self.attn = LorentzLatentAttention(width, config.num_attention_heads, config.kv_lora_rank,
+            self.attn = LorentzLatentAttention(ambient, config.num_attention_heads, config.kv_lora_rank,
                                                config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim,
                                                c, tau, eps)
         else:
-            self.attn = LorentzSelfAttention(width, config.num_attention_heads, c, tau)
+            self.attn = LorentzSelfAttention(ambient, config.num_attention_heads, c, tau)
         self.attn_residual = LorentzResidual(scale=scale, curvature=c)
-        self.ffn_norm = LorentzRMSNorm(width - 1, eps, c)
+        self.ffn_norm = LorentzRMSNorm(ambient - 1, eps, c)
         if config.is_moe_layer(index):
-            self.ffn = MiCE(width, config.moe_intermediate_size, config.n_routed_experts, config.n_activated_experts,
-                            config.n_shared_experts, config.resolved_expert_curvatures(),
-                            config.learn_expert_curvature, config.score_func, config.route_scale,
-                            config.n_expert_groups, config.n_limited_groups, config.moe_combine,
-                            config.resolved_moe_renormalize(), c, config.moe_dispatch)
+            self.ffn = MiCE(ambient, config.moe_intermediate_size, **routing_settings(config),
+                            curvatures=config.resolved_expert_curvatures(),
+                            learn_curvature=config.learn_expert_curvature, combine=config.moe_combine,
+                            renormalize=config.resolved_moe_renormalize(), curvature=c)
         else:
-            self.ffn = LorentzFeedForward(width, config.intermediate_size, c)
+            self.ffn = LorentzFeedForward(ambient, config.intermediate_size, c)
         self.ffn_residual = LorentzResidual(scale=scale, curvature=c)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None,
@@ -78,20 +87,19 @@ class EuclideanBlock(nn.Module):
 
     def __init__(self, config: HELMConfig, index: int = 0):
         super().__init__()
-        width, eps = config.hidden_size, config.rms_norm_eps
-        self.attn_norm = RMSNorm(width, eps)
+        dim, eps = config.hidden_size, config.rms_norm_eps
+        self.attn_norm = RMSNorm(dim, eps)
         if config.attention == "mla":
-            self.attn = LatentAttention(width, config.num_attention_heads, config.kv_lora_rank,
+            self.attn = LatentAttention(dim, config.num_attention_heads, config.kv_lora_rank,
                                         config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, eps)
         else:
-            self.attn = SelfAttention(width, config.num_attention_heads)
-        self.ffn_norm = RMSNorm(width, eps)
+            self.attn = SelfAttention(dim, config.num_attention_heads)
+        self.ffn_norm = RMSNorm(dim, eps)
         if config.is_moe_layer(index):
-            self.ffn = MoE(width, config.moe_intermediate_size, config.n_routed_experts, config.n_activated_experts,
-                           config.n_shared_experts, config.score_func, config.route_scale, config.n_expert_groups,
-                           config.n_limited_groups, config.resolved_moe_renormalize(), config.moe_dispatch)
+            self.ffn = MoE(dim, config.moe_intermediate_size, **routing_settings(config),
+                           renormalize=config.resolved_moe_renormalize())
         else:
-            self.ffn = SwiGLU(width, config.intermediate_size)
+            self.ffn = SwiGLU(dim, config.intermediate_size)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None = None,
                 cache: LayerCache | None = None) -> Tensor:
@@ -138,7 +146,7 @@ class HELMModel(HELMPreTrainedModel):
     def __init__(self, config: HELMConfig):
         config.validate()
         super().__init__(config)
-        width, c = config.hidden_size, config.curvature
+        width, c = config.hidden_size, config.curvature  # ambient coordinates (lorentz) or features (euclidean)
         if config.is_lorentz:
             self.embed = LorentzEmbedding(config.vocab_size, width - 1, c, manifold_table=not config.project_emb)
             self.layers = nn.ModuleList(LorentzBlock(config, i) for i in range(config.num_hidden_layers))
@@ -206,8 +214,7 @@ class HELMModel(HELMPreTrainedModel):
         else:
             if document_ids is not None:
                 raise InputError("document_ids cannot be used with a cache; decode one document per row")
-            new = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            mask = cached_attention_mask(cache.extend_mask(new), past)
+            mask = cache.attention_mask(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
         caches = [None] * len(self.layers) if cache is None else cache.layers
         for layer, layer_cache in zip(self.layers, caches):
             h = layer(h, cos, sin, mask, valid, layer_cache)
@@ -216,20 +223,10 @@ class HELMModel(HELMPreTrainedModel):
         return self.norm(h)
 
 
-def cached_attention_mask(real: Tensor, past: int) -> Tensor:
-    """``(B, 1, N, T)`` mask for ``N = T - past`` new queries over ``T`` cached keys: key ``j`` is visible to the
-    query at position ``i`` if ``j <= i`` and ``j`` is a real token; each query always sees itself (so padding rows
-    are never empty). Matches :func:`padded_document_ids` semantics without a cache."""
-    total = real.shape[1]
-    q_pos = torch.arange(past, total, device=real.device).unsqueeze(-1)
-    k_pos = torch.arange(total, device=real.device)
-    visible = ((k_pos <= q_pos) & real.unsqueeze(1)) | (k_pos == q_pos)
-    return visible.unsqueeze(1)
-
-
 def padded_document_ids(document_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor | None:
     """Document ids with every padding token (``attention_mask == 0``) made a one-token document ``-1 - position``;
-    real tokens keep ``document_ids`` (or 0). ``None`` when neither is given."""
+    real tokens keep ``document_ids`` (or 0). ``None`` when neither is given. (With a cache, the same semantics
+    come from :meth:`~helmlm.nn.cache.ModelCache.attention_mask`.)"""
     if attention_mask is None:
         return document_ids
     n = attention_mask.shape[-1]

@@ -3,6 +3,7 @@
 from helmlm.nn.attention import (
     LorentzSelfAttention,
     SelfAttention,
+    attend,
     document_causal_mask,
     lorentz_sdpa,
     naive_lorentz_attention,
@@ -10,7 +11,7 @@ from helmlm.nn.attention import (
 from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.ffn import LorentzFeedForward, SwiGLU
 from helmlm.nn.latent_attention import LatentAttention, LorentzLatentAttention
-from helmlm.nn.linear import LorentzLinear, aligned_linear
+from helmlm.nn.linear import GEMM_ALIGN, LorentzLinear, aligned_linear, gemm_pad, lorentz_init_
 from helmlm.nn.mice import LorentzExperts, MiCE
 from helmlm.nn.moe import Experts, MoE
 from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
@@ -42,6 +43,10 @@ __all__ = [
     "LorentzLatentAttention",
     "MiCE",
     "aligned_linear",
+    "attend",
+    "GEMM_ALIGN",
+    "gemm_pad",
+    "lorentz_init_",
     "LorentzFeedForward",
     "LorentzLinear",
     "LorentzRMSNorm",

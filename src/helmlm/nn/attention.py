@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift, lorentz_normalize, minkowski_inner
-from helmlm.geometry.lorentz import _promote
+from helmlm.geometry import lift, lorentz_normalize, minkowski_inner, minkowski_sign, promote
 from helmlm.nn.cache import LayerCache
 from helmlm.nn.linear import aligned_linear
 from helmlm.nn.rotary import apply_rotary
@@ -37,8 +36,9 @@ def document_causal_mask(document_ids: Tensor) -> Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
-    """SDPA over ``(B, H, N, d)`` tensors; causal when ``mask`` is None, else the given boolean mask."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
+    """SDPA over ``(B, H, N, d)`` tensors; causal when ``mask`` is None, else the given boolean mask (True: may
+    attend). The one attention kernel call of every attention layer, hyperbolic and Euclidean."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -52,11 +52,9 @@ def lorentz_sdpa(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, tem
     of large terms, and bf16 values (8-bit mantissa) would not even satisfy the constraint individually.
     """
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v = _promote(q), _promote(k), _promote(v)
-        sign = torch.ones(q.shape[-1], dtype=q.dtype, device=q.device)
-        sign[0] = -1.0
-        q_tilde = q * (sign * (2.0 / temperature.to(q.dtype)))
-        return lorentz_normalize(_attend(q_tilde, k, v, mask, scale=1.0), curvature)
+        q, k, v = promote(q), promote(k), promote(v)
+        q_tilde = q * (minkowski_sign(q) * (2.0 / temperature.to(q.dtype)))
+        return lorentz_normalize(attend(q_tilde, k, v, mask, scale=1.0), curvature)
 
 
 def naive_lorentz_attention(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, temperature: Tensor,
@@ -74,21 +72,21 @@ def naive_lorentz_attention(q: Tensor, k: Tensor, v: Tensor, curvature: float | 
 class LorentzSelfAttention(nn.Module):
     """Hyperbolic multi-head self-attention with HoPE (HELM-D).
 
-    The input is a Lorentz point with ``width`` ambient coordinates. Each of the ``heads`` heads has
-    ``head_ambient = width / heads`` coordinates, i.e. ``head_space = head_ambient - 1`` space coordinates
+    The input is a Lorentz point with ``ambient`` coordinates. Each of the ``heads`` heads has
+    ``head_ambient = ambient / heads`` coordinates, i.e. ``head_space = head_ambient - 1`` space coordinates
     produced by an affine map of the whole input; HoPE rotates the query/key space parts; the heads' output points
-    are concatenated (``heads * head_ambient = width`` features) and mapped affinely to ``width - 1`` space
-    coordinates, then lifted. ``temperature`` is the learnable score divisor ``tau`` (init ``sqrt(width)``).
+    are concatenated (``heads * head_ambient = ambient`` features) and mapped affinely to ``ambient - 1`` space
+    coordinates, then lifted. ``temperature`` is the learnable score divisor ``tau`` (init ``sqrt(ambient)``).
     """
 
-    def __init__(self, width: int, heads: int, curvature: float = 1.0, temperature: float | None = None):
+    def __init__(self, ambient: int, heads: int, curvature: float = 1.0, temperature: float | None = None):
         super().__init__()
-        self.width, self.heads, self.curvature = width, heads, curvature
-        self.head_ambient = width // heads
+        self.ambient, self.heads, self.curvature = ambient, heads, curvature
+        self.head_ambient = ambient // heads
         self.head_space = self.head_ambient - 1
-        self.qkv = nn.Linear(width, 3 * heads * self.head_space)
-        self.out = nn.Linear(heads * self.head_ambient, width - 1)
-        self.init_temperature = math.sqrt(width) if temperature is None else temperature
+        self.qkv = nn.Linear(ambient, 3 * heads * self.head_space)
+        self.out = nn.Linear(heads * self.head_ambient, ambient - 1)
+        self.init_temperature = math.sqrt(ambient) if temperature is None else temperature
         self.temperature = nn.Parameter(torch.tensor(self.init_temperature))
 
     def reset_parameters(self) -> None:
@@ -114,14 +112,15 @@ class LorentzSelfAttention(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Euclidean multi-head self-attention with RoPE (the LLaMA twin): no biases, SDPA, output projection."""
+    """Euclidean multi-head self-attention with RoPE (the LLaMA twin) on ``dim`` features: no biases, SDPA, output
+    projection."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.width, self.heads = width, heads
-        self.head_dim = width // heads
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.out = nn.Linear(width, width, bias=False)
+        self.dim, self.heads = dim, heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
 
     def reset_parameters(self) -> None:
         self.qkv.reset_parameters()
@@ -133,5 +132,5 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.out(o.transpose(1, 2).flatten(-2))

@@ -6,8 +6,10 @@ HELM-D, feature vectors for the twin); latent attention stores only the compress
 rotary key ``k_pe`` per token, and re-expands keys and values from them (exact: the expansion is per token).
 Buffers grow by doubling, so appending one token is amortised O(1) copies.
 
-:class:`ModelCache` holds one :class:`LayerCache` per layer plus the real-token mask of everything cached, so that
-left-padded batches decode exactly like their unpadded rows.
+:class:`ModelCache` holds one :class:`LayerCache` per layer plus the real-token mask of everything cached, and builds
+the attention mask of each decoding step from it (:meth:`ModelCache.attention_mask`), so that left-padded batches
+decode exactly like their unpadded rows. All masking of cached decoding lives here; the model only passes the new
+tokens' real-token mask.
 """
 
 from __future__ import annotations
@@ -55,11 +57,20 @@ class ModelCache:
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
 
-    def extend_mask(self, new_mask: Tensor) -> Tensor:
-        """Append the new tokens' real-token mask; return the mask over all positions (cached + new)."""
-        new_mask = new_mask.bool()
-        self.mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=1)
-        return self.mask
+    def attention_mask(self, new_real: Tensor) -> Tensor:
+        """Append the new tokens' real-token mask ``(B, N)`` (1 for real tokens, 0 for padding) and return the
+        ``(B, 1, N, T)`` attention mask of the ``N`` new queries over all ``T`` keys (cached + new).
+
+        Key ``j`` is visible to the query at position ``i`` if ``j <= i`` and ``j`` is a real token; each query
+        always sees itself, so padding rows are never empty. Without a cache the model gets the same semantics from
+        padded document ids (every padding token a one-token document)."""
+        new_real = new_real.bool()
+        self.mask = new_real if self.mask is None else torch.cat([self.mask, new_real], dim=1)
+        total = self.mask.shape[1]
+        q_pos = torch.arange(total - new_real.shape[1], total, device=self.mask.device).unsqueeze(-1)
+        k_pos = torch.arange(total, device=self.mask.device)
+        visible = ((k_pos <= q_pos) & self.mask.unsqueeze(1)) | (k_pos == q_pos)
+        return visible.unsqueeze(1)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

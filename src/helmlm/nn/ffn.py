@@ -7,32 +7,32 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from helmlm.geometry import lift, time_from_space
-from helmlm.nn.linear import LorentzLinear, aligned_linear
+from helmlm.nn.linear import LorentzLinear, aligned_linear, gemm_pad
 
 
 class LorentzFeedForward(nn.Module):
     """HFFN: ``u = silu(W1 x + b1) * (W3 x + b3)`` (space only), ``lift(u)``, then LorentzLinear ``W2``.
 
-    ``width`` is the ambient dim of input and output, ``hidden`` the ambient dim of the lifted hidden point
+    ``ambient`` is the ambient dim of input and output, ``hidden`` the ambient dim of the lifted hidden point
     (``hidden - 1`` space coordinates). A per-call ``curvature`` runs the whole block on another hyperboloid
     (MiCE experts).
     """
 
-    def __init__(self, width: int, hidden: int, curvature: float = 1.0):
+    def __init__(self, ambient: int, hidden: int, curvature: float = 1.0):
         super().__init__()
-        self.width, self.hidden, self.curvature = width, hidden, curvature
-        self.w1 = LorentzLinear(width, hidden - 1, curvature=curvature)
-        self.w3 = LorentzLinear(width, hidden - 1, curvature=curvature)
-        self.w2 = LorentzLinear(hidden, width - 1, curvature=curvature)
+        self.ambient, self.hidden, self.curvature = ambient, hidden, curvature
+        self.w1 = LorentzLinear(ambient, hidden - 1, curvature=curvature)
+        self.w3 = LorentzLinear(ambient, hidden - 1, curvature=curvature)
+        self.w2 = LorentzLinear(hidden, ambient - 1, curvature=curvature)
 
     def forward(self, x: Tensor, *, curvature=None) -> Tensor:
         c = self.curvature if curvature is None else curvature
         # Same function as `w2(lift(silu(w1 x) * w3 x))`, arranged for speed (each step is exact algebra):
-        # - W1 and W3 run as one GEMM whose halves are front-padded with zero rows to a multiple of 8 columns
-        #   (odd widths such as 1039 are slow in BLAS); the padded columns of u are exactly 0.
+        # - W1 and W3 run as one GEMM whose halves are front-padded with zero rows to an aligned width (gemm_pad:
+        #   odd widths such as 1039 are slow in BLAS); the padded columns of u are exactly 0.
         # - W2 acting on the lifted point (t, u) is W2[:, 1:] u + t W2[:, 0]: the time enters as a rank-1 term, so
         #   the lifted hidden point is never concatenated.
-        pad = -(self.hidden - 1) % 8
+        pad = gemm_pad(self.hidden - 1)
         w13 = torch.cat([F.pad(self.w1.weight, (0, 0, pad, 0)), F.pad(self.w3.weight, (0, 0, pad, 0))])
         b13 = torch.cat([F.pad(self.w1.bias, (pad, 0)), F.pad(self.w3.bias, (pad, 0))])
         gate, up = F.linear(x, w13, b13).unflatten(-1, (2, -1)).unbind(-2)
@@ -43,13 +43,13 @@ class LorentzFeedForward(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """LLaMA feed-forward: ``W2 (silu(W1 x) * W3 x)``, no biases."""
+    """LLaMA feed-forward: ``W2 (silu(W1 x) * W3 x)``, no biases; ``dim`` features in and out, ``hidden`` inside."""
 
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(width, hidden, bias=False)
-        self.w3 = nn.Linear(width, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, width, bias=False)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -23,9 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift, lorentz_normalize
-from helmlm.geometry.lorentz import _promote
-from helmlm.nn.attention import _attend, lorentz_sdpa
+from helmlm.geometry import lift, lorentz_normalize, promote
+from helmlm.nn.attention import attend, lorentz_sdpa
 from helmlm.nn.cache import LayerCache
 from helmlm.nn.linear import LorentzLinear
 from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
@@ -33,18 +32,20 @@ from helmlm.nn.rotary import apply_rotary
 
 
 class LorentzLatentAttention(nn.Module):
-    def __init__(self, width: int, heads: int, kv_rank: int, nope_dim: int, rope_dim: int, v_dim: int,
+    """Hyperbolic multi-head latent attention (HMLA; see the module docstring) on points of ``ambient`` coords."""
+
+    def __init__(self, ambient: int, heads: int, kv_rank: int, nope_dim: int, rope_dim: int, v_dim: int,
                  curvature: float = 1.0, temperature: float | None = None, eps: float = 1e-8):
         super().__init__()
-        self.width, self.heads, self.kv_rank = width, heads, kv_rank
+        self.ambient, self.heads, self.kv_rank = ambient, heads, kv_rank
         self.nope_dim, self.rope_dim, self.v_dim = nope_dim, rope_dim, v_dim
         self.qk_head = nope_dim + rope_dim  # ambient coords of a query/key point
         self.curvature = curvature
-        self.wq = LorentzLinear(width, heads * (self.qk_head - 1), curvature=curvature)
-        self.wkv_a = LorentzLinear(width, kv_rank + rope_dim - 1, curvature=curvature)
+        self.wq = LorentzLinear(ambient, heads * (self.qk_head - 1), curvature=curvature)
+        self.wkv_a = LorentzLinear(ambient, kv_rank + rope_dim - 1, curvature=curvature)
         self.kv_norm = LorentzRMSNorm(kv_rank, eps, curvature)
         self.wkv_b = LorentzLinear(kv_rank + 1, heads * (nope_dim + v_dim - 1), curvature=curvature)
-        self.wo = LorentzLinear(heads * v_dim, width - 1, curvature=curvature)
+        self.wo = LorentzLinear(heads * v_dim, ambient - 1, curvature=curvature)
         self.init_temperature = math.sqrt(heads * self.qk_head) if temperature is None else temperature
         self.temperature = nn.Parameter(torch.tensor(self.init_temperature))
 
@@ -77,13 +78,12 @@ class LorentzLatentAttention(nn.Module):
         k, v = self.expand(*self.compress(x, cos, sin))
         # Fused kernels want one head dim for q, k and v: zero-pad the shorter side. Exact: zero coordinates add
         # nothing to q~.k, and the zero coordinates of v give zero output coordinates, which are dropped.
-        width = max(self.qk_head, self.v_dim)
-        q, k = (F.pad(t, (0, width - self.qk_head)) for t in (q, k))
-        v = F.pad(v, (0, width - self.v_dim))
+        head = max(self.qk_head, self.v_dim)
+        q, k = (F.pad(t, (0, head - self.qk_head)) for t in (q, k))
+        v = F.pad(v, (0, head - self.v_dim))
         o = lorentz_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.curvature,
                          self.temperature, mask)[..., : self.v_dim]
         return self.wo(o.transpose(1, 2).flatten(-2))
-
 
     def forward_absorbed(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                          cache: LayerCache) -> Tensor:
@@ -110,7 +110,7 @@ class LorentzLatentAttention(nn.Module):
         bias = self.wkv_b.bias.view(heads, -1)
         q = self.query(x, cos, sin)  # (B, N, H, qk_head) = [q_t, q_nope, q_pe]
         with torch.autocast(x.device.type, enabled=False):
-            q, latent, k_pe, k_t, v_t = (_promote(t) for t in (q, latent, k_pe, k_t, v_t))
+            q, latent, k_pe, k_t, v_t = (promote(t) for t in (q, latent, k_pe, k_t, v_t))
             w_kn, w_v = weight[:, :n_nope].to(q.dtype), weight[:, n_nope:].to(q.dtype)
             q_abs = torch.einsum("bnhd,hdr->bnhr", q[..., 1 : 1 + n_nope], w_kn)
             scale = 2.0 / self.temperature.to(q.dtype)
@@ -119,7 +119,7 @@ class LorentzLatentAttention(nn.Module):
                               k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1).transpose(1, 2)
             values = torch.cat([v_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
             values = F.pad(values, (0, query.shape[-1] - values.shape[-1])).transpose(1, 2)
-            mixed = _attend(query, keys, values, mask, scale=1.0)[..., : 1 + r1]  # (B, H, N, 1 + kv_rank + 1)
+            mixed = attend(query, keys, values, mask, scale=1.0)[..., : 1 + r1]  # (B, H, N, 1 + kv_rank + 1)
             space = torch.einsum("bhnr,hvr->bhnv", mixed[..., 1:], w_v) + bias[:, n_nope:].to(q.dtype)[:, None]
             o = lorentz_normalize(torch.cat([mixed[..., :1], space], dim=-1), self.curvature)
         return self.wo(o.transpose(1, 2).flatten(-2))
@@ -133,17 +133,17 @@ class LatentAttention(nn.Module):
     Dims count features (no time coordinate). :meth:`compress`/:meth:`expand` mirror the hyperbolic layer's.
     """
 
-    def __init__(self, width: int, heads: int, kv_rank: int, nope_dim: int, rope_dim: int, v_dim: int,
+    def __init__(self, dim: int, heads: int, kv_rank: int, nope_dim: int, rope_dim: int, v_dim: int,
                  eps: float = 1e-8):
         super().__init__()
-        self.width, self.heads, self.kv_rank = width, heads, kv_rank
+        self.dim, self.heads, self.kv_rank = dim, heads, kv_rank
         self.nope_dim, self.rope_dim, self.v_dim = nope_dim, rope_dim, v_dim
         self.qk_head = nope_dim + rope_dim
-        self.wq = nn.Linear(width, heads * self.qk_head, bias=False)
-        self.wkv_a = nn.Linear(width, kv_rank + rope_dim, bias=False)
+        self.wq = nn.Linear(dim, heads * self.qk_head, bias=False)
+        self.wkv_a = nn.Linear(dim, kv_rank + rope_dim, bias=False)
         self.kv_norm = RMSNorm(kv_rank, eps)
         self.wkv_b = nn.Linear(kv_rank, heads * (nope_dim + v_dim), bias=False)
-        self.wo = nn.Linear(heads * v_dim, width, bias=False)
+        self.wo = nn.Linear(heads * v_dim, dim, bias=False)
 
     def compress(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         c_kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
@@ -164,9 +164,9 @@ class LatentAttention(nn.Module):
         q = self.query(x, cos, sin)
         latent = self.compress(x, cos, sin)
         k, v = self.expand(*(cache.append(*latent) if cache is not None else latent))
-        width = max(self.qk_head, self.v_dim)  # one head dim for fused kernels; zero padding is exact
-        q, k = (F.pad(t, (0, width - self.qk_head)) for t in (q, k))
-        v = F.pad(v.to(q.dtype), (0, width - self.v_dim))
-        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
-                    scale=1.0 / math.sqrt(self.qk_head))[..., : self.v_dim]
+        head = max(self.qk_head, self.v_dim)  # one head dim for fused kernels; zero padding is exact
+        q, k = (F.pad(t, (0, head - self.qk_head)) for t in (q, k))
+        v = F.pad(v.to(q.dtype), (0, head - self.v_dim))
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                   scale=1.0 / math.sqrt(self.qk_head))[..., : self.v_dim]
         return self.wo(o.transpose(1, 2).flatten(-2))

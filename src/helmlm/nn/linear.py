@@ -1,4 +1,9 @@
-"""LorentzLinear: an affine map on the whole Lorentz vector whose output is lifted onto the hyperboloid."""
+"""LorentzLinear: an affine map on the whole Lorentz vector whose output is lifted onto the hyperboloid.
+
+Also the two helpers every Lorentz layer shares: :func:`gemm_pad` (the one GEMM-alignment rule, used by
+:func:`aligned_linear`, the HFFN and the grouped expert GEMMs) and :func:`lorentz_init_` (the one initialisation of
+Lorentz weights, used by :class:`LorentzLinear` and the stacked MiCE experts).
+"""
 
 from __future__ import annotations
 
@@ -10,24 +15,41 @@ from torch.nn import functional as F
 
 from helmlm.geometry import lift
 
+GEMM_ALIGN = 8  # GEMM widths are padded to a multiple of this (BLAS speed; grouped_mm's 16-byte row strides)
 
-_GEMM_ALIGN = 8
+
+def gemm_pad(width: int) -> int:
+    """Zero columns that bring ``width`` up to a multiple of :data:`GEMM_ALIGN` (0 when it already is one)."""
+    return -width % GEMM_ALIGN
 
 
 def aligned_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` whose output width is padded to a multiple of 8 for the GEMM, then sliced back.
 
     Lorentz layers have odd widths by construction (``space = ambient - 1``: 259, 1039, ...), and BLAS kernels
-    are much slower on them: on 2 CPU cores a (8192 x 260) @ (260 x 1039) GEMM takes 66 ms, with 1040 columns
-    39 ms. Padding the weight with zero rows (a copy of the weight, not of the activations) recovers that speed,
-    in the backward pass too. The result is the same up to summation order.
+    are much slower on them (measured: docs/benchmarks.md). Padding the weight with zero rows (a copy of the
+    weight, not of the activations) recovers that speed, in the backward pass too. The result is the same up to
+    summation order.
     """
-    pad = -weight.shape[0] % _GEMM_ALIGN
+    pad = gemm_pad(weight.shape[0])
     if pad == 0:
         return F.linear(x, weight, bias)
     weight = F.pad(weight, (0, 0, 0, pad))
     bias = None if bias is None else F.pad(bias, (0, pad))
     return F.linear(x, weight, bias)[..., : -pad]
+
+
+@torch.no_grad()
+def lorentz_init_(weight: Tensor, gain: float = math.sqrt(2)) -> Tensor:
+    """Xavier-uniform with ``gain`` (default sqrt(2), as the reference), in place, per matrix of the last two axes.
+
+    ``weight`` is ``(out, in)`` or a stack ``(..., out, in)`` (one matrix per expert); the fans are ``in`` and
+    ``out`` of each matrix, and the bound is computed exactly as ``nn.init.xavier_uniform_`` computes it.
+    """
+    fan_out, fan_in = weight.shape[-2:]
+    std = gain * math.sqrt(2.0 / float(fan_in + fan_out))
+    bound = math.sqrt(3.0) * std
+    return weight.uniform_(-bound, bound)
 
 
 class LorentzLinear(nn.Module):
@@ -46,8 +68,8 @@ class LorentzLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform with gain sqrt(2) and zero bias, as in the reference implementation."""
-        nn.init.xavier_uniform_(self.weight, gain=math.sqrt(2))
+        """:func:`lorentz_init_` (Xavier-uniform with gain sqrt(2)) and zero bias, as in the reference."""
+        lorentz_init_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 

@@ -17,52 +17,66 @@ Dispatch (:mod:`helmlm.nn.routing`) is synchronisation-free: the (token, expert)
 device and each expert's HFFN runs as one grouped matmul over its rows. For fp64 (tests, parity) and where no grouped
 kernel exists, every expert runs on every token and each token gathers its top-k outputs (exact, ``E / k`` times the
 FLOPs).
+
+``COMBINE_MODES`` is defined here, the lowest module that uses it, and ``models/config.py`` imports it (the rule of
+:mod:`helmlm.nn.routing`).
 """
 
 from __future__ import annotations
 
-import math
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift, lorentz_normalize, origin, time_from_space
-from helmlm.geometry.lorentz import _promote
+from helmlm.geometry import lift, lorentz_normalize, origin, promote, time_from_space
 from helmlm.nn.ffn import LorentzFeedForward
+from helmlm.nn.linear import lorentz_init_
 from helmlm.nn.residual import LorentzResidual
-from helmlm.nn.routing import ExpertRoute, Gate, RoutedFFN, bias_weight, grouped_linear, with_bias_column
+from helmlm.nn.routing import (
+    Dispatch,
+    ExpertRoute,
+    Gate,
+    RoutedFFN,
+    ScoreFunc,
+    bias_weight,
+    grouped_linear,
+    with_bias_column,
+)
 
-COMBINE_MODES = ("paper", "reference")
+Combine = Literal["paper", "reference"]
+COMBINE_MODES: tuple[str, ...] = get_args(Combine)
 _LOG_C_LIMIT = 9.2
 
 
 class LorentzExperts(nn.Module):
-    """``n`` HFFN experts with stacked weights, each on its own curvature ``c_i = exp(log_curvature_i)``."""
+    """``n_routed_experts`` HFFN experts (on points of ``ambient`` coordinates, ``hidden`` ambient coordinates
+    inside) with stacked weights, each on its own curvature ``c_i = exp(log_curvature_i)``."""
 
-    def __init__(self, n: int, width: int, hidden: int, curvatures: list[float], learn_curvature: bool = True,
-                 curvature: float = 1.0):
+    def __init__(self, n_routed_experts: int, ambient: int, hidden: int, curvatures: list[float],
+                 learn_curvature: bool = True, curvature: float = 1.0):
         super().__init__()
+        n = n_routed_experts
         if len(curvatures) != n or min(curvatures) <= 0:
             raise ValueError(f"need {n} positive expert curvatures, got {curvatures}")
-        self.n, self.width, self.hidden, self.curvature = n, width, hidden, curvature
-        self.w1 = nn.Parameter(torch.empty(n, hidden - 1, width))
+        self.n_routed_experts, self.ambient, self.hidden, self.curvature = n, ambient, hidden, curvature
+        self.w1 = nn.Parameter(torch.empty(n, hidden - 1, ambient))
         self.b1 = nn.Parameter(torch.empty(n, hidden - 1))
-        self.w3 = nn.Parameter(torch.empty(n, hidden - 1, width))
+        self.w3 = nn.Parameter(torch.empty(n, hidden - 1, ambient))
         self.b3 = nn.Parameter(torch.empty(n, hidden - 1))
-        self.w2 = nn.Parameter(torch.empty(n, width - 1, hidden))
-        self.b2 = nn.Parameter(torch.empty(n, width - 1))
+        self.w2 = nn.Parameter(torch.empty(n, ambient - 1, hidden))
+        self.b2 = nn.Parameter(torch.empty(n, ambient - 1))
         self.init_curvatures = list(curvatures)
         self.log_curvature = nn.Parameter(torch.empty(n), requires_grad=learn_curvature)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Per expert as LorentzLinear: Xavier-uniform with gain sqrt(2), zero biases; curvatures at their init."""
+        """Per expert as LorentzLinear (:func:`~helmlm.nn.linear.lorentz_init_`), zero biases; curvatures at their
+        init."""
         for w in (self.w1, self.w3, self.w2):
-            fan_out, fan_in = w.shape[1:]
-            bound = math.sqrt(2.0) * math.sqrt(6.0 / (fan_in + fan_out))
-            w.uniform_(-bound, bound)
+            lorentz_init_(w)
         for b in (self.b1, self.b3, self.b2):
             b.zero_()
         self.log_curvature.copy_(torch.tensor(self.init_curvatures, dtype=torch.float64).log())
@@ -75,8 +89,8 @@ class LorentzExperts(nn.Module):
         return self.log_curvature.clamp(-_LOG_C_LIMIT, _LOG_C_LIMIT).exp()
 
     def forward(self, x: Tensor) -> Tensor:
-        """All experts on all tokens: ``x (T, width)`` on the input manifold -> ``(n, T, width)`` on it too."""
-        c_e = self.curvatures.to(_promote(x).dtype).view(-1, 1, 1)
+        """All experts on all tokens: ``x (T, ambient)`` on the input manifold -> ``(E, T, ambient)`` on it too."""
+        c_e = self.curvatures.to(promote(x).dtype).view(-1, 1, 1)
         to_expert = (c_e / self.curvature).sqrt()
         xe = x.unsqueeze(0) * to_expert
         gate = torch.baddbmm(self.b1.unsqueeze(1), xe, self.w1.transpose(1, 2))
@@ -86,7 +100,8 @@ class LorentzExperts(nn.Module):
         return lift(out, c_e) / to_expert
 
     def forward_rows(self, x: Tensor, route: ExpertRoute) -> Tensor:
-        """Only the routed pairs: ``x (T, width)``, rows sorted by expert -> ``(rows, width)`` on the input manifold.
+        """Only the routed pairs: ``x (T, ambient)``, rows sorted by expert -> ``(rows, ambient)`` on the input
+        manifold.
 
         The same function as :meth:`forward`, arranged so that almost all work is in two grouped GEMMs:
         - the per-expert scalings fold into the weights: with ``s = sqrt(c_i / c)``,
@@ -97,7 +112,7 @@ class LorentzExperts(nn.Module):
         """
         s = (self.curvatures.to(x.dtype) / self.curvature).sqrt()  # (E,)
         c_row = self.curvatures.to(x.dtype).index_select(0, route.expert).unsqueeze(-1)  # (rows, 1)
-        # index_select, not x[idx]: its backward is index_add, ~5x faster on CPU than indexing's
+        # index_select, not x[idx]: its backward is index_add, much faster on CPU than indexing's (docs/LOG.md)
         xs = with_bias_column(x).index_select(0, route.token)
         w13 = torch.cat([bias_weight(self.w1 * s.view(-1, 1, 1), self.b1, xs.shape[-1]),
                          bias_weight(self.w3 * s.view(-1, 1, 1), self.b3, xs.shape[-1])], dim=1)
@@ -110,48 +125,52 @@ class LorentzExperts(nn.Module):
 
 
 class MiCE(RoutedFFN):
-    """Mixture of curvature experts on Lorentz tokens ``(..., width)``; returns points on the input manifold.
+    """Mixture of curvature experts on Lorentz tokens ``(..., ambient)``; returns points on the input manifold.
 
     ``forward(x, valid=None)``: ``valid`` marks real tokens (False for padding), which alone count in the routing
     statistics and the balance loss (see :class:`~helmlm.nn.routing.RoutedFFN`).
     """
 
-    def __init__(self, width: int, hidden: int, n_routed: int, topk: int, n_shared: int = 1,
-                 curvatures: list[float] | None = None, learn_curvature: bool = True, score_func: str = "softmax",
-                 route_scale: float = 1.0, n_groups: int = 1, topk_groups: int = 1, combine: str = "paper",
-                 renormalize: bool | None = None, curvature: float = 1.0, dispatch: str = "auto"):
+    def __init__(self, ambient: int, hidden: int, n_routed_experts: int, n_activated_experts: int,
+                 n_shared_experts: int = 1, curvatures: list[float] | None = None, learn_curvature: bool = True,
+                 score_func: ScoreFunc = "softmax", route_scale: float = 1.0, n_expert_groups: int = 1,
+                 n_limited_groups: int = 1, combine: Combine = "paper", renormalize: bool | None = None,
+                 curvature: float = 1.0, dispatch: Dispatch = "auto"):
         super().__init__()
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-        self.width, self.topk, self.combine, self.curvature = width, topk, combine, curvature
+        self.ambient, self.combine, self.curvature = ambient, combine, curvature
+        self.n_activated_experts = n_activated_experts
         if renormalize is None:  # the paper renormalises; the reference only does for sigmoid scores
             renormalize = combine == "paper" or score_func == "sigmoid"
         if curvatures is None:
-            curvatures = [1.0] * n_routed
-        self.gate = Gate(width - 1, n_routed, topk, score_func, route_scale, n_groups, topk_groups, renormalize)
-        self.experts = LorentzExperts(n_routed, width, hidden, curvatures, learn_curvature, curvature)
-        self.shared = LorentzFeedForward(width, n_shared * hidden, curvature) if n_shared > 0 else None
+            curvatures = [1.0] * n_routed_experts
+        self.gate = Gate(ambient - 1, n_routed_experts, n_activated_experts, score_func, route_scale, n_expert_groups,
+                         n_limited_groups, renormalize)
+        self.experts = LorentzExperts(n_routed_experts, ambient, hidden, curvatures, learn_curvature, curvature)
+        self.shared = (LorentzFeedForward(ambient, n_shared_experts * hidden, curvature) if n_shared_experts > 0
+                       else None)
         if combine == "reference":
             self.fold = LorentzResidual(weight=1.0, scale=2.0, curvature=curvature)
             self.shared_residual = LorentzResidual(scale=2.0, learn_scale=True, curvature=curvature)
-        self._init_routing(n_routed, dispatch)
+        self._init_routing(n_routed_experts, dispatch)
 
     def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         shape = x.shape
         weights, indices = self.route(x[..., 1:], valid)
-        x = x.reshape(-1, self.width)
+        x = x.reshape(-1, self.ambient)
         if self.combine == "reference":
             indices, order = indices.sort(dim=-1)  # fold in ascending expert index, as the reference does
             weights = weights.gather(-1, order)
-        routed = self.routed_outputs(x, indices)  # (T, k, width)
+        routed = self.routed_outputs(x, indices)  # (T, k, ambient)
         weights = weights.to(routed.dtype).unsqueeze(-1)
         if self.combine == "paper":
             total = (weights * routed).sum(1)
             if self.shared is not None:
                 total = total + self.shared(x)
             return lorentz_normalize(total, self.curvature).reshape(shape)
-        y = origin(self.width - 1, self.curvature, dtype=routed.dtype, device=x.device).expand(x.shape[0], -1)
-        for slot in range(self.topk):  # a fixed trip count (the config's k), not data-dependent
+        y = origin(self.ambient - 1, self.curvature, dtype=routed.dtype, device=x.device).expand(x.shape[0], -1)
+        for slot in range(self.n_activated_experts):  # a fixed trip count (the config's k), not data-dependent
             y = self.fold(y, routed[:, slot], weight=weights[:, slot])
         if self.shared is None:
             return y.reshape(shape)

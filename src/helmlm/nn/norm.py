@@ -6,8 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift
-from helmlm.geometry.lorentz import _promote
+from helmlm.geometry import lift, promote
 
 
 class LorentzRMSNorm(nn.Module):
@@ -25,7 +24,7 @@ class LorentzRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor, *, space_only: bool = False) -> Tensor:
-        space = _promote(x if space_only else x[..., 1:])
+        space = promote(x if space_only else x[..., 1:])
         space = F.rms_norm(space, (self.space_dim,), self.weight.to(space.dtype), self.eps)
         return lift(space, self.curvature)
 
@@ -45,7 +44,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _promote(x)
+        x = promote(x)
         return F.rms_norm(x, (self.dim,), self.weight.to(x.dtype), self.eps)
 
     def extra_repr(self) -> str:

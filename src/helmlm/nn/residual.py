@@ -7,15 +7,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from helmlm.geometry import lift, lorentz_normalize, minkowski_inner
-from helmlm.geometry.lorentz import _promote
+from helmlm.geometry import lift, lorentz_normalize, minkowski_inner, promote
 
 
 class LorentzResidual(nn.Module):
     """``z = lorentz_normalize(x + w y)``, then optionally ``z_s <- scale * z_s`` and the time recomputed.
 
     This is the weighted Lorentzian centroid of ``x`` and ``y``, so it is *not* an identity skip: the optional
-    ``scale`` sets the magnitude of the residual stream (HELM-D: ``4 sqrt(width)``, HELM-MiCE: ``sqrt(dim)``).
+    ``scale`` sets the magnitude of the residual stream (HELM-D: ``4 sqrt(ambient)``, HELM-MiCE: ``sqrt(ambient)``,
+    with ``ambient`` the stream's width).
 
     Args:
         weight: ``None`` for a learnable scalar ``w`` (init 1); a float for a fixed one. A per-call ``weight``
@@ -48,7 +48,7 @@ class LorentzResidual(nn.Module):
     def forward(self, x: Tensor, y: Tensor, weight: Tensor | float | None = None) -> Tensor:
         if weight is None:
             weight = self.weight if self.weight is not None else self.fixed_weight
-        x, y = _promote(x), _promote(y)
+        x, y = promote(x), promote(y)
         a = torch.addcmul(x, weight, y) if isinstance(weight, torch.Tensor) else x + weight * y
         if self.log_scale is None and self.fixed_scale is None:
             return lorentz_normalize(a, self.curvature, self.eps)

@@ -10,18 +10,29 @@
 - Balancing: :func:`sequence_balance_loss` (auxiliary loss) and :func:`update_balance_bias` (loss-free bias
   update); :func:`balance_step` applies the bias update to every routed layer of a model once per optimizer step,
   with one all-reduce for all layers when ``torch.distributed`` is initialised.
+
+Names: the layers take the routing settings under the names of :class:`~helmlm.models.HELMConfig`
+(``n_routed_experts``, ``n_activated_experts`` = top-k, ``n_expert_groups``, ``n_limited_groups``,
+``n_shared_experts``). Allowed choices: each choice list is defined once, as a ``Literal`` type and its tuple of
+values, in the lowest module that uses it (``SCORE_FUNCS`` and ``DISPATCHES`` here, ``COMBINE_MODES`` in
+:mod:`helmlm.nn.mice`), and ``models/config.py`` imports them to validate the config instead of repeating them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-SCORE_FUNCS = ("softmax", "sigmoid")
-DISPATCHES = ("auto", "grouped", "dense")
+from helmlm.nn.linear import gemm_pad
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+Dispatch = Literal["auto", "grouped", "dense"]
+SCORE_FUNCS: tuple[str, ...] = get_args(ScoreFunc)
+DISPATCHES: tuple[str, ...] = get_args(Dispatch)
 
 
 class Gate(nn.Module):
@@ -29,19 +40,22 @@ class Gate(nn.Module):
 
     ``x`` are the features the gate sees (MiCE passes the space part of a Lorentz point). Returns
     ``(weights (T, k), indices (T, k), scores (T, E))``: the weights are the selected un-biased scores, renormalised
-    to sum 1 when ``renormalize``, times ``route_scale``. With ``n_groups > 1`` selection is limited to the
-    ``topk_groups`` groups with the highest sum of their top-2 biased scores (DeepSeek-V3's group-limited routing).
+    to sum 1 when ``renormalize``, times ``route_scale``. With ``n_expert_groups > 1`` selection is limited to the
+    ``n_limited_groups`` groups with the highest sum of their top-2 biased scores (DeepSeek-V3's group-limited
+    routing).
     """
 
-    def __init__(self, dim: int, n_experts: int, topk: int, score_func: str = "softmax", route_scale: float = 1.0,
-                 n_groups: int = 1, topk_groups: int = 1, renormalize: bool = True):
+    def __init__(self, dim: int, n_routed_experts: int, n_activated_experts: int, score_func: ScoreFunc = "softmax",
+                 route_scale: float = 1.0, n_expert_groups: int = 1, n_limited_groups: int = 1,
+                 renormalize: bool = True):
         super().__init__()
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
-        self.n_experts, self.topk, self.score_func, self.route_scale = n_experts, topk, score_func, route_scale
-        self.n_groups, self.topk_groups, self.renormalize = n_groups, topk_groups, renormalize
-        self.weight = nn.Parameter(torch.empty(n_experts, dim))
-        self.register_buffer("bias", torch.zeros(n_experts))
+        self.n_routed_experts, self.n_activated_experts = n_routed_experts, n_activated_experts
+        self.score_func, self.route_scale, self.renormalize = score_func, route_scale, renormalize
+        self.n_expert_groups, self.n_limited_groups = n_expert_groups, n_limited_groups
+        self.weight = nn.Parameter(torch.empty(n_routed_experts, dim))
+        self.register_buffer("bias", torch.zeros(n_routed_experts))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -52,13 +66,13 @@ class Gate(nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         biased = scores + self.bias.to(scores.dtype)
-        if self.n_groups > 1:
-            grouped = biased.unflatten(-1, (self.n_groups, -1))
+        if self.n_expert_groups > 1:
+            grouped = biased.unflatten(-1, (self.n_expert_groups, -1))
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-            keep = group_scores.topk(self.topk_groups, dim=-1).indices
+            keep = group_scores.topk(self.n_limited_groups, dim=-1).indices
             blocked = torch.ones_like(group_scores, dtype=torch.bool).scatter(-1, keep, False)
             biased = grouped.masked_fill(blocked.unsqueeze(-1), float("-inf")).flatten(-2)
-        indices = biased.topk(self.topk, dim=-1).indices
+        indices = biased.topk(self.n_activated_experts, dim=-1).indices
         weights = scores.gather(-1, indices)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -76,17 +90,18 @@ class ExpertRoute:
     expert: Tensor
     offs: Tensor
 
-    def unsort(self, rows: Tensor, topk: int) -> Tensor:
-        """Rows in expert order -> ``(T, k, ...)`` in (token, slot) order."""
+    def unsort(self, rows: Tensor, n_activated_experts: int) -> Tensor:
+        """Rows in expert order -> ``(T, k, ...)`` in (token, slot) order (``k = n_activated_experts``)."""
         out = torch.empty_like(rows).index_copy(0, self.order, rows)
-        return out.unflatten(0, (-1, topk))
+        return out.unflatten(0, (-1, n_activated_experts))
 
 
-def route_by_expert(indices: Tensor, n_experts: int) -> ExpertRoute:
+def route_by_expert(indices: Tensor, n_routed_experts: int) -> ExpertRoute:
     """Sort top-k assignments ``indices (T, k)`` by expert (stable, so rows keep token order within an expert)."""
     flat = indices.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(n_routed_experts, dtype=torch.int64, device=flat.device)
+    counts = counts.scatter_add_(0, flat, torch.ones_like(flat))
     return ExpertRoute(order, order // indices.shape[-1], flat[order], counts.cumsum(0).to(torch.int32))
 
 
@@ -94,8 +109,8 @@ def grouped_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype in which :func:`grouped_linear` runs for inputs like ``x``, or ``None`` where it cannot
     (no ``grouped_mm`` in this torch, fp64, or a device/dtype without a kernel): callers then use the dense path.
 
-    On CPU the grouped kernel runs in fp32 (its bf16 kernel measured 10x slower than fp32); on CUDA in bf16, the
-    dtype its kernels support, when the input is bf16 or bf16 autocast is on.
+    On CPU the grouped kernel runs in fp32 (its bf16 kernel is much slower; measured: docs/LOG.md); on CUDA in bf16,
+    the dtype its kernels support, when the input is bf16 or bf16 autocast is on.
     """
     if not hasattr(F, "grouped_mm") or x.dtype == torch.float64:
         return None
@@ -112,11 +127,11 @@ def grouped_linear(x: Tensor, weight: Tensor, route: ExpertRoute) -> Tensor:
     """``y_r = W[e_r] x_r`` for rows ``x (R, in)`` sorted by expert; ``weight (E, out, in)`` (biases: append a ones
     column with :func:`with_bias_column` and lay the weight out with :func:`bias_weight`).
 
-    ``grouped_mm`` needs 16-byte aligned row strides, so ``in`` and ``out`` are zero-padded to multiples of 8
+    ``grouped_mm`` needs 16-byte aligned row strides, so ``in`` and ``out`` are zero-padded by :func:`gemm_pad`
     (exact: padded inputs meet zero weights, padded outputs are dropped; it also keeps BLAS on its fast widths).
     """
     out_dim, in_dim = weight.shape[1:]
-    pad_in, pad_out = -in_dim % 8, -out_dim % 8
+    pad_in, pad_out = gemm_pad(in_dim), gemm_pad(out_dim)
     if pad_in:
         x = F.pad(x, (0, pad_in))
     if pad_in or pad_out:
@@ -126,12 +141,12 @@ def grouped_linear(x: Tensor, weight: Tensor, route: ExpertRoute) -> Tensor:
 
 
 def with_bias_column(x: Tensor, time: Tensor | None = None) -> Tensor:
-    """``[time, x, 1, 0, ...]`` (``time`` optional), zero-padded to a width that is a multiple of 8, built in one
-    copy: a weight laid out by :func:`bias_weight` then computes ``W [time, x] + b`` in its GEMM."""
+    """``[time, x, 1, 0, ...]`` (``time`` optional), zero-padded to an aligned width (:func:`gemm_pad`), built in
+    one copy: a weight laid out by :func:`bias_weight` then computes ``W [time, x] + b`` in its GEMM."""
     parts = ([] if time is None else [time]) + [x]
     width = sum(p.shape[-1] for p in parts) + 1
     ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
-    pad = torch.zeros(*x.shape[:-1], -width % 8, dtype=x.dtype, device=x.device)
+    pad = torch.zeros(*x.shape[:-1], gemm_pad(width), dtype=x.dtype, device=x.device)
     return torch.cat([*parts, ones, pad], dim=-1)
 
 
@@ -150,14 +165,14 @@ def sequence_balance_loss(scores: Tensor, indices: Tensor, valid: Tensor | None 
     s_{t,i} / sum_j s_{t,j}``; ``f`` has no gradient. The value is 1 for a perfectly uniform router and grows with
     imbalance (up to ``E / k``); sequences without real tokens are skipped. Multiply by the config's alpha.
     """
-    n_experts, topk = scores.shape[-1], indices.shape[-1]
+    n_routed_experts, n_activated_experts = scores.shape[-1], indices.shape[-1]
     if valid is None:
         valid = torch.ones(scores.shape[:-1], dtype=torch.bool, device=scores.device)
     w = valid.to(scores.dtype)
     real = w.sum(-1)  # (B,)
     with torch.no_grad():
         hits = torch.zeros_like(scores).scatter_add_(-1, indices, w.unsqueeze(-1).expand_as(indices).contiguous())
-        f = hits.sum(-2) * n_experts / (topk * real.clamp(min=1).unsqueeze(-1))  # (B, E)
+        f = hits.sum(-2) * n_routed_experts / (n_activated_experts * real.clamp(min=1).unsqueeze(-1))  # (B, E)
     p = ((scores / scores.sum(-1, keepdim=True)) * w.unsqueeze(-1)).sum(-2) / real.clamp(min=1).unsqueeze(-1)
     per_sequence = (f * p).sum(-1)
     has_tokens = (real > 0).to(scores.dtype)
@@ -191,14 +206,14 @@ class RoutedFFN(nn.Module):
     ``aux_loss`` holds the latest forward's :func:`sequence_balance_loss`.
     """
 
-    def _init_routing(self, n_experts: int, dispatch: str) -> None:
+    def _init_routing(self, n_routed_experts: int, dispatch: Dispatch) -> None:
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         self.dispatch = dispatch
         # Counts are int64, so a model cast to bf16 cannot round them.
-        self.register_buffer("tokens_per_expert", torch.zeros(n_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("tokens_per_expert", torch.zeros(n_routed_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("score_sum", torch.zeros(n_experts), persistent=False)
+        self.register_buffer("score_sum", torch.zeros(n_routed_experts), persistent=False)
         self.aux_loss: Tensor | None = None
 
     def route(self, features: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -218,8 +233,7 @@ class RoutedFFN(nn.Module):
     def use_grouped(self, x: Tensor) -> torch.dtype | None:
         """The grouped kernel's dtype for this input, or ``None`` to run every expert densely. ``auto`` also runs
         densely for a handful of tokens (decoding steps), where the grouped path's fixed cost (sorting, gathers,
-        padding) outweighs computing every expert: at batch 1, HELM-MiCE small decodes a token in 34 ms dense vs
-        48 ms grouped on 2 CPU threads."""
+        padding) outweighs computing every expert (measured: docs/benchmarks.md, decoding)."""
         if self.dispatch == "dense":
             return None
         if self.dispatch == "auto" and x[..., 0].numel() <= DENSE_BELOW_TOKENS:
@@ -237,7 +251,7 @@ class RoutedFFN(nn.Module):
         on every token, then a gather (exact, ``E / k`` times the FLOPs)."""
         dtype = self.use_grouped(x)
         if dtype is not None:
-            route = route_by_expert(indices, self.gate.n_experts)
+            route = route_by_expert(indices, self.gate.n_routed_experts)
             rows = self.experts.forward_rows(x.to(dtype), route)
             return route.unsort(rows, indices.shape[-1]).to(torch.promote_types(x.dtype, rows.dtype))
         every = self.experts(x)  # (E, T, W)
