@@ -26,6 +26,18 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m ''
 
+# The same suite against the newest release of every dependency (torch stays at $(TORCH_SPEC), the wheel these
+# machines carry), in a separate venv that is upgraded on every call: catches a new release that breaks us before
+# a user's fresh install does. Needs PyPI.
+LATEST_VENV ?= .venv-latest
+.PHONY: test-latest
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager $(TORCH_SPEC) -e '.[dev]'
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|tokenizers|safetensors|geoopt|numpy|datasets|huggingface.hub)==' || true
+	$(LATEST_VENV)/bin/python -m pytest -n 2 -q
+
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --threads 2
 

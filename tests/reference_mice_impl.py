@@ -14,6 +14,8 @@ biased scores but weighs with the un-biased ones.
 ``fp32_islands=True`` reproduces the reference's float32 islands inside a float64 run (rotary tables and rotation
 in float32/complex64, HMLA softmax in float32, MiCE softmax gate in float32 with float32 routing weights);
 ``fp32_islands=False`` is the same math purely in the state dict's dtype (what helmlm computes in float64).
+``ulp_jitter`` (a ``torch.Generator``, with ``fp32_islands=True``) moves every non-zero float32 softmax island value
+by one ulp in a random direction: the sensitivity probe of test_reference_mice's kernel tolerance.
 """
 
 from __future__ import annotations
@@ -116,10 +118,20 @@ def _rotate(x, base, fp32_islands):
     return torch.view_as_real(pairs * table[None, :, None, :]).flatten(3).to(x.dtype)
 
 
+def _jitter(p, gen):
+    """``p`` with every non-zero entry moved to the adjacent float (one ulp of ``p``'s dtype), up or down at
+    random (``gen``); ``p`` itself when ``gen`` is None."""
+    if gen is None:
+        return p
+    up = torch.randint(0, 2, p.shape, generator=gen).bool()
+    toward = torch.where(up, torch.full_like(p, float("inf")), torch.full_like(p, float("-inf")))
+    return torch.where(p != 0, torch.nextafter(p, toward), p)
+
+
 # --------------------------------------------------------------------------------------------------------- HMLA
 
 
-def _hmla(x, p, f, c, blocked, fp32_islands):
+def _hmla(x, p, f, c, blocked, fp32_islands, ulp_jitter=None):
     """LorentzMLA forward (q_lora_rank = 0) on ``x`` = attn_norm(h) (full Lorentz points, (B, N, D))."""
     b, n, _ = x.shape
     heads, dn, dr = f["n_heads"], f["qk_nope_head_dim"], f["qk_rope_head_dim"]
@@ -140,7 +152,7 @@ def _hmla(x, p, f, c, blocked, fp32_islands):
     scores = scores / p("softmax_scale") + p("bias")
     scores = scores.masked_fill(blocked[:, None], -1e18)
     if fp32_islands:
-        alpha = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        alpha = _jitter(scores.softmax(dim=-1, dtype=torch.float32), ulp_jitter).to(x.dtype)
     else:
         alpha = scores.softmax(dim=-1)
     eps = 1e-8 if v.dtype == torch.float64 else 1e-6  # Lorentz.eps[dtype]
@@ -152,13 +164,14 @@ def _hmla(x, p, f, c, blocked, fp32_islands):
 # --------------------------------------------------------------------------------------------------------- MiCE
 
 
-def _gate(x, p, f, fp32_islands):
+def _gate(x, p, f, fp32_islands, ulp_jitter=None):
     """Gate on tokens ``x (T, D)``: scores of the space part, biased top-k selection (optionally group-limited),
     weights = un-biased scores of the selected experts (renormalised for sigmoid) * route_scale.
     Returns (weights (T, k) in x's dtype, indices (T, k), un-biased scores (T, E))."""
     logits = F.linear(x[..., 1:], p("gate.weight"))
     if f["score_func"] == "softmax":
-        scores = logits.softmax(dim=-1, dtype=torch.float32) if fp32_islands else logits.softmax(dim=-1)
+        scores = (_jitter(logits.softmax(dim=-1, dtype=torch.float32), ulp_jitter) if fp32_islands
+                  else logits.softmax(dim=-1))
     else:
         scores = logits.sigmoid()
     biased = scores + p("gate.bias")  # float32 + float64 -> float64 in the fp32-island run
@@ -177,13 +190,13 @@ def _gate(x, p, f, fp32_islands):
     return weights.to(x.dtype), indices, scores
 
 
-def _mice(x, p, f, c, expert_c, fp32_islands):
+def _mice(x, p, f, c, expert_c, fp32_islands, ulp_jitter=None):
     """LorentzMoE forward for top-2 + 1 shared expert: y starts at the origin [sqrt(c), 0] for every token; for
     experts i = 0..E-1 (skipping unused ones) each routed token's y <- LResNet(y, e_i(x), weight=g, scale 2 fixed);
     then out = LResNet(shared(x), y) with a learnable w_y and exp(learnable log-scale)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    weights, indices, scores = _gate(x, p, f, fp32_islands)
+    weights, indices, scores = _gate(x, p, f, fp32_islands, ulp_jitter)
     y = _lift(torch.zeros_like(x[..., 1:]), c)
     for i in range(f["n_routed_experts"]):
         tok, slot = torch.where(indices == i)
@@ -199,7 +212,8 @@ def _mice(x, p, f, c, expert_c, fp32_islands):
 # -------------------------------------------------------------------------------------------------------- model
 
 
-def reference_mice_forward(sd: dict, flags: dict, input_ids, sequence_id=None, fp32_islands: bool = False):
+def reference_mice_forward(sd: dict, flags: dict, input_ids, sequence_id=None, fp32_islands: bool = False,
+                           ulp_jitter: torch.Generator | None = None):
     """Reference LorentzDeepSeekV3 forward. ``sd`` has the reference's keys (no ``model.`` prefix), ``flags`` the
     reference's model flags (missing ones take the reference defaults). ``sequence_id`` (B, N) adds train.py's
     document mask (attend only to same-id tokens), OR-ed with the causal mask; rotary positions are not reset.
@@ -221,14 +235,14 @@ def reference_mice_forward(sd: dict, flags: dict, input_ids, sequence_id=None, f
     for layer in range(f["n_layers"]):
         p = lambda k, layer=layer: sd[f"layers.{layer}.{k}"]  # noqa: E731
         a = _hmla(_rms_lift(h[..., 1:], p("attn_norm.weight"), c), lambda k: p(f"attn.{k}"), f, c, blocked,
-                  fp32_islands)
+                  fp32_islands, ulp_jitter)
         h = _lresnet(h, a, p("attn_res.w_y"), torch.tensor(math.sqrt(dim), dtype=h.dtype), c, False)
         x = _rms_lift(h[..., 1:], p("ffn_norm.weight"), c)
         if layer < f["n_dense_layers"]:
             out = _hffn(x, lambda k: p(f"ffn.{k}"), c)
         else:
             expert_c = [p(f"ffn.experts.{i}.expert_manifold.k") for i in range(f["n_routed_experts"])]
-            out, idx, scores = _mice(x, lambda k: p(f"ffn.{k}"), f, c, expert_c, fp32_islands)
+            out, idx, scores = _mice(x, lambda k: p(f"ffn.{k}"), f, c, expert_c, fp32_islands, ulp_jitter)
             moe[layer] = (idx, scores)
         h = _lresnet(h, out, p("ffn_res.w_y"), torch.tensor(math.sqrt(dim), dtype=h.dtype), c, False)
     s = F.linear(h, sd["final_proj.linear.weight"], sd["final_proj.linear.bias"]) * (c_out / c).sqrt()

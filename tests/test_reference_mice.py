@@ -1,9 +1,10 @@
 """HELM-MiCE parity with the reference beyond the golden fixture's shape.
 
 ``reference_mice_impl`` is an independent, literal transcription of the reference ``LorentzDeepSeekV3`` forward
-(no helmlm code). It is first validated against the golden fixture (bit-for-bit with the reference's float32
-islands, and to the fixture's recorded pure-float64 deviation without them); then it is the oracle for other
-shapes: random reference-format state dicts are loaded with ``load_reference`` and compared in float64.
+(no helmlm code). It is first validated against the golden fixture (with the reference's float32 islands to their
+float32 round-off, bit-for-bit under the fixture's AVX2 kernels; without them to the fixture's recorded pure-float64
+deviation); then it is the oracle for other shapes: random reference-format state dicts are loaded with
+``load_reference`` and compared in float64.
 """
 
 from __future__ import annotations
@@ -30,24 +31,51 @@ def mice_fixture():
 
 
 def test_transcription_reproduces_fixture(mice_fixture):
-    """The transcription is a valid oracle: with the reference's float32 islands it reproduces the fixture's fp64
-    logits (causal and document-masked) to rounding (measured 0 and 6.7e-16), and purely in float64 it deviates by
-    exactly what the fixture records for a pure-float64 run of the reference (2.57e-7 / 3.47e-7), well inside
-    1e-5. Both variants select the fixture's experts for every token (same column order)."""
+    """The transcription is a valid oracle: purely in float64 it deviates from the fixture by exactly what the
+    fixture records for a pure-float64 run of the reference (2.57e-7 / 3.47e-7 max), and with the reference's
+    float32 islands it reproduces the fixture's fp64 logits to the float32 round-off of those islands. Both variants
+    select the fixture's experts for every token (same column order).
+
+    Tolerance of the islands run (why not bit-exact). The fixture was made with ATen's AVX2 kernels (bit-exact
+    under ``ATEN_CPU_CAPABILITY=avx2``: 0 and 6.7e-16). The rotary islands (fp32 table, complex64 multiply) and the
+    fp32 casts are bit-identical under default/avx2/avx512 kernels; the fp32 softmaxes (vectorised exp, reduction
+    order) are not: vs AVX2, the attention weights differ by ~1 ulp RMS (default), 0.2-0.6 (avx512), <= 5 ulp.
+    The bound is the logits' measured sensitivity to that round-off: ``ulp_jitter`` moves every non-zero fp32
+    softmax value (attention and gate) one ulp (<= eps32 relative, eps32 = 2^-23) up or down at random, and the
+    *median* |logit deviation| of the islands run must not exceed the jittered run's: 2.6e-9 causal / 2.1e-9
+    documents (seeds 0-5 within 10%; ~0.026 * eps32 * rms(logits), rms 0.84). Real kernels stay below it (their
+    differences are ~1 ulp RMS and partly a per-row factor, the softmax sum, that the Lorentzian centroid's
+    normalisation cancels). Measured medians: 0 (avx2), 9e-12 / 0 (avx512), 4.1e-10 / 2.9e-10 (default, not
+    vectorised), 1.2e-9 / 1.0e-9 with correctly rounded fp32 softmaxes (float64 from the same fp32 inputs, the best
+    any kernel can do); but 1.15e-8 / 1.11e-8 purely in float64, 9.3e-9 / 8.5e-9 with only the rotary island
+    dropped, 9.2e-9 / 8.5e-9 with only the attention softmax in float64, so the test fails if the islands are not
+    reproduced (it asserts that the bound stays below half the pure-float64 median). The median is the statistic
+    because a kernel moves few logits much (max 1.6e-7 under default kernels, the size of the pure-float64 run's
+    max) while a missing island moves all of them; a local error fails the max bound: every logit within
+    4 * eps32 * max|logit| (1.2e-6), a few float32 ulps of the logit scale, the reference's own precision (it
+    returns its logits ``.float()``)."""
     meta, t, state, flags = mice_fixture
     recorded = meta["diagnostics"]["pure_float64_variant"]
-    for islands, tol in ((True, 1e-12), (False, 1e-5)):
-        causal, moe = reference_mice_forward(state, flags, t["input_ids"], fp32_islands=islands)
-        docs, moe_docs = reference_mice_forward(state, flags, t["input_ids"], t["sequence_id"], fp32_islands=islands)
-        d_causal = (causal - t["logits"]).abs().max().item()
-        d_docs = (docs - t["logits_docmask"]).abs().max().item()
-        assert d_causal <= tol and d_docs <= tol
-        if not islands:
-            assert abs(d_causal - recorded["logits_max_abs_diff"]) <= 1e-9
-            assert abs(d_docs - recorded["logits_docmask_max_abs_diff"]) <= 1e-9
-        assert list(moe) == [1]
-        assert torch.equal(moe[1][0], t["gate_indices.layer1"])
-        assert torch.equal(moe_docs[1][0], t["gate_indices_docmask.layer1"])
+    eps32 = torch.finfo(torch.float32).eps
+    for seq, key, gate_key, recorded_max in (
+            (None, "logits", "gate_indices.layer1", recorded["logits_max_abs_diff"]),
+            (t["sequence_id"], "logits_docmask", "gate_indices_docmask.layer1",
+             recorded["logits_docmask_max_abs_diff"])):
+        want = t[key]
+        dev = {}
+        for variant, kwargs in (("islands", dict(fp32_islands=True)), ("float64", dict(fp32_islands=False)),
+                                ("jitter", dict(fp32_islands=True, ulp_jitter=torch.Generator().manual_seed(0)))):
+            logits, moe = reference_mice_forward(state, flags, t["input_ids"], seq, **kwargs)
+            dev[variant] = (logits - want).abs()
+            if variant != "jitter":
+                assert list(moe) == [1]
+                assert torch.equal(moe[1][0], t[gate_key])
+        median = {k: v.median().item() for k, v in dev.items()}
+        assert abs(dev["float64"].max().item() - recorded_max) <= 1e-9
+        assert 0 < median["jitter"] <= eps32 * want.pow(2).mean().sqrt().item()  # the probe works, at round-off size
+        assert median["jitter"] < median["float64"] / 2  # the bound tells the islands run from the pure-float64 run
+        assert median["islands"] <= median["jitter"]
+        assert dev["islands"].max().item() <= 4 * eps32 * want.abs().max().item()
 
 
 def test_random_state_dict_has_the_reference_layout(mice_fixture):
