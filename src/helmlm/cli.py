@@ -9,6 +9,7 @@
 | ``demo`` | :func:`helmlm.training.demo.run_demo` |
 | ``export`` | :func:`helmlm.training.export.export_checkpoint` |
 | ``generate`` | :func:`helmlm.generation.complete` (on :func:`helmlm.generation.load_model_dir`) |
+| ``perplexity`` | :func:`helmlm.eval.perplexity` |
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``helmlm --help`` starts at once. Every
 :class:`~helmlm.errors.HelmlmError` becomes ``error: <message>`` on stderr and exit status 2, without a traceback.
@@ -153,6 +154,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from helmlm.data.sources import hf_documents, local_documents
+    from helmlm.eval import perplexity
+    from helmlm.generation import load_model_dir
+
+    if not args.data and not args.hf_dataset:
+        raise GenerationError("nothing to score: give --data FILE... or --hf-dataset NAME")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_dir(args.model_dir)
+    docs = (local_documents(args.data, args.text_field) if args.data else
+            hf_documents(args.hf_dataset, args.hf_config, args.hf_split, args.text_field))
+    if args.max_documents is not None:
+        if args.max_documents < 1:
+            raise GenerationError(f"--max-documents must be >= 1, got {args.max_documents}")
+        docs = (d for _, d in zip(range(args.max_documents), docs))
+    with tqdm(desc="perplexity", unit="doc", disable=args.json, mininterval=1.0) as bar:
+        result = perplexity(model, tokenizer, docs, args.context_length, args.stride, args.batch_size,
+                            progress=lambda n: bar.update(n - bar.n))
+    result = {"model": str(args.model_dir), **result}
+    print(json.dumps(result) if args.json else "\n".join(f"{k:>15}: {v}" for k, v in result.items()))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- arguments
 
 
@@ -224,6 +252,24 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
 
 
+def _perplexity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="a model directory: `helmlm export` output or any Hugging Face causal LM")
+    p.add_argument("--data", nargs="+", default=[], metavar="FILE",
+                   help="text (.txt/.md: one document per file), JSONL or parquet files, directories or globs")
+    p.add_argument("--hf-dataset", default=None, help="a Hugging Face dataset name instead of --data (streamed)")
+    p.add_argument("--hf-config", default=None)
+    p.add_argument("--hf-split", default="test")
+    p.add_argument("--text-field", default="text", help="the JSONL field / column holding the text (default: text)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="tokens per window (default: the model's max_position_embeddings)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens a window advances by (default: the context length; smaller: more context per token)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--max-documents", type=int, default=None, help="score only the first N documents")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+
 # name -> (run, add arguments, one-line help, longer description or None)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str,
                           str | None]] = {
@@ -236,6 +282,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
              "print validation loss/perplexity (recipe: tiny)."),
     "export": (_cmd_export, _export_args, "turn a training checkpoint into a Hugging Face model directory", None),
     "generate": (_cmd_generate, _generate_args, "generate text from a model directory, streaming tokens", None),
+    "perplexity": (_cmd_perplexity, _perplexity_args, "loss, perplexity and bits per byte of a model over documents",
+                   None),
     "train": (_cmd_train, _train_args, "pretrain a model from a training config",
               "Pretrain from a YAML config. Multi-process: torchrun --nproc_per_node N -m helmlm train CONFIG ..."),
 }
