@@ -10,6 +10,7 @@
 | ``export`` | :func:`helmlm.training.export.export_checkpoint` |
 | ``generate`` | :func:`helmlm.generation.complete` (on :func:`helmlm.generation.load_model_dir`) |
 | ``perplexity`` | :func:`helmlm.eval.perplexity` |
+| ``eval`` | :func:`helmlm.eval.harness.evaluate` (lm-evaluation-harness) |
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``helmlm --help`` starts at once. Every
 :class:`~helmlm.errors.HelmlmError` becomes ``error: <message>`` on stderr and exit status 2, without a traceback.
@@ -181,6 +182,35 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from helmlm.eval.harness import EvalError, evaluate, summary_rows, task_manager, write_results
+
+    if args.list_tasks:
+        print("\n".join(sorted(task_manager(args.include_path).all_tasks)))
+        return 0
+    if not args.model_dir or not args.tasks:
+        raise EvalError("give a model directory and --tasks (comma-separated; `helmlm eval --list-tasks` lists them)")
+    out = Path(args.output_path) if args.output_path else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise EvalError(f"{out} exists; pass --overwrite to replace it (nothing was run)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate(args.model_dir, tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size,
+                       args.device, args.dtype)
+    if out is not None:
+        write_results(results, out)
+    if args.json:
+        print(json.dumps(results.get("results", {}), default=str))
+    else:
+        print(f"{'task':<28}{'metric':<18}{'value':>10}{'stderr':>10}")
+        for task, metric, value, stderr in summary_rows(results):
+            print(f"{task:<28}{metric:<18}{value:>10.4f}{'' if stderr is None else f'{stderr:>10.4f}'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- arguments
 
 
@@ -270,6 +300,22 @@ def _perplexity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", help="a model directory: `helmlm export` output or any Hugging Face causal LM")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks or groups, e.g. helm_local or helm_paper")
+    p.add_argument("--include-path", default=None, help="a directory of extra task YAML files")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=float, default=None, help="at most N documents per task (or a fraction < 1)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if visible, else cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: lm-eval's auto)")
+    p.add_argument("--output-path", default=None, help="write lm-eval's full results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-path file")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the per-task metrics as one JSON line")
+    p.add_argument("--list-tasks", action="store_true", help="list the task names lm-eval knows (with helmlm's)")
+
+
 # name -> (run, add arguments, one-line help, longer description or None)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str,
                           str | None]] = {
@@ -282,6 +328,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
              "print validation loss/perplexity (recipe: tiny)."),
     "export": (_cmd_export, _export_args, "turn a training checkpoint into a Hugging Face model directory", None),
     "generate": (_cmd_generate, _generate_args, "generate text from a model directory, streaming tokens", None),
+    "eval": (_cmd_eval, _eval_args, "evaluate a model with lm-evaluation-harness (local tasks, the paper's suite)",
+             "Run lm-evaluation-harness tasks on a model directory (helmlm or any Hugging Face causal LM). Local "
+             "offline tasks: helm_local (helm_local_mc, helm_local_gen, helm_local_ppl); the paper's table: "
+             "helm_paper (needs the hub)."),
     "perplexity": (_cmd_perplexity, _perplexity_args, "loss, perplexity and bits per byte of a model over documents",
                    None),
     "train": (_cmd_train, _train_args, "pretrain a model from a training config",

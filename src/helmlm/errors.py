@@ -52,6 +52,10 @@ class GenerationError(HelmlmError, ValueError):
     """An invalid generation request: empty prompt, too long, bad sampling values, not a model directory."""
 
 
+class EvalError(HelmlmError, ValueError):
+    """An evaluation request that cannot run: unknown task, bad task data, missing model, existing output file."""
+
+
 class TrainingError(HelmlmError, RuntimeError):
     """The run cannot start or go on (bad resume, vocabulary mismatch, ...)."""
 

@@ -1,0 +1,135 @@
+"""``helmlm eval`` / :mod:`helmlm.eval.harness`: the same scores as lm-eval's ``--model hf``, ``generate_until``
+semantics, the local and paper task definitions, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from helmlm.cli import main  # noqa: E402
+from helmlm.eval.harness import TASKS_DIR, evaluate, task_manager  # noqa: E402
+from helmlm.eval.tasks.utils import read_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from helmlm.data.tokenizer import train_bpe
+
+    texts = [line for f in sorted((TASKS_DIR / "data").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    return train_bpe(texts * 20, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tokenizer, tmp_path_factory):
+    """A tiny random transformers Llama (not a helmlm model) with the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=256,
+                                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+    path = tmp_path_factory.mktemp("llama") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def metrics_of(results: dict, task: str) -> dict:
+    return {k: v for k, v in results["results"][task].items() if isinstance(v, float)}
+
+
+def test_scores_equal_lm_evals_own_hf_model(llama_dir):
+    """On a Hugging Face directory, every metric of the multiple-choice and rolling-perplexity tasks equals what
+    lm-eval's ``--model hf`` computes, exactly."""
+    import lm_eval
+
+    ours = evaluate(llama_dir, ["helm_local_mc", "helm_local_ppl"], limit=8, batch_size=4)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={llama_dir},device=cpu",
+                                     tasks=["helm_local_mc", "helm_local_ppl"], limit=8, batch_size=4,
+                                     task_manager=task_manager())
+    for task in ("helm_local_mc", "helm_local_ppl"):
+        assert metrics_of(ours, task) == metrics_of(theirs, task)
+    assert {"acc,none", "acc_norm,none"} <= set(metrics_of(ours, "helm_local_mc"))
+    assert metrics_of(ours, "helm_local_ppl")["bits_per_byte,none"] > 0
+
+
+def test_generate_until_honours_until_and_max_gen_toks(llama_dir):
+    """Greedy continuations: cut before the first ``until`` string, and no longer than ``max_gen_toks`` tokens."""
+    from lm_eval.api.instance import Instance
+
+    from helmlm.eval.harness import _register
+
+    _register()
+    from helmlm.eval import harness
+
+    lm = harness.HelmLM(pretrained=str(llama_dir), batch_size=2)
+
+    def run(*requests):
+        return lm.generate_until([Instance("generate_until", {}, (ctx, kw), i) for i, (ctx, kw) in enumerate(requests)])
+
+    ctx = "Question: What do bees make?"
+    ids = lm.tok_encode(ctx)
+    new = lm.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                            pad_token_id=lm.tokenizer.pad_token_id)[0, len(ids):].tolist()
+    free = run((ctx, {"until": ["<none>"], "max_gen_toks": 16, "do_sample": False}))[0]
+    assert free == lm.tok_decode(new)  # no stop string: all 16 greedy tokens
+    start = next(i for i in range(3, len(free) - 1) if free[i:i + 2].isascii() and free[i:i + 2].isalnum())
+    stop = free[start:start + 2]
+    cut, short = run((ctx, {"until": [stop], "max_gen_toks": 16, "do_sample": False}),
+                     (ctx, {"until": ["<none>"], "max_gen_toks": 3, "do_sample": False}))
+    assert cut == free[: free.index(stop)]
+    assert short == lm.tok_decode(new[:3])
+
+
+def test_local_and_paper_tasks_are_defined():
+    manager = task_manager()
+    assert {"helm_local", "helm_local_mc", "helm_local_gen", "helm_local_ppl", "helm_paper"} <= set(manager.all_tasks)
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    paper = load_yaml(TASKS_DIR / "helm_paper.yaml", resolve_func=False)
+    shots = {t["task"]: t["num_fewshot"] for t in paper["task"]}
+    # the paper's table: CSQA, HellaSwag, OBQA 0-shot; MMLU, ARC-Challenge 5-shot (REFERENCE-HELM.md)
+    assert shots == {"commonsense_qa": 0, "hellaswag": 0, "openbookqa": 0, "mmlu": 5, "arc_challenge": 5}
+    assert set(shots) <= set(manager.all_tasks)
+    for data in (TASKS_DIR / "data").glob("*.jsonl"):
+        assert read_jsonl(data)
+
+
+def test_bad_inputs_exit_2_and_write_nothing(llama_dir, tmp_path, capsys):
+    (tmp_path / "tasks").mkdir()
+    bad_data = tmp_path / "tasks" / "bad.jsonl"
+    bad_data.write_text('{"question": "a", "answer": "b"}\n{"question": oops}\n')
+    (tmp_path / "tasks" / "bad_task.yaml").write_text(
+        f"task: my_bad_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {bad_data}\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: exact_match\n")
+    existing = tmp_path / "out.json"
+    existing.write_text("keep me")
+    cases = [
+        ([str(llama_dir), "--tasks", "helm_local_mcq"], "unknown task 'helm_local_mcq'; did you mean helm_local_mc"),
+        ([str(tmp_path / "missing"), "--tasks", "helm_local_mc"], "not a model directory"),
+        ([str(llama_dir), "--tasks", "my_bad_task", "--include-path", str(tmp_path / "tasks")],
+         f"{bad_data}:2: not valid JSON"),
+        ([str(llama_dir), "--tasks", "helm_local_mc", "--limit", "0"], "limit must be > 0"),
+        ([str(llama_dir), "--tasks", "helm_local_mc", "--output-path", str(existing)], "pass --overwrite"),
+        ([str(llama_dir)], "give a model directory and --tasks"),
+    ]
+    for argv, phrase in cases:
+        assert main(["eval", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and phrase in err, (argv, err)
+    assert existing.read_text() == "keep me"
+
+
+def test_command_line_writes_results(llama_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["eval", str(llama_dir), "--tasks", "helm_local_mc", "--limit", "4", "--output-path", str(out),
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads(out.read_text())
+    assert printed["helm_local_mc"]["acc,none"] == saved["results"]["helm_local_mc"]["acc,none"]
