@@ -150,7 +150,25 @@ def test_command_line(tokenizer, tmp_path, capsys):
     for argv, phrase in (([str(tmp_path / "model"), "--data", str(tmp_path / "empty.txt")], "no text to score"),
                          ([str(tmp_path / "nope"), "--data", str(data)], "not a model directory"),
                          ([str(tmp_path / "model"), "--data", str(tmp_path / "missing.txt")], "no files match"),
-                         ([str(tmp_path / "model")], "nothing to score"),
+                         ([str(tmp_path / "model")], "say what to score"),
+                         ([str(tmp_path / "model"), "--data", str(data), "--val-of", "tiny"], "say what to score"),
                          ([str(tmp_path / "model"), "--data", str(data), "--stride", "0"], "stride must be in")):
         assert main(["perplexity", *argv]) == 2
         assert phrase in capsys.readouterr().err
+
+
+def test_documents_of_a_split_are_the_prepared_ones(tmp_path):
+    """``documents_of_split`` yields exactly the documents the prepared shards put in that split."""
+    from helmlm.config import DataConfig
+    from helmlm.data.packing import PackedRows
+    from helmlm.data.shards import documents_of_split, prepare_data
+
+    docs = [f"document number {i} " + "word " * (i % 7 + 1) for i in range(200)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    config = DataConfig(source="local", paths=[str(tmp_path / "docs.jsonl")], dir=str(tmp_path / "data"),
+                        vocab_size=300, val_fraction=0.1)
+    prepare_data(config, progress=False)
+    val = list(documents_of_split(config, "val"))
+    train = list(documents_of_split(config, "train"))
+    assert sorted(val + train) == sorted(docs) and 5 <= len(val) <= 40
+    assert PackedRows(tmp_path / "data", "val", 32).shards.num_documents == len(val)

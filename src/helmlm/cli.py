@@ -163,13 +163,20 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     from helmlm.eval import perplexity
     from helmlm.generation import load_model_dir
 
-    if not args.data and not args.hf_dataset:
-        raise GenerationError("nothing to score: give --data FILE... or --hf-dataset NAME")
+    if sum(map(bool, (args.data, args.hf_dataset, args.val_of))) != 1:
+        raise GenerationError("say what to score, once: --data FILE..., --hf-dataset NAME or --val-of RECIPE")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_dir(args.model_dir)
-    docs = (local_documents(args.data, args.text_field) if args.data else
-            hf_documents(args.hf_dataset, args.hf_config, args.hf_split, args.text_field))
+    if args.val_of:
+        from helmlm.config import load_train_config
+        from helmlm.data.shards import documents_of_split
+
+        docs = documents_of_split(load_train_config(args.val_of).data, "val")
+    elif args.data:
+        docs = local_documents(args.data, args.text_field)
+    else:
+        docs = hf_documents(args.hf_dataset, args.hf_config, args.hf_split, args.text_field)
     if args.max_documents is not None:
         if args.max_documents < 1:
             raise GenerationError(f"--max-documents must be >= 1, got {args.max_documents}")
@@ -286,6 +293,8 @@ def _perplexity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="a model directory: `helmlm export` output or any Hugging Face causal LM")
     p.add_argument("--data", nargs="+", default=[], metavar="FILE",
                    help="text (.txt/.md: one document per file), JSONL or parquet files, directories or globs")
+    p.add_argument("--val-of", default=None, metavar="RECIPE",
+                   help="the validation documents of a training config's data, e.g. tiny (the built-in corpus)")
     p.add_argument("--hf-dataset", default=None, help="a Hugging Face dataset name instead of --data (streamed)")
     p.add_argument("--hf-config", default=None)
     p.add_argument("--hf-split", default="test")

@@ -58,6 +58,15 @@ def iter_documents(config: DataConfig, stats: TextStats | None = None, progress:
         yield doc
 
 
+def documents_of_split(config: DataConfig, split: str) -> Iterator[str]:
+    """The raw text of the ``train`` or ``val`` documents of ``config``'s source: the documents the prepared shards
+    of that split hold (the same hash rule, :func:`~helmlm.data.sources.split_of`), for scoring a model with any
+    tokenizer on them."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; have {', '.join(SPLITS)}")
+    return (doc for doc in iter_documents(config) if split_of(doc, config.val_fraction) == split)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
