@@ -255,3 +255,16 @@ def test_resume_takes_a_path_only_when_one_follows():
     args = parse("tiny", "--resume", "runs/x/checkpoints/step-00000004", "train.lr=1e-3")
     assert args.resume_from == "runs/x/checkpoints/step-00000004" and args.overrides == ["train.lr=1e-3"]
     assert parse("--resume=runs/x", "tiny").resume_from == "runs/x"
+
+
+def test_init_from_an_exported_llama_twin(corpus, tmp_path):
+    """The LLaMA-style twin exports as a standard LlamaForCausalLM directory; a new run starts from it with the
+    twin's exact weights."""
+    twin = ("model.preset=llama_tiny", "train.steps=2")
+    train(load_train_config(None, overrides(corpus, tmp_path / "src", *twin)))
+    source = load_file(latest_checkpoint(tmp_path / "src") / "model.safetensors")
+    export_checkpoint(tmp_path / "src", tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "llama"
+    trainer = Trainer(load_train_config(None, overrides(corpus, tmp_path / "a", *twin,
+                                                        f"train.init_from={tmp_path / 'model'}")))
+    assert weights_equal(dict(trainer.model.state_dict()), source)

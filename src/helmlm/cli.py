@@ -106,8 +106,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from helmlm.training.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer)
-    print(f"exported to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) after `import helmlm`")
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, format=args.format)
+    llama = json.loads((out / "config.json").read_text()).get("model_type") == "llama"
+    how = "(a standard Llama: no helmlm needed)" if llama else \
+        "after `import helmlm`, or with trust_remote_code=True"
+    print(f"exported to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) {how}")
     return 0
 
 
@@ -268,6 +271,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint directory (step-XXXXXXXX) or a run directory (its newest intact)")
     p.add_argument("out_dir", help="new directory for config.json, model.safetensors and the tokenizer")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the run's data directory)")
+    p.add_argument("--format", choices=["auto", "helm", "llama"], default="auto",
+                   help="auto (default): a standard LlamaForCausalLM for the LLaMA-style twin, else HELM (loads after "
+                        "`import helmlm` or with trust_remote_code=True)")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

@@ -1,9 +1,12 @@
 """``helmlm export CHECKPOINT OUT_DIR``: a training checkpoint -> a Hugging Face model directory.
 
-The directory holds ``config.json`` + ``model.safetensors`` and the tokenizer the model was trained with, so
-``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer.from_pretrained(OUT_DIR)`` work after
-``import helmlm``. This module reads the training checkpoint and finds its tokenizer; writing the directory is
-:func:`helmlm.models.hf.save_model_dir`, next to the rest of the Hugging Face integration.
+The directory holds ``config.json`` + ``model.safetensors`` and the tokenizer the model was trained with. Its
+format (``--format``, default ``auto``): the LLaMA-style twin (euclidean + mha + dense SwiGLU) is written as a
+standard ``LlamaForCausalLM``, which ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads with no helmlm at all;
+every other model in the HELM format, which loads after ``import helmlm`` or, without it, with
+``trust_remote_code=True`` (the directory carries a module that imports the installed helmlm). This module reads
+the training checkpoint and finds its tokenizer; writing the directory is :func:`helmlm.models.hf.save_model_dir`,
+next to the rest of the Hugging Face integration.
 """
 
 from __future__ import annotations
@@ -25,13 +28,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise ExportError(str(err)) from None
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None,
+                      format: str = "auto") -> Path:
     """Write the model of ``checkpoint`` and its tokenizer (``tokenizer``, default: the one in the run's data
-    directory, checked against the hash recorded in the checkpoint) to ``out_dir``; return ``out_dir``."""
+    directory, checked against the hash recorded in the checkpoint) to ``out_dir``; return ``out_dir``. ``format``:
+    ``auto`` (Llama where the architecture is Llama's, else HELM), ``helm`` or ``llama``
+    (:func:`helmlm.models.hf.save_model_dir`)."""
     from helmlm.config import train_config_from_dict
     from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash
     from helmlm.models import HELMForCausalLM
-    from helmlm.models.hf import check_new_dir, save_model_dir
+    from helmlm.models.hf import check_new_dir, resolve_format, save_model_dir
     from helmlm.training.checkpoint import checkpoint_model_config, read_checkpoint_state, read_tensors
 
     ckpt = resolve_checkpoint(checkpoint)
@@ -48,11 +54,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
                           "differs); pass the right one with --tokenizer DIR")
 
     model_config = checkpoint_model_config(state)
+    resolve_format(model_config, format)  # an impossible format fails before the model is built
     model_config.eos_token_id = model_config.pad_token_id = tok.eos_token_id
     model = HELMForCausalLM(model_config)
     missing, unexpected = model.load_state_dict(read_tensors(ckpt / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ExportError(f"{ckpt}/model.safetensors does not fit its own config (missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]})")
-    return save_model_dir(model, tok, out)
+    return save_model_dir(model, tok, out, format=format)
 

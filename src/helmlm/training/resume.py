@@ -8,6 +8,7 @@ total. ``init_from`` loads weights only, after checking that they fit the config
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,20 @@ def read_initial_weights(source: str | Path, model_config, log: Callable[[str], 
     ``save_pretrained`` / ``helmlm export``. Returns ``(state dict, tokenizer sha256 or None, description)``; the
     tokenizer hash comes from the checkpoint, or from the model directory's tokenizer when it has one."""
     from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash
-    from helmlm.models import HELMConfig, HELMForCausalLM
+    from helmlm.models import HELMForCausalLM
 
     path = Path(source)
     if (path / "config.json").is_file() and not (path / STATE_FILE).is_file() and not checkpoint_root(path).is_dir():
         try:
-            source_config = HELMConfig.from_pretrained(path)
-            weights = HELMForCausalLM.from_pretrained(path).state_dict()
+            if json.loads((path / "config.json").read_text()).get("model_type") == "llama":  # an exported twin
+                from transformers import LlamaForCausalLM
+
+                from helmlm.models.hf import from_llama
+
+                model = from_llama(LlamaForCausalLM.from_pretrained(path))
+            else:
+                model = HELMForCausalLM.from_pretrained(path)
+            source_config, weights = model.config, model.state_dict()
         except (OSError, ValueError) as err:
             raise CheckpointError(f"cannot load the model directory {path}: {err}") from None
         has_tokenizer = (path / "tokenizer.json").is_file()
