@@ -133,3 +133,22 @@ def test_command_line_writes_results(llama_dir, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     saved = json.loads(out.read_text())
     assert printed["helm_local_mc"]["acc,none"] == saved["results"]["helm_local_mc"]["acc,none"]
+
+
+@pytest.mark.parametrize("preset", ["helm_d_tiny", "helm_mice_tiny"])
+def test_helm_scores_equal_lm_evals_hf_model_with_remote_code(preset, tokenizer, tmp_path):
+    """An exported HELM directory: ``helmlm eval`` and lm-eval's ``--model hf`` with ``trust_remote_code=True`` (the
+    directory's own module) give the same multiple-choice metrics."""
+    import lm_eval
+
+    from helmlm.models import HELMForCausalLM, load_config
+    from helmlm.models.hf import save_model_dir
+
+    torch.manual_seed(0)
+    model = HELMForCausalLM(load_config(preset, vocab_size=len(tokenizer), num_hidden_layers=2))
+    path = save_model_dir(model, tokenizer, tmp_path / "model")
+    assert "auto_map" in json.loads((path / "config.json").read_text())
+    ours = evaluate(path, ["helm_local_mc"], limit=6, batch_size=3)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},device=cpu,trust_remote_code=True",
+                                     tasks=["helm_local_mc"], limit=6, batch_size=3, task_manager=task_manager())
+    assert metrics_of(ours, "helm_local_mc") == metrics_of(theirs, "helm_local_mc")
