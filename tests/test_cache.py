@@ -98,3 +98,68 @@ def test_model_cache_attention_mask_hides_cached_padding_but_never_a_query_itsel
     step = cache.attention_mask(torch.tensor([[1]]))
     assert step.shape == (1, 1, 1, 4) and step[0, 0].tolist() == [[False, True, True, True]]
     assert cache.mask.tolist() == [[False, True, True, True]]
+
+
+def padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_batch_operations_equal_decoding_the_chosen_rows(preset):
+    """After a left-padded prefill of 3 rows, ``reorder_cache([2, 0, 2])`` (beam search), ``batch_select_indices``,
+    ``batch_repeat_interleave`` and ``crop`` leave a cache that decodes exactly like a fresh prefill of those rows
+    (every buffer of the layer, the HMLA latent cache included, and the mask follow; 1e-10)."""
+    model = make(preset)
+    prompts = [torch.randint(0, 97, (n,)) for n in (4, 9, 6)]
+    step = torch.randint(0, 97, (3, 1))
+
+    def prefill(rows: list[int]):
+        ids, mask, pos = padded([prompts[r] for r in rows])
+        return output_cache(model(ids, attention_mask=mask, position_ids=pos, use_cache=True)), pos[:, -1:] + 1
+
+    def decode(cache, rows: list[int], next_pos):
+        return model(step[rows], past_key_values=cache, use_cache=True, position_ids=next_pos,
+                     attention_mask=torch.ones(len(rows), 1, dtype=torch.long)).logits
+
+    cases = {"reorder_cache": (torch.tensor([2, 0, 2]), [2, 0, 2]),
+             "batch_select_indices": (torch.tensor([1, 2]), [1, 2]),
+             "batch_repeat_interleave": (2, [0, 0, 1, 1, 2, 2])}
+    with torch.no_grad():
+        for op, (arg, rows) in cases.items():
+            cache, next_pos = prefill([0, 1, 2])
+            getattr(cache, op)(arg)
+            expected_cache, expected_pos = prefill(rows)
+            assert torch.equal(next_pos[torch.tensor([[0, 1, 2][r] for r in rows])], expected_pos)
+            torch.testing.assert_close(decode(cache, rows, expected_pos), decode(expected_cache, rows, expected_pos),
+                                       rtol=0, atol=1e-10, msg=op)
+        cache, next_pos = prefill([0, 1, 2])
+        decode(cache, [0, 1, 2], next_pos)
+        cache.crop(-1)  # forget the step: decoding it again gives the same logits
+        assert cache.get_seq_length() == 9 and cache.mask.shape == (3, 9)
+        fresh, _ = prefill([0, 1, 2])
+        torch.testing.assert_close(decode(cache, [0, 1, 2], next_pos), decode(fresh, [0, 1, 2], next_pos),
+                                   rtol=0, atol=1e-10)
+
+
+def test_the_model_cache_is_a_transformers_cache():
+    """What a forward with ``use_cache=True`` returns is a ``transformers.Cache`` (``HELMCache``) with the
+    properties ``GenerationMixin`` reads; an empty foreign cache is replaced, a filled one is refused."""
+    from transformers import Cache, DynamicCache
+
+    from helmlm.models.modeling import HELMCache
+
+    model = make("helm_mice_tiny")
+    with torch.no_grad():
+        cache = output_cache(model(torch.randint(0, 97, (2, 5)), use_cache=True))
+        assert isinstance(cache, HELMCache) and isinstance(cache, Cache) and isinstance(cache, ModelCache)
+        assert (cache.get_seq_length(), len(cache), cache.is_compileable, cache.is_croppable) == (5, 2, False, True)
+        assert cache.is_linear == [False, False] and cache.get_mask_sizes(1, 0) == (6, 0)
+        replaced = output_cache(model(torch.randint(0, 97, (2, 5)), past_key_values=DynamicCache(), use_cache=True))
+        assert isinstance(replaced, HELMCache) and replaced.get_seq_length() == 5
+        filled = DynamicCache()
+        filled.update(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4), 0)
+        with pytest.raises(InputError, match="DynamicCache cannot be used as a HELM KV cache"):
+            model(torch.randint(0, 97, (2, 1)), past_key_values=filled, use_cache=True)

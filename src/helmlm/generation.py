@@ -2,11 +2,22 @@
 prompts of different lengths (left padding), streaming; :func:`complete` adds text-level stop strings and streaming
 of whole characters, and :func:`load_model_dir` opens a model directory (what ``helmlm generate`` runs on).
 
-A small engine of our own rather than transformers' ``GenerationMixin``: the HMLA latent cache does not fit
-transformers' ``Cache.update(key, value)`` interface (it stores no keys or values), and owning the loop keeps every
-model family on one code path. Semantics follow transformers': the repetition penalty divides positive logits and
-multiplies negative ones of every token already in the row (prompt included); then temperature, top-k and top-p
-(nucleus) filter the distribution; ``temperature=0`` is greedy.
+Two decoding loops run on the same model forward and the same KV cache (``helmlm.models.HELMCache``):
+``model.generate(...)`` (transformers' ``GenerationMixin``: beam search, logits processors, ``pipeline``, lm-eval)
+and :func:`generate` here, which ``helmlm generate`` and :func:`complete` use. Ours stays because:
+
+- its decoding is exactly what its arguments say. ``model.generate`` fills every unset option from the model
+  directory's ``generation_config.json`` and transformers' defaults (EOS, top-k, penalties, ...), so the same call
+  can decode differently from one directory or transformers release to the next;
+- its streamer gets each step's token per row (``None`` once a row is finished) and ``stop(row, ids)`` ends single
+  rows, what :func:`complete` needs for stop strings and whole-character streaming;
+- per token it costs one forward and a few tensor operations, without the per-step bookkeeping of
+  ``GenerationMixin``, which shows on small models (``benchmarks/decode.py --generate-at`` times both loops).
+
+``tests/test_hf_generate.py`` pins the two together: greedy decoding of a left-padded batch gives the same tokens.
+Semantics follow transformers' otherwise: the repetition penalty divides positive logits and multiplies negative
+ones of every token already in the row (prompt included); then temperature, top-k and top-p (nucleus) filter the
+distribution; ``temperature=0`` is greedy.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import torch
 from torch import Tensor
 
 from helmlm.errors import GenerationError  # noqa: F401  (re-exported)
-from helmlm.models.modeling import output_cache
+from helmlm.models.modeling import CACHE_FIELD, output_cache
 
 
 @dataclass
@@ -107,7 +118,7 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
     generator = torch.Generator(device=device)
     generator.manual_seed(s.seed if s.seed is not None else fresh_seed())
     model.eval()
-    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, logits = output_cache(out), out.logits[:, -1]
     history, history_mask = ids, mask
     next_pos = positions[:, -1:] + 1
@@ -133,7 +144,9 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
         step_mask = torch.ones_like(token).unsqueeze(-1)  # finished rows keep decoding; their output is dropped
         history = torch.cat([history, token.unsqueeze(-1)], dim=1)
         history_mask = torch.cat([history_mask, step_mask], dim=1)
-        out = model(token.unsqueeze(-1), attention_mask=step_mask, position_ids=next_pos, cache=cache, use_cache=True)
+        # the mask of cached + new tokens, as transformers models take it (ours read the new part)
+        out = model(token.unsqueeze(-1), attention_mask=history_mask, position_ids=next_pos, use_cache=True,
+                    **{CACHE_FIELD: cache})
         logits, next_pos = out.logits[:, -1], next_pos + 1
     return result
 
@@ -147,7 +160,7 @@ def load_model_dir(path: str | Path):
     path = Path(path)
     if (path / "checkpoints").is_dir() or (path / "state.json").is_file():
         raise GenerationError(f"{path} is a training run or checkpoint, not a model directory; export it first: "
-                              f"`helmlm export {path} OUT_DIR`, then `helmlm generate OUT_DIR`")
+                              f"`helmlm export {path} OUT_DIR`, then pass OUT_DIR")
     if not (path / "config.json").is_file():
         raise GenerationError(f"{path} is not a model directory (no config.json); create one with "
                               "`helmlm export RUN_DIR OUT_DIR`")

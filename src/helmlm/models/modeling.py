@@ -5,6 +5,10 @@ Lorentz MHA with HoPE -> Lorentzian residual -> hyperbolic RMSNorm -> HFFN -> Lo
 -> hyperbolic RMSNorm -> linear head over the full Lorentz vector); with ``geometry="euclidean"`` it is the
 LLaMA-style twin (embedding -> pre-norm blocks with RoPE MHA and SwiGLU -> RMSNorm -> head). ``attention="mla"``
 and ``ffn="moe"`` swap in HMLA and MiCE (HELM-MiCE), or MLA and MoE for the DeepSeek-style twin.
+
+``HELMForCausalLM`` is a transformers ``GenerationMixin``: ``model.generate(...)`` (greedy, sampling, beam search,
+``pipeline("text-generation")``) decodes over :class:`HELMCache`, a ``transformers.Cache`` that holds our own
+per-layer buffers (:mod:`helmlm.nn.cache`), so the HMLA latent cache works as it does in our own engine.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from helmlm.errors import InputError  # noqa: F401  (re-exported)
@@ -198,9 +203,13 @@ class HELMModel(HELMPreTrainedModel):
         statistics.
 
         ``cache``: a :class:`~helmlm.nn.cache.ModelCache` of earlier tokens, extended by these; ``attention_mask``
-        then marks the *new* tokens only (the cache keeps the mask of the old ones) and positions continue from the
-        cache length unless ``position_ids`` are given (left-padded prompts pass their own)."""
+        then marks the *new* tokens (the cache keeps the mask of the old ones), or all cached + new tokens as
+        transformers passes it (only the new part is read), and positions continue from the cache length unless
+        ``position_ids`` are given (left-padded prompts pass their own)."""
         past = 0 if cache is None else cache.length
+        if cache is not None and attention_mask is not None and past and attention_mask.shape[-1] == past + \
+                input_ids.shape[-1]:
+            attention_mask = attention_mask[:, past:]  # transformers' convention: the mask of cached + new tokens
         self.check_inputs(input_ids, document_ids, position_ids, attention_mask, past)
         valid = None if attention_mask is None else attention_mask.bool()
         h = self.embed(input_ids)
@@ -262,7 +271,47 @@ def output_cache(output: MoeCausalLMOutputWithPast) -> ModelCache | None:
     return output.get(CACHE_FIELD)
 
 
-class HELMForCausalLM(HELMPreTrainedModel):
+class HELMLayerCache(LayerCache, CacheLayerMixin):
+    """One layer of :class:`HELMCache`: our growing buffers (keys and values, or the HMLA latent cache) behind
+    transformers' layer interface. ``update(key, value)`` appends two tensors; the model's layers call
+    :meth:`~helmlm.nn.cache.LayerCache.append` with whatever they cache."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        CacheLayerMixin.__init__(self)
+        LayerCache.__init__(self)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Nothing to do: buffers are allocated by the first append."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        return self.append(key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class HELMCache(ModelCache, Cache):
+    """The KV cache of a HELM model as a ``transformers.Cache``: one :class:`HELMLayerCache` per layer plus the
+    real-token mask (:class:`~helmlm.nn.cache.ModelCache`). What ``GenerationMixin`` calls (``get_seq_length``,
+    ``reorder_cache`` for beam search, ``batch_select_indices``, ``batch_repeat_interleave``, ``crop``) acts on every
+    buffer of every layer and on the mask. Not compileable (the buffers grow)."""
+
+    layer_class = HELMLayerCache
+
+    def __init__(self, num_layers: int) -> None:
+        ModelCache.__init__(self, num_layers)
+        Cache.__init__(self, layers=self.layers)
+
+
+class HELMForCausalLM(HELMPreTrainedModel, GenerationMixin):
     """A HELM decoder with a linear language-model head (over the full Lorentz vector for ``lorentz``).
 
     ``forward(input_ids, labels=None, document_ids=None, position_ids=None, attention_mask=None)``:
@@ -271,6 +320,11 @@ class HELMForCausalLM(HELMPreTrainedModel):
     (shifted inside, ``-100`` ignored). Returns a ``MoeCausalLMOutputWithPast`` with ``logits``; for models with
     routed layers ``aux_loss``, the sum of their sequence-level balance losses; given labels, ``loss`` =
     cross-entropy + ``moe_balance_alpha * aux_loss``.
+
+    ``generate()`` is transformers' (``GenerationMixin``): the model builds its own :class:`HELMCache` on the first
+    forward with ``use_cache=True`` (not transformers' ``DynamicCache``, whose ``update(key, value)`` cannot hold the
+    HMLA latent cache), and :meth:`prepare_inputs_for_generation` feeds only the new tokens once the cache holds the
+    earlier ones, at positions counted from each row's first real token (left padding).
     """
 
     def __init__(self, config: HELMConfig):
@@ -284,6 +338,38 @@ class HELMForCausalLM(HELMPreTrainedModel):
         itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
         return self.config.kv_cache_floats_per_token() * itemsize
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """``generate`` must not create a ``DynamicCache``: the model creates its :class:`HELMCache` itself."""
+        return False
+
+    def new_cache(self) -> HELMCache:
+        """An empty KV cache for this model (what ``forward(..., use_cache=True)`` starts from)."""
+        return HELMCache(len(self.model.layers))
+
+    def own_cache(self, cache: Any) -> ModelCache | None:
+        """``cache`` if it is ours; an empty transformers ``Cache`` of another kind (e.g. a ``DynamicCache`` that a
+        tool created) is replaced by a :class:`HELMCache`; a filled one cannot be read and is an error."""
+        if cache is None or isinstance(cache, ModelCache):
+            return cache
+        if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+            return self.new_cache()
+        raise InputError(f"a {type(cache).__name__} cannot be used as a HELM KV cache; pass a HELMCache "
+                         "(model.new_cache()) or the cache a previous forward returned")
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict[str, Any]:
+        """transformers' preparation (only the new tokens once a cache exists), with ``position_ids`` from the
+        attention mask when none are given: each row counts from its first real token, so left-padded rows decode
+        like their unpadded prompts."""
+        attention_mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and attention_mask is not None and attention_mask.dim() == 2:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        n = inputs["input_ids"].shape[-1]
+        if inputs.get("position_ids") is not None and inputs["position_ids"].shape[-1] != n:
+            inputs["position_ids"] = inputs["position_ids"][..., -n:]
+        return inputs
+
     def forward(
         self,
         input_ids: Tensor,
@@ -294,13 +380,20 @@ class HELMForCausalLM(HELMPreTrainedModel):
         past_key_values: ModelCache | None = None,
         use_cache: bool = False,
         cache: ModelCache | None = None,
+        logits_to_keep: int | Tensor = 0,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
-        past_key_values = cache if cache is not None else past_key_values  # transformers 5.x calls it ``cache``
+        """``logits_to_keep``: logits of the last ``k`` positions only (0: all; a tensor: those positions), what
+        ``generate`` asks for to skip the head over the prompt. Ignored when ``labels`` are given."""
+        past_key_values = self.own_cache(cache if cache is not None else past_key_values)  # 5.x calls it ``cache``
         if use_cache and past_key_values is None:
-            past_key_values = ModelCache(len(self.model.layers))
+            past_key_values = self.new_cache()
         hidden = self.model(input_ids, document_ids=document_ids, position_ids=position_ids,
                             attention_mask=attention_mask, cache=past_key_values)
+        if labels is None and isinstance(logits_to_keep, Tensor):
+            hidden = hidden[:, logits_to_keep]
+        elif labels is None and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         aux = [layer.aux_loss for _, layer in routed_layers(self.model)]
         aux_loss = torch.stack(aux).sum() if aux else None

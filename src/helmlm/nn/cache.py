@@ -10,6 +10,13 @@ Buffers grow by doubling, so appending one token is amortised O(1) copies.
 the attention mask of each decoding step from it (:meth:`ModelCache.attention_mask`), so that left-padded batches
 decode exactly like their unpadded rows. All masking of cached decoding lives here; the model only passes the new
 tokens' real-token mask.
+
+Both also carry the batch operations that transformers' ``GenerationMixin`` calls on a cache, under transformers'
+names: :meth:`ModelCache.get_seq_length`, :meth:`~ModelCache.reorder_cache` (beam search),
+:meth:`~ModelCache.batch_select_indices`, :meth:`~ModelCache.batch_repeat_interleave` and :meth:`~ModelCache.crop`.
+Every one of them acts on all buffers of a layer alike, whatever they hold, and on the real-token mask, so the HMLA
+latent cache is reordered exactly like keys and values. ``helmlm.models`` makes a ``transformers.Cache`` of it
+(``HELMCache``); this module stays free of transformers.
 """
 
 from __future__ import annotations
@@ -39,6 +46,32 @@ class LayerCache:
         self.length += n
         return tuple(buf[:, : self.length] for buf in self._buffers)
 
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def _map(self, fn) -> None:
+        if self._buffers is not None:
+            self._buffers = [fn(buf) for buf in self._buffers]
+
+    def reorder_cache(self, index: Tensor) -> None:
+        """Keep the batch rows ``index`` (any order, repeats allowed; beam search's reordering)."""
+        self._map(lambda buf: buf.index_select(0, index.to(buf.device)))
+
+    def batch_select_indices(self, index: Tensor) -> None:
+        self._map(lambda buf: buf[index.to(buf.device) if isinstance(index, Tensor) else index])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda buf: buf.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (transformers' convention: a count <= 0)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the negative number of tokens to remove, got {tokens_to_remove}")
+        self.length = max(self.length + tokens_to_remove, 0)
+
+    def reset(self) -> None:
+        self._buffers, self.length = None, 0
+
     def nbytes(self) -> int:
         """Bytes held by the cached tokens (not the spare capacity)."""
         if self._buffers is None:
@@ -49,13 +82,46 @@ class LayerCache:
 class ModelCache:
     """The caches of all layers of a model and the ``(B, T)`` real-token mask of the cached positions."""
 
+    layer_class: type[LayerCache] = LayerCache
+
     def __init__(self, num_layers: int) -> None:
-        self.layers = [LayerCache() for _ in range(num_layers)]
+        self.layers = [self.layer_class() for _ in range(num_layers)]
         self.mask: Tensor | None = None
 
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
+
+    def _rows(self, layer_op: str, mask_op, arg) -> None:
+        for layer in self.layers:
+            getattr(layer, layer_op)(arg)
+        if self.mask is not None:
+            self.mask = mask_op(self.mask)
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Keep the batch rows ``beam_idx`` of every layer and of the mask (beam search)."""
+        self._rows("reorder_cache", lambda m: m.index_select(0, beam_idx.to(m.device)), beam_idx)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._rows("batch_select_indices", lambda m: m[indices], indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows("batch_repeat_interleave", lambda m: m.repeat_interleave(repeats, dim=0), repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens of every layer and of the mask."""
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+        if self.mask is not None and tokens_to_remove:
+            self.mask = self.mask[:, : self.length]
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.mask = None
 
     def attention_mask(self, new_real: Tensor) -> Tensor:
         """Append the new tokens' real-token mask ``(B, N)`` (1 for real tokens, 0 for padding) and return the
