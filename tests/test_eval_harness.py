@@ -119,10 +119,13 @@ def test_bad_inputs_exit_2_and_write_nothing(llama_dir, tmp_path, capsys):
         ([str(llama_dir), "--tasks", "helm_local_mc", "--output-path", str(existing)], "pass --overwrite"),
         ([str(llama_dir)], "give a model directory and --tasks"),
     ]
+    fresh = tmp_path / "new.json"
     for argv, phrase in cases:
-        assert main(["eval", *argv]) == 2, argv
+        extra = [] if "--output-path" in argv else ["--output-path", str(fresh)]
+        assert main(["eval", *argv, *extra]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and phrase in err, (argv, err)
+        assert not fresh.exists(), argv
     assert existing.read_text() == "keep me"
 
 
@@ -182,3 +185,38 @@ def test_generate_until_on_helm_models_equals_our_completion(preset, tokenizer, 
     free = generate(lm.model, [lm.tok_encode(ctx) for ctx in contexts], SamplingSettings(max_new_tokens=12,
                                                                                          temperature=0))
     assert max(map(len, free)) == 12 and got == [lm.tok_decode(ids[:4]) for ids in free]  # the last: 4 tokens
+
+
+@pytest.mark.parametrize("num_fewshot", [0, 2])
+def test_local_tasks_score_a_perfect_model_1_and_a_wrong_one_0(llama_dir, monkeypatch, num_fewshot):
+    """The task definitions score what they should: a model whose continuations are the answers (as a real model
+    writes them: a leading space, then a period and more text) gets exact_match 1 and acc/acc_norm 1; one that is
+    always wrong gets 0. Catches a target that can never match (e.g. a stray space) or a wrong answer index."""
+    from helmlm.eval import harness
+
+    harness._register()
+
+    def answers(right: bool):
+        def generate_until(self, requests, disable_tqdm=False):
+            texts = [f" {r.doc['answer'] if right else 'zebra'}.\nQuestion: more" for r in requests]
+            for i, r in enumerate(requests):  # cut before the task's stop strings, as the model class does
+                for stop in r.args[1]["until"]:
+                    texts[i] = texts[i].split(stop)[0]
+            return texts
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            def score(r):
+                correct = r.args[1].strip() == r.doc["choices"][r.doc["answer"]]
+                return (0.0 if correct == right else -10.0 - len(r.args[1]), True)
+            return [score(r) for r in requests]
+        return generate_until, loglikelihood
+
+    for right in (True, False):
+        generate_until, loglikelihood = answers(right)
+        monkeypatch.setattr(harness.HelmLM, "generate_until", generate_until)
+        monkeypatch.setattr(harness.HelmLM, "loglikelihood", loglikelihood)
+        results = evaluate(llama_dir, ["helm_local_mc", "helm_local_gen"], num_fewshot=num_fewshot)["results"]
+        expected = 1.0 if right else 0.0
+        assert results["helm_local_gen"]["exact_match,strip"] == expected
+        assert results["helm_local_mc"]["acc,none"] == results["helm_local_mc"]["acc_norm,none"] == expected
+        assert results["helm_local_mc"]["sample_len"] == 64 and results["helm_local_gen"]["sample_len"] == 30

@@ -197,7 +197,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
         if args.max_documents < 1:
             raise GenerationError(f"--max-documents must be >= 1, got {args.max_documents}")
         docs = (d for _, d in zip(range(args.max_documents), docs))
-    with tqdm(desc="perplexity", unit="doc", disable=args.json, mininterval=1.0) as bar:
+    with tqdm(desc="perplexity", unit="doc", disable=None, mininterval=1.0) as bar:  # on stderr, if a terminal
         result = perplexity(model, tokenizer, docs, args.context_length, args.stride, args.batch_size,
                             progress=lambda n: bar.update(n - bar.n))
     result = {"model": str(args.model_dir), **result}

@@ -11,8 +11,8 @@ and :func:`generate` here, which ``helmlm generate`` and :func:`complete` use. O
   can decode differently from one directory or transformers release to the next;
 - its streamer gets each step's token per row (``None`` once a row is finished) and ``stop(row, ids)`` ends single
   rows, what :func:`complete` needs for stop strings and whole-character streaming;
-- per token it costs one forward and a few tensor operations, without the per-step bookkeeping of
-  ``GenerationMixin``, which shows on small models (``benchmarks/decode.py --generate-at`` times both loops).
+- speed is not a reason either way: both loops run the same cached forward, and ours is 1.00-1.19x as fast on the
+  tiny presets (``benchmarks/decode.py --generate-at``; docs/evaluation.md).
 
 ``tests/test_hf_generate.py`` pins the two together: greedy decoding of a left-padded batch gives the same tokens.
 Semantics follow transformers' otherwise: the repetition penalty divides positive logits and multiplies negative

@@ -34,8 +34,17 @@ def _require_lm_eval():
         raise EvalError("lm-evaluation-harness is not installed: pip install 'helmlm[eval]'") from None
 
 
+def _quiet_custom_dataset_warning(record) -> bool:
+    """lm-eval warns on every load of a task with a Python ``custom_dataset`` (how the local tasks find their JSONL
+    next to the YAML) that kwargs can be passed through ``--metadata``; it says nothing about the run."""
+    return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
 def _register() -> None:
     """Register :class:`HelmLM` with lm-eval (once)."""
+    import logging
+
+    logging.getLogger("lm_eval.api.task").addFilter(_quiet_custom_dataset_warning)  # a no-op when already added
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
 

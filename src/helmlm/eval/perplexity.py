@@ -55,13 +55,13 @@ def _target_nll(model: nn.Module, batch: list[Window], pad_id: int, device: torc
         ids[row, : len(w.ids)] = torch.tensor(w.ids)
         mask[row, : len(w.ids) - 1] = 1
     inputs, targets = ids[:, :-1].to(device), ids[:, 1:].to(device)
-    logits = model(input_ids=inputs, attention_mask=mask.to(device)).logits.double()
-    nll = -logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    scored = torch.zeros_like(mask, dtype=torch.bool)
-    for row, w in enumerate(batch):
+    logits = model(input_ids=inputs, attention_mask=mask.to(device)).logits
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for row, w in enumerate(batch):  # row by row: a float64 copy of one row's scored logits, not of the batch's
         end = len(w.ids) - 1
-        scored[row, end - w.scored: end] = True
-    return nll[scored.to(device)].sum()
+        scored = logits[row, end - w.scored: end].double().log_softmax(-1)
+        total -= scored.gather(-1, targets[row, end - w.scored: end, None]).sum()
+    return total
 
 
 @torch.no_grad()
@@ -90,8 +90,12 @@ def perplexity(model: nn.Module, tokenizer, documents: Iterable[str], context_le
     was_training = model.training
     model.eval()
     total, n_tokens, n_bytes, n_docs, pending = torch.zeros((), dtype=torch.float64), 0, 0, 0, []
+    from transformers import PreTrainedTokenizerBase
+
+    # long documents are windowed: transformers' warning about sequences longer than the model's is noise here
+    quiet = {"verbose": False} if isinstance(tokenizer, PreTrainedTokenizerBase) else {}
     for text in documents:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = tokenizer(text, add_special_tokens=False, **quiet).input_ids
         if not ids:
             continue
         n_docs, n_tokens, n_bytes = n_docs + 1, n_tokens + len(ids), n_bytes + len(text.encode("utf-8"))
