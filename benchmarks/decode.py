@@ -39,9 +39,13 @@ def timed(fn, repeat: int) -> float:
 @torch.no_grad()
 def generate_speeds(model: HELMForCausalLM, prompt: torch.Tensor, new_tokens: int, repeat: int) -> dict:
     """Greedy tokens/s, prefill included, of our loop and of transformers' ``model.generate`` (no EOS), alternated."""
-    ours = lambda: generate(model, [prompt.tolist()], SamplingSettings(max_new_tokens=new_tokens, temperature=0))
-    theirs = lambda: model.generate(prompt.unsqueeze(0), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+    def ours():
+        return generate(model, [prompt.tolist()], SamplingSettings(max_new_tokens=new_tokens, temperature=0))
+
+    def theirs():
+        return model.generate(prompt.unsqueeze(0), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+
     best = {"generate_tokens_per_s": float("inf"), "hf_generate_tokens_per_s": float("inf")}
     for _ in range(repeat):
         for key, fn in (("generate_tokens_per_s", ours), ("hf_generate_tokens_per_s", theirs)):

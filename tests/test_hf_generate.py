@@ -150,8 +150,9 @@ def model_dir(tmp_path_factory):
 
 
 def test_pipeline_generates_text_from_a_saved_directory(model_dir):
-    import helmlm  # noqa: F401  (registers the Auto classes)
     from transformers import pipeline
+
+    import helmlm  # noqa: F401  (registers the Auto classes)
 
     torch.set_default_dtype(torch.float32)
     pipe = pipeline("text-generation", model=str(model_dir))

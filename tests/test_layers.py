@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helmlm.geometry import distance, lift, lorentz_normalize, manifold_violation, minkowski_inner, origin
+from helmlm.geometry import distance, lift, manifold_violation, minkowski_inner, origin
 from helmlm.nn import (
     LorentzEmbedding,
     LorentzFeedForward,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_reference_fixture
 
 from helmlm.compat import ReferenceCompatError, load_reference
 from helmlm.geometry import lift, manifold_violation, rescale_curvature
 from helmlm.models import ConfigError, HELMConfig, HELMForCausalLM
 from helmlm.nn import LorentzFeedForward, LorentzLatentAttention, MiCE, naive_lorentz_attention, rotary_tables
-from conftest import load_reference_fixture
 
 
 @pytest.fixture(scope="module")

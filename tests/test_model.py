@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from helmlm.geometry import manifold_violation
 from helmlm.models import ConfigError, HELMConfig, HELMForCausalLM, InputError

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_reference_fixture
+from reference_impl import random_reference_state_dict, reference_helm_d_logits
 from safetensors.torch import save_file
 
 from helmlm.compat import ReferenceCompatError, load_reference
 from helmlm.compat.reference import REFERENCE_DEFAULTS
-from conftest import load_reference_fixture
-from reference_impl import random_reference_state_dict, reference_helm_d_logits
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from helmlm.compat import load_reference
 from conftest import load_reference_fixture
 from reference_mice_impl import (
     REFERENCE_MICE_MODEL_DEFAULTS,
@@ -20,6 +18,8 @@ from reference_mice_impl import (
     random_reference_mice_state_dict,
     reference_mice_forward,
 )
+
+from helmlm.compat import load_reference
 
 
 @pytest.fixture(scope="module")

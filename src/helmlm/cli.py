@@ -338,8 +338,10 @@ def _perplexity_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", nargs="?", help="a model directory: `helmlm export` output or any Hugging Face causal LM")
-    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks or groups, e.g. helm_local or helm_paper")
+    p.add_argument("model_dir", nargs="?",
+                   help="a model directory: `helmlm export` output or any Hugging Face causal LM")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks or groups, e.g. helm_local or helm_paper")
     p.add_argument("--include-path", default=None, help="a directory of extra task YAML files")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     p.add_argument("--limit", type=float, default=None, help="at most N documents per task (or a fraction < 1)")

@@ -111,6 +111,7 @@ def perplexity(model: nn.Module, tokenizer, documents: Iterable[str], context_le
     if n_tokens == 0:
         raise DataError("no text to score: every document was empty or encoded to no tokens")
     loss = total.item() / n_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": total.item() / math.log(2) / n_bytes,
+    bits_per_byte = total.item() / math.log(2) / n_bytes
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": bits_per_byte,
             "tokens": n_tokens, "bytes": n_bytes, "documents": n_docs, "context_length": context_length,
             "stride": stride}

@@ -226,7 +226,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
     path = Path(path)
     state = read_checkpoint_state(path)
     current = model.state_dict()
-    weights = {k: like(v, current[k]) if k in current else v for k, v in read_tensors(path / "model.safetensors").items()}
+    saved = read_tensors(path / "model.safetensors")
+    weights = {k: like(v, current[k]) if k in current else v for k, v in saved.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model (missing {missing[:5]}, unexpected "

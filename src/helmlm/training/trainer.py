@@ -239,7 +239,8 @@ class Trainer:
         if ckpt is None:
             return ("no checkpoint was written yet. Lower train.lr or raise train.warmup_ratio, then start the run "
                     "again (without --resume)")
-        return f"the last good checkpoint is {ckpt}. Lower train.lr or raise train.warmup_ratio, then resume with --resume"
+        return (f"the last good checkpoint is {ckpt}. Lower train.lr or raise train.warmup_ratio, then resume with "
+                "--resume")
 
     def save(self) -> Path | None:
         """Write a checkpoint (every rank takes part, rank 0 writes), unless a parameter is no longer finite: then

@@ -24,7 +24,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}); each line must be one JSON "
+                             "object") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
