@@ -11,6 +11,7 @@ import torch
 from helmlm.geometry import manifold_violation
 from helmlm.models import HELMConfig, HELMForCausalLM
 from helmlm.training import build_optimizer, lr_multiplier, parameter_roles
+from helmlm.training.optim import riemannian_lr
 
 
 def tiny(**overrides) -> HELMForCausalLM:
@@ -60,13 +61,15 @@ def test_roles_never_decay_norms_biases_scales_curvatures_embeddings():
             leaf = name.rsplit(".", 1)[-1]
             if "norm" in name or leaf in ("bias", "b1", "b2", "b3", "temperature", "log_scale", "log_curvature") \
                     or name.endswith("residual.weight") or name.startswith("model.embed."):
-                assert role in ("no_decay", "manifold"), name
+                assert role in ("no_decay", "manifold", "embedding"), name
         decayed = {n for n, r in roles.items() if r == "decay"}
         assert "lm_head.weight" in decayed
         assert any(n.endswith("experts.w1") for n in decayed)
         manifold = {n for n, r in roles.items() if r == "manifold"}
         lorentz_table = model.config.geometry == "lorentz" and not model.config.project_emb
         assert manifold == ({"model.embed.weight"} if lorentz_table else set())
+        embedding = {n for n, r in roles.items() if r == "embedding"}
+        assert embedding == (set() if lorentz_table else {"model.embed.weight"})
 
 
 def test_optimizer_split_and_weight_decay_groups():
@@ -117,3 +120,72 @@ def test_state_dict_round_trip_and_mismatch_error():
     assert again.state_dict()["optimizers"][0]["state"].keys() == opt.state_dict()["optimizers"][0]["state"].keys()
     with pytest.raises(ValueError, match="another model"):
         build_optimizer(tiny(project_emb=True), lr=1e-3).load_state_dict(opt.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedding learning rates
+# ---------------------------------------------------------------------------------------------------------------
+def euclid_tiny(**overrides) -> HELMForCausalLM:
+    return tiny(geometry="euclidean", hidden_size=32, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                **overrides)
+
+
+def first_step_row_moves(model: HELMForCausalLM, **optimizer_kwargs) -> torch.Tensor:
+    """How far each token row that the batch touches moves in one optimizer step from a fresh state (geodesic
+    distance for the Lorentz table, via geoopt's own ``dist``; Euclidean norm otherwise)."""
+    table = model.model.embed.weight
+    old = table.detach().clone()
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, eps=1e-30, **optimizer_kwargs)  # eps: no damping
+    ids = torch.arange(0, 40).view(2, 20)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    rows = ids.unique()
+    new = table.detach()[rows]
+    if isinstance(table, geoopt.ManifoldParameter):
+        return table.manifold.dist(old[rows], new)
+    return (new - old[rows]).norm(dim=-1)
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # fp32 distances of 1e-2 near acosh(1) carry percent-level errors
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_one_step_moves_a_table_row_by_embedding_lr_times_sqrt_width_in_both_geometries(float64):
+    """Adam's first step moves every coordinate by lr (m / sqrt(v) = sign(g)); so an AdamW row of D coordinates moves
+    lr sqrt(D). Riemannian Adam normalises the whole row at once and moves it lr along the geodesic; the default
+    ``sqrt_dim`` scaling gives it lr sqrt(n), n = the tangent dimension; ``none`` (the reference's) leaves lr."""
+    lorentz, euclid = tiny(), euclid_tiny()
+    n = lorentz.model.embed.weight.shape[-1] - 1
+    d = euclid.model.embed.weight.shape[-1]
+    moved = first_step_row_moves(lorentz, embedding_lr=2e-3)
+    torch.testing.assert_close(moved, torch.full_like(moved, 2e-3 * math.sqrt(n)), rtol=1e-3, atol=0)
+    moved = first_step_row_moves(tiny(), embedding_lr=2e-3, riemannian_lr_scaling="none")
+    torch.testing.assert_close(moved, torch.full_like(moved, 2e-3), rtol=1e-3, atol=0)
+    moved = first_step_row_moves(euclid, embedding_lr=2e-3)
+    torch.testing.assert_close(moved, torch.full_like(moved, 2e-3 * math.sqrt(d)), rtol=1e-3, atol=0)
+    moved = first_step_row_moves(tiny(), embedding_lr=2e-3, riemannian_lr=5e-4)  # an explicit lr wins
+    torch.testing.assert_close(moved, torch.full_like(moved, 5e-4), rtol=1e-3, atol=0)
+
+
+def test_embedding_lr_gets_its_own_group_only_when_it_differs():
+    for model in (euclid_tiny(), tiny(project_emb=True)):
+        table = model.model.embed.weight
+        same = build_optimizer(model, lr=1e-3, embedding_lr=1e-3)
+        assert [g["role"] for g in same.param_groups] == ["decay", "no_decay"]
+        own = build_optimizer(model, lr=1e-3, embedding_lr=3e-2)
+        [group] = [g for g in own.param_groups if g["role"] == "embedding"]
+        assert group["params"] == [table] and group["lr"] == 3e-2 and group["weight_decay"] == 0.0
+        own.set_lr(0.5)
+        assert group["lr"] == pytest.approx(1.5e-2) and own.param_groups[0]["lr"] == pytest.approx(5e-4)
+    radam = build_optimizer(tiny(), lr=1e-3, embedding_lr=1e-2).optimizers[1]
+    assert radam.param_groups[0]["lr"] == pytest.approx(1e-2 * math.sqrt(33))
+
+
+def test_riemannian_lr_rejects_an_unknown_scaling():
+    assert riemannian_lr(torch.zeros(5, 17), 1e-3) == pytest.approx(4e-3)
+    with pytest.raises(ValueError, match="riemannian_lr_scaling must be one of sqrt_dim, none"):
+        riemannian_lr(torch.zeros(5, 17), 1e-3, "sqrt")

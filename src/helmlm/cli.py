@@ -127,6 +127,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from helmlm.training.sweep import Sweep, load_sweep
+
+    if args.max_runs is not None and args.max_runs < 0:
+        raise InputError(f"--max-runs must be >= 0, got {args.max_runs}")
+    spec = load_sweep(args.config, args.overrides)
+    results = Sweep(spec, log=lambda msg: print(msg, file=sys.stderr, flush=True)).run(args.max_runs)
+    print((Path(spec.out_dir) / "results.md").read_text())
+    done = "complete" if results["complete"] else "incomplete (run the same command again to continue)"
+    print(f"sweep {done}: {spec.out_dir}/results.json, results.md" + (", curves.png" if results["complete"] else ""))
+    return 0
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
@@ -298,6 +311,14 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    help="dtype of the saved weights (default float32)")
 
 
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a sweep YAML, or a shipped sweep: tiny_dense, tiny_moe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the sweep's keys, e.g. parallel=1 "
+                                                "'lr=[1e-3,3e-3]' out_dir=runs/sweep/mine")
+    p.add_argument("--max-runs", type=int, default=None,
+                   help="start at most N runs now, then stop (run again to continue)")
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="a directory written by `helmlm export` (config, weights, tokenizer)")
     p.add_argument("--prompt", default=None, help="the prompt (default: one prompt per line from --prompts-file)")
@@ -376,6 +397,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
              "helm_paper (needs the hub)."),
     "perplexity": (_cmd_perplexity, _perplexity_args, "loss, perplexity and bits per byte of a model over documents",
                    None),
+    "sweep": (_cmd_sweep, _sweep_args, "learning-rate sweep: model pairs on the same data, then seeds at the best",
+              "Train every model of a sweep config over its grid of lr x embedding lr at the first seed, then the "
+              "other seeds at each model's best point; resumable. Writes results.json, results.md and curves.png."),
     "train": (_cmd_train, _train_args, "pretrain a model from a training config",
               "Pretrain from a YAML config. Multi-process: torchrun --nproc_per_node N -m helmlm train CONFIG ..."),
 }

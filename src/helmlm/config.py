@@ -31,6 +31,7 @@ SOURCES = ("builtin", "local", "hf")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")
+RIEMANNIAN_LR_SCALINGS = ("sqrt_dim", "none")  # helmlm.training.optim.riemannian_lr
 
 
 @dataclass
@@ -95,7 +96,10 @@ class TrainSettings:
     ``warmup_steps`` if set, else ``warmup_ratio x steps``. ``precision: auto`` is bf16 autocast on CUDA GPUs that
     support it and fp32 elsewhere (CPU bf16 matmuls are slower than fp32 on most CPUs). ``init_from``: a checkpoint,
     run or model directory whose weights start a new run (continued pretraining, fine-tuning); the optimizer, the
-    schedule and the data position start fresh."""
+    schedule and the data position start fresh. ``embedding_lr`` (default ``lr``): the token table's lr in either
+    geometry; the Lorentz table's Riemannian Adam gets ``embedding_lr * sqrt(n)`` (``riemannian_lr_scaling:
+    sqrt_dim``, so its rows move as far per step as AdamW's) or ``embedding_lr`` (``none``, the reference's), unless
+    ``riemannian_lr`` sets it outright."""
 
     seq_len: int = 256
     micro_batch: int = 8
@@ -103,6 +107,8 @@ class TrainSettings:
     steps: int = 1000
     lr: float = 4e-4
     riemannian_lr: float | None = None
+    embedding_lr: float | None = None
+    riemannian_lr_scaling: str = "sqrt_dim"
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.03
     warmup_steps: int | None = None
@@ -174,8 +180,12 @@ class TrainConfig:
         for name in ("lr", "eps"):
             if not getattr(t, name) > 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
-        if t.riemannian_lr is not None and not t.riemannian_lr > 0:
-            raise ConfigError(f"train.riemannian_lr must be > 0 or null, got {t.riemannian_lr}")
+        for name in ("riemannian_lr", "embedding_lr"):
+            if getattr(t, name) is not None and not getattr(t, name) > 0:
+                raise ConfigError(f"train.{name} must be > 0 or null, got {getattr(t, name)}")
+        if t.riemannian_lr_scaling not in RIEMANNIAN_LR_SCALINGS:
+            raise ConfigError(f"train.riemannian_lr_scaling must be one of {', '.join(RIEMANNIAN_LR_SCALINGS)}; "
+                              f"got {t.riemannian_lr_scaling!r}")
         if not 0.0 <= t.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         if not 0.0 <= t.warmup_ratio < 1.0:

@@ -1,12 +1,20 @@
 """Optimizer split and learning-rate schedule (MATH.md section 6).
 
 - :func:`parameter_roles` assigns every trainable parameter one role: ``manifold`` (a geoopt
-  ``ManifoldParameter``, the Lorentz embedding table), ``decay`` (weight matrices: linear maps, stacked expert
-  weights, the gate, the LM head) or ``no_decay`` (everything else: biases, norm weights, scales, residual weights,
-  attention temperatures, expert curvatures, and any embedding table).
+  ``ManifoldParameter``, the Lorentz embedding table), ``embedding`` (a Euclidean token table: the twins', or
+  HELM's with ``project_emb``), ``decay`` (weight matrices: linear maps, stacked expert weights, the gate, the LM
+  head) or ``no_decay`` (everything else: biases, norm weights, scales, residual weights, attention temperatures,
+  expert curvatures).
 - :func:`build_optimizer` gives manifold parameters to geoopt's Riemannian Adam (no weight decay: it is not a
   Riemannian operation) and the rest to AdamW with decoupled weight decay on the ``decay`` group only, behind one
-  :class:`HybridOptimizer` (step / zero_grad / state_dict / load_state_dict / set_lr).
+  :class:`HybridOptimizer` (step / zero_grad / state_dict / load_state_dict / set_lr). Embedding tables get
+  ``embedding_lr`` (their own AdamW group when it differs from ``lr``, else they join ``no_decay``).
+- The Lorentz table's step size (:func:`riemannian_lr`). AdamW normalises every coordinate by its own second moment,
+  so a Euclidean table row of ``D`` coordinates moves about ``lr * sqrt(D)`` per step. geoopt's Riemannian Adam keeps
+  one second moment per row (``component_inner`` is the row's Minkowski inner product), so a Lorentz row moves about
+  ``lr`` (in the Minkowski norm of its tangent step). ``riemannian_lr_scaling="sqrt_dim"`` (the default) gives
+  Riemannian Adam ``embedding_lr * sqrt(n)``, ``n`` the table's tangent dimension, so both geometries' tables move
+  alike at the same ``embedding_lr``; ``"none"`` is the reference's behaviour (Riemannian Adam at ``lr``).
 - :func:`lr_multiplier`: linear warm-up, then cosine from 1 to ``min_lr_ratio``, correct for any ratio (the
   reference hard-codes 0.9 = 1 - 0.1 in its cosine, so only ``min_lr_ratio = 0.1`` ends where it should).
 """
@@ -20,7 +28,9 @@ import geoopt
 import torch
 from torch import nn
 
-ROLES = ("manifold", "decay", "no_decay")
+from helmlm.config import RIEMANNIAN_LR_SCALINGS
+
+ROLES = ("manifold", "embedding", "decay", "no_decay")
 _MATRIX_NAMES = ("weight", "w1", "w2", "w3")
 
 
@@ -54,7 +64,7 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
             if isinstance(param, geoopt.ManifoldParameter):
                 roles[name] = "manifold"
             elif isinstance(module, (nn.Embedding, LorentzEmbedding)):
-                roles[name] = "no_decay"
+                roles[name] = "embedding"
             elif param.dim() >= 2 and leaf in _MATRIX_NAMES:
                 roles[name] = "decay"
             else:
@@ -102,23 +112,50 @@ class HybridOptimizer:
             opt.load_state_dict(s)
 
 
+def riemannian_lr(table: torch.Tensor, embedding_lr: float, scaling: str = "sqrt_dim") -> float:
+    """Riemannian Adam's lr for the Lorentz table ``table`` (``(V, n + 1)`` points): ``embedding_lr * sqrt(n)`` for
+    ``scaling="sqrt_dim"`` (a row then moves as far per step as an AdamW row of ``n`` coordinates at
+    ``embedding_lr``), ``embedding_lr`` for ``"none"``. The module docstring has the reasoning."""
+    if scaling not in RIEMANNIAN_LR_SCALINGS:
+        raise ValueError(f"riemannian_lr_scaling must be one of {', '.join(RIEMANNIAN_LR_SCALINGS)}, got {scaling!r}")
+    return embedding_lr * math.sqrt(table.shape[-1] - 1) if scaling == "sqrt_dim" else embedding_lr
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
-                    eps: float = 1e-8, riemannian_lr: float | None = None) -> HybridOptimizer:
+                    eps: float = 1e-8, riemannian_lr: float | None = None, embedding_lr: float | None = None,
+                    riemannian_lr_scaling: str = "sqrt_dim") -> HybridOptimizer:
     """AdamW (decoupled weight decay on ``decay`` parameters only) + Riemannian Adam for manifold parameters.
 
-    Riemannian Adam runs with ``stabilize=1`` (re-project the parameters onto the manifold after every step, as the
-    reference does) and no weight decay; its lr defaults to ``lr``.
+    ``embedding_lr`` (default ``lr``): the token tables' learning rate, for both geometries. Riemannian Adam (on
+    the Lorentz table) runs at ``riemannian_lr`` when given, else at :func:`riemannian_lr` of ``embedding_lr`` and
+    ``riemannian_lr_scaling``, with ``stabilize=1`` (re-project the parameters onto the manifold after every step,
+    as the reference does) and no weight decay.
     """
+    embedding_lr = lr if embedding_lr is None else embedding_lr
     params = dict(model.named_parameters())
     by_role: dict[str, list[torch.nn.Parameter]] = {role: [] for role in ROLES}
     for name, role in parameter_roles(model).items():
         by_role[role].append(params[name])
+    if embedding_lr == lr:  # one group fewer: the optimizer state of runs from before the split still loads
+        by_role["no_decay"] = by_role.pop("embedding") + by_role["no_decay"]
     groups = [{"params": by_role["decay"], "weight_decay": weight_decay, "role": "decay"},
               {"params": by_role["no_decay"], "weight_decay": 0.0, "role": "no_decay"}]
+    if "embedding" in by_role:
+        groups.append({"params": by_role["embedding"], "weight_decay": 0.0, "role": "embedding", "lr": embedding_lr})
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)]
     if by_role["manifold"]:
+        table_lr = riemannian_lr if riemannian_lr is not None else \
+            _table_lr(by_role["manifold"], embedding_lr, riemannian_lr_scaling)
         optimizers.append(geoopt.optim.RiemannianAdam(
-            [{"params": by_role["manifold"], "role": "manifold"}], lr=lr if riemannian_lr is None else riemannian_lr,
+            [{"params": by_role["manifold"], "role": "manifold"}], lr=table_lr,
             betas=betas, eps=eps, weight_decay=0.0, stabilize=1))
     return HybridOptimizer(optimizers)
+
+
+def _table_lr(tables: list[torch.nn.Parameter], embedding_lr: float, scaling: str) -> float:
+    rates = {riemannian_lr(t, embedding_lr, scaling) for t in tables}
+    if len(rates) > 1:
+        raise ValueError(f"manifold parameters of different widths would need different lrs ({sorted(rates)}); "
+                         "set riemannian_lr explicitly")
+    return rates.pop()

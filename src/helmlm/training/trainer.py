@@ -123,7 +123,7 @@ class Trainer:
         if self.fsdp:
             shard_euclidean_parts(self.model)
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
-                                         t.riemannian_lr)
+                                         t.riemannian_lr, t.embedding_lr, t.riemannian_lr_scaling)
         self.routed = bool(routed_layers(self.model))
 
     def _sized_model_config(self, n_ids: int):

@@ -1,0 +1,352 @@
+"""Learning-rate sweeps for fair model comparisons (``helmlm sweep CONFIG``).
+
+A sweep trains every model of a list on the same data in the same order (one training recipe, one data seed per
+run seed) in two stages:
+
+1. **grid**: every ``(lr, embedding_lr)`` pair of the grid, at the first seed;
+2. **seeds**: every further seed at each model's best grid point (lowest final validation loss).
+
+Each run is an ordinary ``helmlm train`` run in its own directory (``runs/<model>/<point>``), started as a
+subprocess with a fixed number of torch threads, so a run's numbers do not depend on how many runs go at once.
+A finished run leaves ``result.json``; a run that was killed resumes from its last checkpoint (exact resume), so a
+killed sweep continues where it stopped and ends with the same table. A run that diverges (non-finite loss) is
+recorded as diverged, not retried.
+
+Outputs in ``out_dir``: ``sweep.json`` (the sweep's own spec: a directory holding another sweep is refused),
+``results.json`` (every run: its point, final validation loss and bits per byte, the validation curve),
+``results.md`` (the grid per model, and mean +- std over seeds at each model's best point) and ``curves.png``
+(validation loss against training tokens at the best points, the band spanning the seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from helmlm.config import load_train_config
+from helmlm.errors import ConfigError, TrainingError
+
+SPEC_FILE, RESULTS_FILE, TABLE_FILE, CURVES_FILE, RUN_RESULT = (
+    "sweep.json", "results.json", "results.md", "curves.png", "result.json")
+
+
+@dataclass
+class SweepSpec:
+    """What a sweep config holds (YAML keys of the same names). ``embedding_lr`` values may be ``null``: the
+    token table then trains at the run's ``lr``. ``overrides`` apply to every run (``section.key=value``)."""
+
+    recipe: str
+    models: list[str]
+    lr: list[float]
+    embedding_lr: list[float | None] = field(default_factory=lambda: [None])
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    overrides: list[str] = field(default_factory=list)
+    out_dir: str = "runs/sweep"
+    threads: int = 1
+    parallel: int = 1
+
+    def validate(self) -> None:
+        for name in ("models", "lr", "embedding_lr", "seeds"):
+            values = getattr(self, name)
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep: {name} must be a non-empty list, got {values!r}")
+            if len(set(map(str, values))) != len(values):
+                raise ConfigError(f"sweep: {name} lists a value twice: {values}")
+        if any(not isinstance(v, (int, float)) or not v > 0 for v in self.lr):
+            raise ConfigError(f"sweep: every lr must be a number > 0, got {self.lr}")
+        if any(v is not None and (not isinstance(v, (int, float)) or not v > 0) for v in self.embedding_lr):
+            raise ConfigError(f"sweep: every embedding_lr must be a number > 0 or null, got {self.embedding_lr}")
+        for name in ("threads", "parallel"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"sweep: {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for model in self.models:  # unknown presets, keys and values fail here, with suggestions
+            load_train_config(self.recipe, [f"model={model}", *self.overrides])
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the runs' results (not where they run, nor how many at once)."""
+        spec = asdict(self)
+        for key in ("out_dir", "parallel"):
+            spec.pop(key)
+        return spec
+
+
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "presets" / "sweeps"
+
+
+def resolve_sweep(name_or_path: str | Path) -> Path:
+    """A sweep YAML path, or the shipped sweep of that name (``helmlm sweep tiny_dense``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SWEEPS_DIR / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+    raise ConfigError(f"no sweep config {str(name_or_path)!r} (not a file, and no shipped sweep of that name; "
+                      f"shipped: {names})")
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
+    """A :class:`SweepSpec` from a YAML file (or a shipped sweep's name), with ``key=value`` overrides of its
+    top-level keys (YAML values: ``lr=[1e-3,3e-3]``)."""
+    path = resolve_sweep(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep config is a mapping of keys (recipe, models, lr, ...)")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"sweep override {item!r} is not key=value")
+        raw[key] = yaml.safe_load(value)
+    known = set(SweepSpec.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    missing = sorted(k for k in ("recipe", "models", "lr") if k not in raw)
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    if isinstance(raw.get("overrides"), str):
+        raw["overrides"] = raw["overrides"].split()
+    spec = SweepSpec(**raw)
+    spec.validate()
+    return spec
+
+
+@dataclass(frozen=True)
+class Point:
+    model: str
+    lr: float
+    embedding_lr: float | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        elr = "lr" if self.embedding_lr is None else f"{self.embedding_lr:g}"
+        return f"lr={self.lr:g},elr={elr},seed={self.seed}"
+
+    def overrides(self) -> list[str]:
+        elr = "null" if self.embedding_lr is None else repr(self.embedding_lr)
+        return [f"model={self.model}", f"train.lr={self.lr!r}", f"train.embedding_lr={elr}",
+                f"train.seed={self.seed}"]
+
+
+class Sweep:
+    """Runs a :class:`SweepSpec` (see the module docstring). ``max_runs``: start at most this many runs in this
+    call (then stop; calling again continues), for sweeps done in pieces."""
+
+    def __init__(self, spec: SweepSpec, log=print):
+        self.spec, self.out, self.log = spec, Path(spec.out_dir), log
+        self._bytes_per_token: float | None = None
+
+    def run_dir(self, point: Point) -> Path:
+        return self.out / "runs" / point.model / point.name
+
+    def claim_out_dir(self) -> None:
+        """Create ``out_dir`` with ``sweep.json``, or check that the one there describes this sweep."""
+        spec_file = self.out / SPEC_FILE
+        if spec_file.is_file():
+            held = json.loads(spec_file.read_text())
+            if held != self.spec.identity():
+                changed = sorted(k for k in set(held) | set(self.spec.identity())
+                                 if held.get(k) != self.spec.identity().get(k))
+                raise ConfigError(f"{self.out} holds a different sweep (differs in: {', '.join(changed)}); choose "
+                                  "another out_dir, or restore the sweep config it was started with")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise ConfigError(f"{self.out} exists and is not a sweep directory (no {SPEC_FILE}); choose another "
+                              "out_dir")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _write_json(spec_file, self.spec.identity())
+
+    def grid(self) -> list[Point]:
+        s = self.spec
+        return [Point(m, lr, elr, s.seeds[0]) for m in s.models for lr in s.lr for elr in s.embedding_lr]
+
+    def result(self, point: Point) -> dict[str, Any] | None:
+        path = self.run_dir(point) / RUN_RESULT
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def best(self, model: str) -> Point:
+        """The grid point of ``model`` with the lowest final validation loss (ties: the first in grid order)."""
+        points = [p for p in self.grid() if p.model == model]
+        losses = [self.result(p)["val_loss"] for p in points]
+        return min(zip(losses, range(len(points)), points))[2]
+
+    def seed_points(self) -> list[Point]:
+        return [Point(b.model, b.lr, b.embedding_lr, seed) for b in map(self.best, self.spec.models)
+                for seed in self.spec.seeds[1:]]
+
+    def run(self, max_runs: int | None = None) -> dict[str, Any]:
+        """Run what is missing (grid, then seeds), then write the results, table and curves; return the results."""
+        self.claim_out_dir()
+        self.bytes_per_token()  # prepares the data once, before runs that would otherwise race to prepare it
+        budget = [math.inf if max_runs is None else max_runs]
+        for stage in (self.grid, self.seed_points):
+            todo = [p for p in stage() if self.result(p) is None]
+            self._run_points(todo, budget)
+            if any(self.result(p) is None for p in stage()):
+                self.log(f"stopped after --max-runs {max_runs}; run the same command again to continue")
+                return self.write_outputs(complete=False)
+        return self.write_outputs(complete=True)
+
+    def _run_points(self, points: list[Point], budget: list[float]) -> None:
+        points = points[: int(min(len(points), budget[0]))]
+        budget[0] -= len(points)
+        with ThreadPoolExecutor(max_workers=self.spec.parallel) as pool:
+            for future in [pool.submit(self._train, p, i, len(points)) for i, p in enumerate(points)]:
+                future.result()
+
+    def _train(self, point: Point, index: int, total: int) -> None:
+        run_dir = self.run_dir(point)
+        resume = (run_dir / "checkpoints").is_dir()
+        self.log(f"[{index + 1}/{total}] {point.model} {point.name}{' (resuming)' if resume else ''}")
+        argv = [sys.executable, "-m", "helmlm", "train", self.spec.recipe, *self.spec.overrides, *point.overrides(),
+                f"out_dir={run_dir}", f"train.threads={self.spec.threads}", "log.progress=false"]
+        start = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads)}
+        proc = subprocess.run(argv + (["--resume"] if resume else []), capture_output=True, text=True, env=env,
+                              check=False)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0 and not _diverged(proc.stderr):
+            raise TrainingError(f"run {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        result = self._collect(point, run_dir, diverged=proc.returncode != 0)
+        result["seconds"] = seconds
+        _write_json(run_dir / RUN_RESULT, result)
+
+    def _collect(self, point: Point, run_dir: Path, diverged: bool) -> dict[str, Any]:
+        metrics = run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        evals = {r["step"]: r["val_loss"] for r in rows if r.get("kind") == "eval"}  # a resumed run may repeat one
+        tokens = {r["step"]: r["tokens"] for r in rows if r.get("kind") == "train" and "tokens" in r}
+        per_step = max(tokens.values()) / max(tokens) if tokens else math.nan  # every step trains the same rows
+        curve = [[step, round(step * per_step) if math.isfinite(per_step) else None, loss]
+                 for step, loss in sorted(evals.items())]
+        final = curve[-1][2] if curve and not diverged else math.inf
+        return {**asdict(point), "run": str(run_dir), "diverged": diverged, "val_loss": final,
+                "val_bpb": final / math.log(2) / self.bytes_per_token() if math.isfinite(final) else math.inf,
+                "curve": curve}
+
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes per token of the validation split (bits per byte = loss / ln 2 / this)."""
+        if self._bytes_per_token is None:
+            from helmlm.data.shards import documents_of_split, prepare_data
+
+            config = load_train_config(self.spec.recipe, [f"model={self.spec.models[0]}", *self.spec.overrides])
+            manifest = json.loads((prepare_data(config.data, progress=False) / "manifest.json").read_text())
+            tokens = manifest["splits"]["val"]["tokens"] - manifest["splits"]["val"]["documents"]  # less the EOS
+            n_bytes = sum(len(d.encode("utf-8")) for d in documents_of_split(config.data, "val"))
+            self._bytes_per_token = n_bytes / max(tokens, 1)
+        return self._bytes_per_token
+
+    def write_outputs(self, complete: bool) -> dict[str, Any]:
+        runs = [r for p in self.grid() + (self.seed_points() if complete else []) if (r := self.result(p))]
+        runs = list({r["run"]: r for r in runs}.values())
+        summary = summarise(runs, self.spec) if complete else []
+        results = {"complete": complete, "spec": self.spec.identity(), "summary": summary,
+                   "runs": [{k: v for k, v in r.items() if k != "seconds"} for r in runs],
+                   "seconds": {r["run"]: r.get("seconds") for r in runs}}
+        _write_json(self.out / RESULTS_FILE, results)
+        (self.out / TABLE_FILE).write_text(markdown_table(runs, summary, self.spec))
+        if complete:
+            plot_curves(summary, runs, self.out / CURVES_FILE, self.log)
+        return results
+
+
+def _diverged(stderr: str) -> bool:
+    return "non-finite" in stderr or "NaN" in stderr
+
+
+def summarise(runs: list[dict[str, Any]], spec: SweepSpec) -> list[dict[str, Any]]:
+    """Per model: its best grid point and the mean, standard deviation (n - 1) and count over seeds there."""
+    rows = []
+    for model in spec.models:
+        grid = [r for r in runs if r["model"] == model and r["seed"] == spec.seeds[0]]
+        best = min(grid, key=lambda r: (r["val_loss"], grid.index(r)))
+        at_best = [r for r in runs if r["model"] == model and r["lr"] == best["lr"]
+                   and r["embedding_lr"] == best["embedding_lr"]]
+        losses, bpbs = [r["val_loss"] for r in at_best], [r["val_bpb"] for r in at_best]
+        rows.append({"model": model, "lr": best["lr"], "embedding_lr": best["embedding_lr"], "seeds": len(at_best),
+                     "val_loss_mean": statistics.fmean(losses), "val_loss_std": _std(losses),
+                     "val_bpb_mean": statistics.fmean(bpbs), "val_bpb_std": _std(bpbs)})
+    return rows
+
+
+def _std(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.stdev(finite) if len(finite) == len(values) and len(values) > 1 else math.nan
+
+
+def markdown_table(runs: list[dict[str, Any]], summary: list[dict[str, Any]], spec: SweepSpec) -> str:
+    def elr(v: float | None) -> str:
+        return "= lr" if v is None else f"{v:g}"
+
+    def loss(r: dict[str, Any] | None) -> str:
+        return "-" if r is None else ("diverged" if r["diverged"] else f"{r['val_loss']:.3f}")
+
+    lines = []
+    if summary:
+        lines += [f"Final validation loss at each model's best grid point, mean ± std over seeds ({spec.recipe}).", "",
+                  "| model | lr | embedding lr | seeds | val loss | val bits per byte |", "|---|---|---|---|---|---|"]
+        for s in summary:
+            lines.append(f"| {s['model']} | {s['lr']:g} | {elr(s['embedding_lr'])} | {s['seeds']} | "
+                         f"{s['val_loss_mean']:.3f} ± {s['val_loss_std']:.3f} | "
+                         f"{s['val_bpb_mean']:.4f} ± {s['val_bpb_std']:.4f} |")
+        lines.append("")
+    lines += [f"Grid (seed {spec.seeds[0]}): final validation loss, rows lr, columns embedding lr.", ""]
+    by_point = {(r["model"], r["lr"], r["embedding_lr"]): r for r in runs if r["seed"] == spec.seeds[0]}
+    for model in spec.models:
+        lines += [f"**{model}**", "", "| lr | " + " | ".join(elr(e) for e in spec.embedding_lr) + " |",
+                  "|---" * (len(spec.embedding_lr) + 1) + "|"]
+        for lr in spec.lr:
+            cells = [loss(by_point.get((model, lr, e))) for e in spec.embedding_lr]
+            lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path, log=print) -> None:
+    """Validation loss against training tokens at each model's best point: the mean over seeds, and a band from the
+    lowest to the highest seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(f"matplotlib is not installed: no {path.name} (pip install 'helmlm[plots]')")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in summary:
+        curves = [r["curve"] for r in runs if r["model"] == s["model"] and r["lr"] == s["lr"]
+                  and r["embedding_lr"] == s["embedding_lr"] and not r["diverged"]]
+        if not curves:
+            continue
+        length = min(map(len, curves))
+        x = [c[1] if c[1] is not None else c[0] for c in curves[0][:length]]
+        values = [[c[i][2] for c in curves] for i in range(length)]
+        ax.plot(x, [statistics.fmean(v) for v in values], label=f"{s['model']} (lr {s['lr']:g}, n={len(curves)})")
+        ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)

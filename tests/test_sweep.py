@@ -1,0 +1,115 @@
+"""``helmlm sweep``: the grid and seed stages, resuming after an interruption (same results as an uninterrupted
+sweep), the outputs, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+from test_train import corpus, overrides  # noqa: F401  (corpus is a fixture)
+
+from helmlm.cli import main
+from helmlm.errors import ConfigError
+from helmlm.training.sweep import Sweep, SweepSpec, load_sweep
+
+
+def spec(corpus: Path, out: Path, **kw) -> SweepSpec:  # noqa: F811
+    run_overrides = [o for o in overrides(corpus, out) if not o.startswith("out_dir=")]
+    run_overrides += ["train.steps=4", "eval.every=2", "checkpoint.every=2", "checkpoint.keep_last=3"]
+    fields = dict(recipe="tiny", models=["helm_d_tiny", "llama_tiny"], lr=[3e-3, 3e-2], embedding_lr=[None],
+                  seeds=[0, 1, 2], overrides=run_overrides, out_dir=str(out), threads=1, parallel=2)
+    fields.update(kw)
+    s = SweepSpec(**fields)
+    s.validate()
+    return s
+
+
+def comparable(results: dict, out: Path) -> str:
+    """The results without wall times and with the sweep's own directory name removed."""
+    results = {k: v for k, v in results.items() if k != "seconds"}
+    return json.dumps(results, sort_keys=True).replace(str(out), "OUT")
+
+
+@pytest.fixture(scope="module")
+def whole(corpus, tmp_path_factory):  # noqa: F811
+    """An uninterrupted sweep: 2 models x 2 lrs, then 2 more seeds at each model's best lr (8 runs)."""
+    out = tmp_path_factory.mktemp("sweep") / "whole"
+    return out, Sweep(spec(corpus, out), log=lambda m: None).run()
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_results(corpus, whole, tmp_path):  # noqa: F811
+    """Stopped after 3 runs, the third run then 'killed' (its result and last checkpoint gone, its log ahead of the
+    checkpoint), and resumed: the same results.json, table and best points as the uninterrupted sweep."""
+    whole_out, whole_results = whole
+    assert whole_results["complete"] and len(whole_results["runs"]) == 4 + 2 * 2
+    out = tmp_path / "pieces"
+    pieces = Sweep(spec(corpus, out), log=lambda m: None)
+    assert not pieces.run(max_runs=3)["complete"]
+    assert not (out / "curves.png").exists()
+    third = pieces.run_dir(pieces.grid()[2])
+    (third / "result.json").unlink()
+    shutil.rmtree(sorted((third / "checkpoints").iterdir())[-1])  # killed after its step-2 checkpoint
+    resumed = pieces.run()
+    assert comparable(resumed, out) == comparable(whole_results, whole_out)
+    assert (out / "results.md").read_text() == (whole_out / "results.md").read_text()
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_results_hold_the_best_point_and_seed_statistics(corpus, whole):  # noqa: F811
+    out, results = whole
+    for row in results["summary"]:
+        grid = [r for r in results["runs"] if r["seed"] == 0 and r["model"] == row["model"]]
+        best = min(grid, key=lambda r: r["val_loss"])
+        assert (row["lr"], row["embedding_lr"], row["seeds"]) == (best["lr"], None, 3)
+        at_best = [r["val_loss"] for r in results["runs"] if r["model"] == row["model"] and r["lr"] == best["lr"]]
+        assert len(at_best) == 3 and row["val_loss_mean"] == pytest.approx(sum(at_best) / 3)
+        assert row["val_loss_std"] == pytest.approx(statistics.stdev(at_best)) and row["val_loss_std"] > 0
+        assert f"| {row['model']} | {row['lr']:g} | = lr | 3 | {row['val_loss_mean']:.3f} ± " in \
+            (out / "results.md").read_text()
+    bytes_per_token = Sweep(spec(corpus, out)).bytes_per_token()
+    assert 2 < bytes_per_token < 8
+    for r in results["runs"]:
+        assert [step for step, _, _ in r["curve"]] == [2, 4] and r["curve"][-1][2] == r["val_loss"]
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / bytes_per_token)
+
+
+def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(ConfigError, match="no config file or preset named 'lama_tiny'; presets: .*llama_tiny"):
+        spec(corpus, tmp_path / "a", models=["helm_d_tiny", "lama_tiny"])
+    with pytest.raises(ConfigError, match="lr must be a non-empty list"):
+        spec(corpus, tmp_path / "a", lr=[])
+    with pytest.raises(ConfigError, match="every embedding_lr must be a number > 0 or null"):
+        spec(corpus, tmp_path / "a", embedding_lr=[None, -1.0])
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "sweep.json").write_text(json.dumps({"recipe": "tiny", "models": ["other"]}))
+    with pytest.raises(ConfigError, match="holds a different sweep"):
+        Sweep(spec(corpus, held), log=lambda m: None).run()
+    assert [p.name for p in held.iterdir()] == ["sweep.json"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a sweep directory"):
+        Sweep(spec(corpus, foreign), log=lambda m: None).run()
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("recipe: tiny\nmodels: [helm_d_tiny]\nlr: []\n")
+    assert main(["sweep", str(config)]) == 2
+    assert "lr must be a non-empty list" in capsys.readouterr().err
+    config.write_text("recipe: tiny\nmodels: [helm_d_tiny]\nlr: [1e-3]\nlearning_rate: 3\n")
+    assert main(["sweep", str(config)]) == 2
+    assert "unknown sweep key(s) learning_rate" in capsys.readouterr().err
+    assert main(["sweep", "no_such_sweep"]) == 2
+    assert "shipped: tiny_dense, tiny_moe" in capsys.readouterr().err
+
+
+def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
+    for name in ("tiny_dense", "tiny_moe"):
+        s = load_sweep(name)
+        assert len(s.lr) >= 4 and len(s.embedding_lr) >= 2 and len(s.seeds) >= 3 and len(s.models) == 2
+    assert load_sweep("tiny_dense", ["parallel=1", "lr=[0.001, 0.01]"]).lr == [0.001, 0.01]
