@@ -105,7 +105,7 @@ def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, cap
     assert main(["sweep", str(config)]) == 2
     assert "unknown sweep key(s) learning_rate" in capsys.readouterr().err
     assert main(["sweep", "no_such_sweep"]) == 2
-    assert "shipped: tiny_dense, tiny_moe" in capsys.readouterr().err
+    assert "shipped: tiny_dense, tiny_dense_v1k, tiny_moe" in capsys.readouterr().err
 
 
 def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
@@ -113,3 +113,16 @@ def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
         s = load_sweep(name)
         assert len(s.lr) >= 4 and len(s.embedding_lr) >= 2 and len(s.seeds) >= 3 and len(s.models) == 2
     assert load_sweep("tiny_dense", ["parallel=1", "lr=[0.001, 0.01]"]).lr == [0.001, 0.01]
+
+
+def test_the_small_vocabulary_sweep_keeps_the_pair_matched_and_mostly_non_embedding():
+    from helmlm.config import load_train_config
+    from helmlm.models.params import count_parameters
+
+    s = load_sweep("tiny_dense_v1k")
+    counts = [count_parameters(load_train_config(s.recipe, [*s.run_overrides(m), "model.vocab_size=1024"])
+                               .model_config()) for m in s.models]
+    assert abs(counts[0]["total"] - counts[1]["total"]) / counts[0]["total"] < 2e-4
+    assert all(c["non_embedding"] >= c["total"] / 2 for c in counts)
+    with pytest.raises(ConfigError, match="model_overrides must map models of the sweep"):
+        load_sweep("tiny_dense_v1k", ["model_overrides={gpt2: [model.hidden_size=8]}"])

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ SPEC_FILE, RESULTS_FILE, TABLE_FILE, CURVES_FILE, RUN_RESULT = (
 @dataclass
 class SweepSpec:
     """What a sweep config holds (YAML keys of the same names). ``embedding_lr`` values may be ``null``: the
-    token table then trains at the run's ``lr``. ``overrides`` apply to every run (``section.key=value``)."""
+    token table then trains at the run's ``lr``. ``overrides`` apply to every run (``section.key=value``),
+    ``model_overrides[model]`` to that model's runs (e.g. to keep a pair's parameter counts matched)."""
 
     recipe: str
     models: list[str]
@@ -52,6 +53,7 @@ class SweepSpec:
     embedding_lr: list[float | None] = field(default_factory=lambda: [None])
     seeds: list[int] = field(default_factory=lambda: [1234])
     overrides: list[str] = field(default_factory=list)
+    model_overrides: dict[str, list[str]] = field(default_factory=dict)
     out_dir: str = "runs/sweep"
     threads: int = 1
     parallel: int = 1
@@ -70,8 +72,15 @@ class SweepSpec:
         for name in ("threads", "parallel"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"sweep: {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.model_overrides, dict) or set(self.model_overrides) - set(self.models):
+            raise ConfigError(f"sweep: model_overrides must map models of the sweep to lists of overrides, got "
+                              f"{self.model_overrides!r}")
         for model in self.models:  # unknown presets, keys and values fail here, with suggestions
-            load_train_config(self.recipe, [f"model={model}", *self.overrides])
+            load_train_config(self.recipe, self.run_overrides(model))
+
+    def run_overrides(self, model: str) -> list[str]:
+        """The overrides of every run of ``model``, before its point's (lr, embedding lr, seed)."""
+        return [f"model={model}", *self.overrides, *self.model_overrides.get(model, [])]
 
     def identity(self) -> dict[str, Any]:
         """What decides the runs' results (not where they run, nor how many at once)."""
@@ -137,8 +146,7 @@ class Point:
 
     def overrides(self) -> list[str]:
         elr = "null" if self.embedding_lr is None else repr(self.embedding_lr)
-        return [f"model={self.model}", f"train.lr={self.lr!r}", f"train.embedding_lr={elr}",
-                f"train.seed={self.seed}"]
+        return [f"train.lr={self.lr!r}", f"train.embedding_lr={elr}", f"train.seed={self.seed}"]
 
 
 class Sweep:
@@ -156,7 +164,7 @@ class Sweep:
         """Create ``out_dir`` with ``sweep.json``, or check that the one there describes this sweep."""
         spec_file = self.out / SPEC_FILE
         if spec_file.is_file():
-            held = json.loads(spec_file.read_text())
+            held = {**_default_identity(), **json.loads(spec_file.read_text())}  # keys added since: their defaults
             if held != self.spec.identity():
                 changed = sorted(k for k in set(held) | set(self.spec.identity())
                                  if held.get(k) != self.spec.identity().get(k))
@@ -211,7 +219,8 @@ class Sweep:
         run_dir = self.run_dir(point)
         resume = (run_dir / "checkpoints").is_dir()
         self.log(f"[{index + 1}/{total}] {point.model} {point.name}{' (resuming)' if resume else ''}")
-        argv = [sys.executable, "-m", "helmlm", "train", self.spec.recipe, *self.spec.overrides, *point.overrides(),
+        argv = [sys.executable, "-m", "helmlm", "train", self.spec.recipe, *self.spec.run_overrides(point.model),
+                *point.overrides(),
                 f"out_dir={run_dir}", f"train.threads={self.spec.threads}", "log.progress=false"]
         start = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads)}
@@ -242,7 +251,7 @@ class Sweep:
         if self._bytes_per_token is None:
             from helmlm.data.shards import documents_of_split, prepare_data
 
-            config = load_train_config(self.spec.recipe, [f"model={self.spec.models[0]}", *self.spec.overrides])
+            config = load_train_config(self.spec.recipe, self.spec.run_overrides(self.spec.models[0]))
             manifest = json.loads((prepare_data(config.data, progress=False) / "manifest.json").read_text())
             tokens = manifest["splits"]["val"]["tokens"] - manifest["splits"]["val"]["documents"]  # less the EOS
             n_bytes = sum(len(d.encode("utf-8")) for d in documents_of_split(config.data, "val"))
@@ -261,6 +270,11 @@ class Sweep:
         if complete:
             plot_curves(summary, runs, self.out / CURVES_FILE, self.log)
         return results
+
+
+def _default_identity() -> dict[str, Any]:
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(SweepSpec)
+            if (f.default is not MISSING or f.default_factory is not MISSING) and f.name not in ("out_dir", "parallel")}
 
 
 def _diverged(stderr: str) -> bool:
