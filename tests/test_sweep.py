@@ -126,3 +126,22 @@ def test_the_small_vocabulary_sweep_keeps_the_pair_matched_and_mostly_non_embedd
     assert all(c["non_embedding"] >= c["total"] / 2 for c in counts)
     with pytest.raises(ConfigError, match="model_overrides must map models of the sweep"):
         load_sweep("tiny_dense_v1k", ["model_overrides={gpt2: [model.hidden_size=8]}"])
+
+
+def test_variants_are_swept_and_seeded_as_arms_of_their_own(corpus, tmp_path):  # noqa: F811
+    """An ablation is a variant: its overrides reach its runs (after the point's, so it may set the lr too), and
+    it gets its own best point, seeds and table rows."""
+    out = tmp_path / "ablation"
+    s = spec(corpus, out, models=["llama_tiny"], lr=[3e-3], seeds=[0, 1],
+             variants={"base": [], "narrow": ["model.intermediate_size=40"], "slow": ["train.lr=1e-5"]})
+    results = Sweep(s, log=lambda m: None).run()
+    assert sorted((r["variant"], r["seed"]) for r in results["runs"]) == \
+        [("base", 0), ("base", 1), ("narrow", 0), ("narrow", 1), ("slow", 0), ("slow", 1)]
+    run_config = json.loads((out / "runs" / "llama_tiny" / "narrow,lr=0.003,elr=lr,seed=1" / "config.json").read_text())
+    assert run_config["model"]["intermediate_size"] == 40
+    slow = json.loads((out / "runs" / "llama_tiny" / "slow,lr=0.003,elr=lr,seed=0" / "config.json").read_text())
+    assert slow["train"]["lr"] == 1e-5
+    by_variant = {row["variant"]: row for row in results["summary"]}
+    assert by_variant["slow"]["val_loss_mean"] > by_variant["base"]["val_loss_mean"]  # barely trained
+    table = (out / "results.md").read_text()
+    assert "| llama_tiny / narrow | 0.003 | = lr | 2 |" in table and "**llama_tiny / slow**" in table

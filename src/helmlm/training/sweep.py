@@ -6,6 +6,9 @@ run seed) in two stages:
 1. **grid**: every ``(lr, embedding_lr)`` pair of the grid, at the first seed;
 2. **seeds**: every further seed at each model's best grid point (lowest final validation loss).
 
+``variants`` (named lists of overrides; default one, ``base``, with none) multiply the models into arms, each
+swept and seeded on its own: an ablation is a variant, compared with ``base`` at the same budget.
+
 Each run is an ordinary ``helmlm train`` run in its own directory (``runs/<model>/<point>``), started as a
 subprocess with a fixed number of torch threads, so a run's numbers do not depend on how many runs go at once.
 A finished run leaves ``result.json``; a run that was killed resumes from its last checkpoint (exact resume), so a
@@ -45,7 +48,8 @@ SPEC_FILE, RESULTS_FILE, TABLE_FILE, CURVES_FILE, RUN_RESULT = (
 class SweepSpec:
     """What a sweep config holds (YAML keys of the same names). ``embedding_lr`` values may be ``null``: the
     token table then trains at the run's ``lr``. ``overrides`` apply to every run (``section.key=value``),
-    ``model_overrides[model]`` to that model's runs (e.g. to keep a pair's parameter counts matched)."""
+    ``model_overrides[model]`` to that model's runs (e.g. to keep a pair's parameter counts matched), and
+    ``variants[name]`` to that variant's runs, after the point's lr and seed (so a variant may also set them)."""
 
     recipe: str
     models: list[str]
@@ -54,6 +58,7 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [1234])
     overrides: list[str] = field(default_factory=list)
     model_overrides: dict[str, list[str]] = field(default_factory=dict)
+    variants: dict[str, list[str]] = field(default_factory=lambda: {"base": []})
     out_dir: str = "runs/sweep"
     threads: int = 1
     parallel: int = 1
@@ -75,8 +80,16 @@ class SweepSpec:
         if not isinstance(self.model_overrides, dict) or set(self.model_overrides) - set(self.models):
             raise ConfigError(f"sweep: model_overrides must map models of the sweep to lists of overrides, got "
                               f"{self.model_overrides!r}")
+        if not isinstance(self.variants, dict) or not self.variants or \
+                any(not isinstance(v, list) for v in self.variants.values()):
+            raise ConfigError(f"sweep: variants must map names to lists of overrides, got {self.variants!r}")
         for model in self.models:  # unknown presets, keys and values fail here, with suggestions
-            load_train_config(self.recipe, self.run_overrides(model))
+            for extra in self.variants.values():
+                load_train_config(self.recipe, [*self.run_overrides(model), *extra])
+
+    def arms(self) -> list[tuple[str, str]]:
+        """``(model, variant)`` pairs, each swept and seeded on its own."""
+        return [(model, variant) for model in self.models for variant in self.variants]
 
     def run_overrides(self, model: str) -> list[str]:
         """The overrides of every run of ``model``, before its point's (lr, embedding lr, seed)."""
@@ -138,11 +151,13 @@ class Point:
     lr: float
     embedding_lr: float | None
     seed: int
+    variant: str = "base"
 
     @property
     def name(self) -> str:
         elr = "lr" if self.embedding_lr is None else f"{self.embedding_lr:g}"
-        return f"lr={self.lr:g},elr={elr},seed={self.seed}"
+        prefix = "" if self.variant == "base" else f"{self.variant},"
+        return f"{prefix}lr={self.lr:g},elr={elr},seed={self.seed}"
 
     def overrides(self) -> list[str]:
         elr = "null" if self.embedding_lr is None else repr(self.embedding_lr)
@@ -179,20 +194,21 @@ class Sweep:
 
     def grid(self) -> list[Point]:
         s = self.spec
-        return [Point(m, lr, elr, s.seeds[0]) for m in s.models for lr in s.lr for elr in s.embedding_lr]
+        return [Point(m, lr, elr, s.seeds[0], v) for m, v in s.arms() for lr in s.lr for elr in s.embedding_lr]
 
     def result(self, point: Point) -> dict[str, Any] | None:
         path = self.run_dir(point) / RUN_RESULT
-        return json.loads(path.read_text()) if path.is_file() else None
+        return {"variant": "base", **json.loads(path.read_text())} if path.is_file() else None
 
-    def best(self, model: str) -> Point:
-        """The grid point of ``model`` with the lowest final validation loss (ties: the first in grid order)."""
-        points = [p for p in self.grid() if p.model == model]
+    def best(self, arm: tuple[str, str]) -> Point:
+        """The grid point of the arm ``(model, variant)`` with the lowest final validation loss (ties: the first in
+        grid order)."""
+        points = [p for p in self.grid() if (p.model, p.variant) == arm]
         losses = [self.result(p)["val_loss"] for p in points]
         return min(zip(losses, range(len(points)), points))[2]
 
     def seed_points(self) -> list[Point]:
-        return [Point(b.model, b.lr, b.embedding_lr, seed) for b in map(self.best, self.spec.models)
+        return [Point(b.model, b.lr, b.embedding_lr, seed, b.variant) for b in map(self.best, self.spec.arms())
                 for seed in self.spec.seeds[1:]]
 
     def run(self, max_runs: int | None = None) -> dict[str, Any]:
@@ -220,7 +236,7 @@ class Sweep:
         resume = (run_dir / "checkpoints").is_dir()
         self.log(f"[{index + 1}/{total}] {point.model} {point.name}{' (resuming)' if resume else ''}")
         argv = [sys.executable, "-m", "helmlm", "train", self.spec.recipe, *self.spec.run_overrides(point.model),
-                *point.overrides(),
+                *point.overrides(), *self.spec.variants[point.variant],
                 f"out_dir={run_dir}", f"train.threads={self.spec.threads}", "log.progress=false"]
         start = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads)}
@@ -282,15 +298,17 @@ def _diverged(stderr: str) -> bool:
 
 
 def summarise(runs: list[dict[str, Any]], spec: SweepSpec) -> list[dict[str, Any]]:
-    """Per model: its best grid point and the mean, standard deviation (n - 1) and count over seeds there."""
+    """Per arm (model, variant): its best grid point and the mean, standard deviation (n - 1) and count over seeds
+    there."""
     rows = []
-    for model in spec.models:
-        grid = [r for r in runs if r["model"] == model and r["seed"] == spec.seeds[0]]
+    for model, variant in spec.arms():
+        arm = [r for r in runs if (r["model"], r["variant"]) == (model, variant)]
+        grid = [r for r in arm if r["seed"] == spec.seeds[0]]
         best = min(grid, key=lambda r: (r["val_loss"], grid.index(r)))
-        at_best = [r for r in runs if r["model"] == model and r["lr"] == best["lr"]
-                   and r["embedding_lr"] == best["embedding_lr"]]
+        at_best = [r for r in arm if r["lr"] == best["lr"] and r["embedding_lr"] == best["embedding_lr"]]
         losses, bpbs = [r["val_loss"] for r in at_best], [r["val_bpb"] for r in at_best]
-        rows.append({"model": model, "lr": best["lr"], "embedding_lr": best["embedding_lr"], "seeds": len(at_best),
+        rows.append({"model": model, "variant": variant, "lr": best["lr"], "embedding_lr": best["embedding_lr"],
+                     "seeds": len(at_best),
                      "val_loss_mean": statistics.fmean(losses), "val_loss_std": _std(losses),
                      "val_bpb_mean": statistics.fmean(bpbs), "val_bpb_std": _std(bpbs)})
     return rows
@@ -308,22 +326,25 @@ def markdown_table(runs: list[dict[str, Any]], summary: list[dict[str, Any]], sp
     def loss(r: dict[str, Any] | None) -> str:
         return "-" if r is None else ("diverged" if r["diverged"] else f"{r['val_loss']:.3f}")
 
+    def arm(model: str, variant: str) -> str:
+        return model if list(spec.variants) == ["base"] else f"{model} / {variant}"
+
     lines = []
     if summary:
         lines += [f"Final validation loss at each model's best grid point, mean ± std over seeds ({spec.recipe}).", "",
                   "| model | lr | embedding lr | seeds | val loss | val bits per byte |", "|---|---|---|---|---|---|"]
         for s in summary:
-            lines.append(f"| {s['model']} | {s['lr']:g} | {elr(s['embedding_lr'])} | {s['seeds']} | "
-                         f"{s['val_loss_mean']:.3f} ± {s['val_loss_std']:.3f} | "
+            lines.append(f"| {arm(s['model'], s['variant'])} | {s['lr']:g} | {elr(s['embedding_lr'])} | "
+                         f"{s['seeds']} | {s['val_loss_mean']:.3f} ± {s['val_loss_std']:.3f} | "
                          f"{s['val_bpb_mean']:.4f} ± {s['val_bpb_std']:.4f} |")
         lines.append("")
     lines += [f"Grid (seed {spec.seeds[0]}): final validation loss, rows lr, columns embedding lr.", ""]
-    by_point = {(r["model"], r["lr"], r["embedding_lr"]): r for r in runs if r["seed"] == spec.seeds[0]}
-    for model in spec.models:
-        lines += [f"**{model}**", "", "| lr | " + " | ".join(elr(e) for e in spec.embedding_lr) + " |",
+    by_point = {(r["model"], r["variant"], r["lr"], r["embedding_lr"]): r for r in runs if r["seed"] == spec.seeds[0]}
+    for model, variant in spec.arms():
+        lines += [f"**{arm(model, variant)}**", "", "| lr | " + " | ".join(elr(e) for e in spec.embedding_lr) + " |",
                   "|---" * (len(spec.embedding_lr) + 1) + "|"]
         for lr in spec.lr:
-            cells = [loss(by_point.get((model, lr, e))) for e in spec.embedding_lr]
+            cells = [loss(by_point.get((model, variant, lr, e))) for e in spec.embedding_lr]
             lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -342,14 +363,15 @@ def plot_curves(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summary:
-        curves = [r["curve"] for r in runs if r["model"] == s["model"] and r["lr"] == s["lr"]
-                  and r["embedding_lr"] == s["embedding_lr"] and not r["diverged"]]
+        curves = [r["curve"] for r in runs if (r["model"], r["variant"]) == (s["model"], s["variant"])
+                  and r["lr"] == s["lr"] and r["embedding_lr"] == s["embedding_lr"] and not r["diverged"]]
         if not curves:
             continue
         length = min(map(len, curves))
         x = [c[1] if c[1] is not None else c[0] for c in curves[0][:length]]
         values = [[c[i][2] for c in curves] for i in range(length)]
-        ax.plot(x, [statistics.fmean(v) for v in values], label=f"{s['model']} (lr {s['lr']:g}, n={len(curves)})")
+        name = s["model"] if s["variant"] == "base" else f"{s['model']} / {s['variant']}"
+        ax.plot(x, [statistics.fmean(v) for v in values], label=f"{name} (lr {s['lr']:g}, n={len(curves)})")
         ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats / token)")
