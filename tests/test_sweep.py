@@ -133,10 +133,15 @@ def test_variants_are_swept_and_seeded_as_arms_of_their_own(corpus, tmp_path):  
     it gets its own best point, seeds and table rows."""
     out = tmp_path / "ablation"
     s = spec(corpus, out, models=["llama_tiny"], lr=[3e-3], seeds=[0, 1],
-             variants={"base": [], "narrow": ["model.intermediate_size=40"], "slow": ["train.lr=1e-5"]})
+             variants={"base": [], "narrow": ["model.intermediate_size=40"], "slow": ["train.lr=1e-5"],
+                       "explode": ["train.lr=1e6", "train.warmup_steps=0", "train.clip=0"]})
     results = Sweep(s, log=lambda m: None).run()
     assert sorted((r["variant"], r["seed"]) for r in results["runs"]) == \
-        [("base", 0), ("base", 1), ("narrow", 0), ("narrow", 1), ("slow", 0), ("slow", 1)]
+        [("base", 0), ("base", 1), ("explode", 0), ("explode", 1), ("narrow", 0), ("narrow", 1), ("slow", 0),
+         ("slow", 1)]
+    exploded = [r for r in results["runs"] if r["variant"] == "explode"]
+    assert all(r["diverged"] and r["val_loss"] == math.inf and "non-finite" in r["error"] for r in exploded)
+    assert all(not r["diverged"] for r in results["runs"] if r["variant"] != "explode")
     run_config = json.loads((out / "runs" / "llama_tiny" / "narrow,lr=0.003,elr=lr,seed=1" / "config.json").read_text())
     assert run_config["model"]["intermediate_size"] == 40
     slow = json.loads((out / "runs" / "llama_tiny" / "slow,lr=0.003,elr=lr,seed=0" / "config.json").read_text())
@@ -145,3 +150,4 @@ def test_variants_are_swept_and_seeded_as_arms_of_their_own(corpus, tmp_path):  
     assert by_variant["slow"]["val_loss_mean"] > by_variant["base"]["val_loss_mean"]  # barely trained
     table = (out / "results.md").read_text()
     assert "| llama_tiny / narrow | 0.003 | = lr | 2 |" in table and "**llama_tiny / slow**" in table
+    assert "| 0.003 | diverged |" in table

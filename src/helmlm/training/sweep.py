@@ -246,6 +246,8 @@ class Sweep:
         if proc.returncode != 0 and not _diverged(proc.stderr):
             raise TrainingError(f"run {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         result = self._collect(point, run_dir, diverged=proc.returncode != 0)
+        if result["diverged"]:
+            result["error"] = proc.stderr.strip().splitlines()[-1]  # the trainer's message: what and at which step
         result["seconds"] = seconds
         _write_json(run_dir / RUN_RESULT, result)
 
