@@ -105,13 +105,17 @@ def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, cap
     assert main(["sweep", str(config)]) == 2
     assert "unknown sweep key(s) learning_rate" in capsys.readouterr().err
     assert main(["sweep", "no_such_sweep"]) == 2
-    assert "shipped: tiny_dense, tiny_dense_v1k, tiny_moe" in capsys.readouterr().err
+    assert "shipped: tiny_dense, tiny_dense_v1k, tiny_helm_d_ablations, tiny_moe" in capsys.readouterr().err
 
 
 def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
-    for name in ("tiny_dense", "tiny_moe"):
-        s = load_sweep(name)
-        assert len(s.lr) >= 4 and len(s.embedding_lr) >= 2 and len(s.seeds) >= 3 and len(s.models) == 2
+    from helmlm.training.sweep import SWEEPS_DIR
+
+    for path in SWEEPS_DIR.glob("*.yaml"):
+        s = load_sweep(path.stem)  # every model x variant builds
+        assert len(s.seeds) >= 3, path
+        if "ablations" not in path.stem:
+            assert len(s.lr) >= 4 and len(s.embedding_lr) >= 2 and len(s.models) == 2, path
     assert load_sweep("tiny_dense", ["parallel=1", "lr=[0.001, 0.01]"]).lr == [0.001, 0.01]
 
 
