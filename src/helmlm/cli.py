@@ -99,8 +99,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     rows = run_demo(args.out, tuple(args.models), tuple(args.overrides), threads=args.threads)
     print("\n" + format_table(rows))
-    print("\nOne seed per model, both at the recipe's lr: a demonstration, not a comparison. Tuned learning rates "
-          "and several seeds: `helmlm sweep tiny_dense` (docs/quality.md).")
+    print("\nOne seed per model, each at its tuned embedding lr: a demonstration. The comparison over learning "
+          "rates and seeds: `helmlm sweep tiny_dense` (docs/quality.md).")
     print(f"\ncheckpoints: {', '.join(r['checkpoint'] for r in rows)}; results: {args.out}/results.json")
     return 0
 
