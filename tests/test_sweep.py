@@ -53,6 +53,10 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(corpus, whole, tmp_pat
     third = pieces.run_dir(pieces.grid()[2])
     (third / "result.json").unlink()
     shutil.rmtree(sorted((third / "checkpoints").iterdir())[-1])  # killed after its step-2 checkpoint
+    fourth = pieces.run_dir(pieces.grid()[3])
+    fourth.mkdir(parents=True)
+    (fourth / "checkpoints").mkdir()  # killed before its first checkpoint
+    (fourth / "metrics.jsonl").write_text('{"kind": "eval", "step": 2, "val_loss": 1.0}\n')
     resumed = pieces.run()
     assert comparable(resumed, out) == comparable(whole_results, whole_out)
     assert (out / "results.md").read_text() == (whole_out / "results.md").read_text()

@@ -39,6 +39,7 @@ import yaml
 
 from helmlm.config import load_train_config
 from helmlm.errors import ConfigError, TrainingError
+from helmlm.training.checkpoint import latest_checkpoint
 
 SPEC_FILE, RESULTS_FILE, TABLE_FILE, CURVES_FILE, RUN_RESULT = (
     "sweep.json", "results.json", "results.md", "curves.png", "result.json")
@@ -233,7 +234,7 @@ class Sweep:
 
     def _train(self, point: Point, index: int, total: int) -> None:
         run_dir = self.run_dir(point)
-        resume = (run_dir / "checkpoints").is_dir()
+        resume = latest_checkpoint(run_dir) is not None  # killed before its first checkpoint: start it again
         self.log(f"[{index + 1}/{total}] {point.model} {point.name}{' (resuming)' if resume else ''}")
         argv = [sys.executable, "-m", "helmlm", "train", self.spec.recipe, *self.spec.run_overrides(point.model),
                 *point.overrides(), *self.spec.variants[point.variant],
