@@ -386,14 +386,19 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 RECIPES_DIR = Path(__file__).resolve().parent / "presets" / "train"
 
 
-def resolve_recipe(name_or_path: str | Path) -> Path:
-    """A training YAML path, or the shipped recipe of that name (``helmlm train demo_helm_d``)."""
+def resolve_shipped(name_or_path: str | Path, directory: Path, kind: str, noun: str, listing: str) -> Path:
+    """A YAML path, or the file of that name shipped in ``directory``; otherwise an error that lists them."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    recipe = RECIPES_DIR / f"{path.stem}.yaml"
-    if path.suffix in ("", ".yaml") and recipe.is_file():
-        return recipe
-    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise ConfigError(f"no training config {str(name_or_path)!r} (not a file, and no shipped recipe of that "
-                            f"name; recipes: {names})")
+    shipped = directory / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+    raise ConfigError(f"no {kind} {str(name_or_path)!r} (not a file, and no shipped {noun} of that "
+                      f"name; {listing}: {names})")
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A training YAML path, or the shipped recipe of that name (``helmlm train demo_helm_d``)."""
+    return resolve_shipped(name_or_path, RECIPES_DIR, "training config", "recipe", "recipes")

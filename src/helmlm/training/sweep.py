@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from helmlm.config import load_train_config
+from helmlm.config import load_train_config, resolve_shipped
 from helmlm.errors import ConfigError, TrainingError
 from helmlm.training.checkpoint import latest_checkpoint
 
@@ -109,15 +109,7 @@ SWEEPS_DIR = Path(__file__).resolve().parent.parent / "presets" / "sweeps"
 
 def resolve_sweep(name_or_path: str | Path) -> Path:
     """A sweep YAML path, or the shipped sweep of that name (``helmlm sweep tiny_dense``)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = SWEEPS_DIR / f"{path.stem}.yaml"
-    if path.suffix in ("", ".yaml") and shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
-    raise ConfigError(f"no sweep config {str(name_or_path)!r} (not a file, and no shipped sweep of that name; "
-                      f"shipped: {names})")
+    return resolve_shipped(name_or_path, SWEEPS_DIR, "sweep config", "sweep", "shipped")
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
