@@ -348,6 +348,9 @@ def test_bad_inputs_raise_input_error(geometry):
         ("lorentz", dict(intermediate_size=-1), r"intermediate_size.*-1"),
         ("euclidean", dict(max_position_embeddings=0), r"max_position_embeddings.*0"),
         ("lorentz", dict(curvature=0.0), r"curvature"),
+        ("lorentz", dict(embedding_init_scale=0.0), r"embedding_init_scale must be a number > 0"),
+        ("lorentz", dict(head_init_std=-0.1), r"head_init_std must be a number > 0 or null"),
+        ("lorentz-mice", dict(gate_init_gain="big"), r"gate_init_gain must be a number > 0, got 'big'"),
     ],
 )
 def test_invalid_config_raises_config_error(geometry, overrides, pattern):
@@ -369,6 +372,51 @@ def test_valid_tiny_config_validates(geometry):
 # ---------------------------------------------------------------------------------------------------------------
 # Parameters
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [0.25, 1.0, 2.5])
+def test_embedding_init_scale_is_the_tables_geodesic_radius(scale):
+    """Every row of the Lorentz table starts on the hyperboloid at geodesic distance ``embedding_init_scale`` from
+    the origin (1 by default, the reference's); for ``project_emb`` it is the standard deviation of the table."""
+    curvature = 2.0
+    model = build_model("lorentz", curvature=curvature, embedding_init_scale=scale)  # fp32 table
+    table = model.model.embed.weight.detach().double()
+    assert manifold_violation(table, curvature).max() < 1e-6
+    radius = (curvature ** 0.5) * torch.acosh(table[:, 0] / curvature ** 0.5)  # d(o, x) = sqrt(c) acosh(x_t / sqrt(c))
+    torch.testing.assert_close(radius, torch.full_like(radius, scale), rtol=1e-3, atol=1e-3)
+    projected = build_model("lorentz", project_emb=True, embedding_init_scale=scale, vocab_size=4096)
+    assert projected.model.embed.weight.std().item() == pytest.approx(scale, rel=0.02)
+
+
+@pytest.mark.parametrize("geometry", ["lorentz", "euclidean"])
+def test_head_init_std(geometry):
+    """``head_init_std`` draws the head from N(0, std^2); unset, the head keeps PyTorch's Linear init (uniform with
+    bound 1 / sqrt(fan_in)), as the reference; nothing else changes."""
+    default = build_model(geometry, seed=3, vocab_size=4096)
+    bound = default.lm_head.in_features ** -0.5
+    assert default.lm_head.weight.abs().max().item() <= bound
+    assert default.lm_head.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.02)
+    scaled = build_model(geometry, seed=3, vocab_size=4096, head_init_std=0.3)
+    assert scaled.lm_head.weight.std().item() == pytest.approx(0.3, rel=0.02)
+    assert scaled.lm_head.weight.mean().abs().item() < 0.01
+    others = {n: p for n, p in scaled.state_dict().items() if not n.startswith("lm_head")}
+    for name, value in default.state_dict().items():
+        if not name.startswith("lm_head"):
+            assert torch.equal(others[name], value), name
+
+
+@pytest.mark.parametrize("geometry", ["lorentz-mice", "euclidean-moe"])
+def test_gate_init_gain_scales_the_router(geometry):
+    """``gate_init_gain`` multiplies the router's Xavier-uniform bound, so the initial logits scale with it."""
+    default, scaled = build_model(geometry, seed=5), build_model(geometry, seed=5, gate_init_gain=0.1)
+    gates = [(m.ffn.gate.weight, s.ffn.gate.weight) for m, s in zip(default.model.layers, scaled.model.layers)
+             if hasattr(m.ffn, "gate")]
+    assert gates
+    for w, w_scaled in gates:
+        bound = (6 / sum(w.shape)) ** 0.5
+        assert w.abs().max().item() <= bound
+        assert w_scaled.abs().max().item() <= 0.1 * bound
+        assert w_scaled.abs().max().item() > 0.05 * bound
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_no_dead_parameters(geometry):
     """After one backward on random tokens every trainable parameter has a non-zero gradient."""
@@ -387,7 +435,7 @@ def test_no_dead_parameters(geometry):
     [
         ("lorentz", dict()),
         ("lorentz", dict(project_emb=True, curvature=2.0, residual_scale=7.0, intermediate_size=40,
-                         attention_temperature=3.0, rope_theta=500.0)),
+                         attention_temperature=3.0, rope_theta=500.0, embedding_init_scale=0.5, head_init_std=0.1)),
         ("euclidean", dict(intermediate_size=48)),
     ],
 )

@@ -31,6 +31,11 @@ class HELMConfig(PretrainedConfig):
     ambient width of the FFN's hidden point; each attention head has ``W / heads`` ambient coordinates, of which
     ``W / heads - 1`` are rotated by HoPE. For ``geometry="euclidean"`` both are ordinary feature widths.
 
+    Initial scales (for the ablations of docs/quality.md; the defaults are the reference's): ``embedding_init_scale``
+    is the Lorentz table's geodesic radius (the std of the ``project_emb`` table); ``head_init_std`` draws the head
+    from ``N(0, std^2)`` (``None``: PyTorch's default ``nn.Linear`` init); ``gate_init_gain`` multiplies the MoE
+    router's Xavier gain, hence its initial logits. The twins' embedding table stays at ``initializer_range``.
+
     Defaults that depend on the width are resolved at model build when left ``None``: ``residual_scale``
     (Lorentzian residual space multiplier; ``4 sqrt(W)`` as in HELM-D) and ``attention_temperature`` (initial
     score divisor ``tau``; ``sqrt(W)``).
@@ -62,6 +67,9 @@ class HELMConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-8,
         project_emb: bool = False,
         initializer_range: float = 0.02,
+        embedding_init_scale: float = 1.0,
+        head_init_std: float | None = None,
+        gate_init_gain: float = 1.0,
         tie_word_embeddings: bool = False,
         # attention="mla" (HMLA): ambient dims per head, as in the reference
         kv_lora_rank: int = 16,
@@ -102,6 +110,9 @@ class HELMConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.project_emb = project_emb
         self.initializer_range = initializer_range
+        self.embedding_init_scale = embedding_init_scale
+        self.head_init_std = head_init_std
+        self.gate_init_gain = gate_init_gain
         self.kv_lora_rank = kv_lora_rank
         self.qk_nope_head_dim = qk_nope_head_dim
         self.qk_rope_head_dim = qk_rope_head_dim
@@ -303,6 +314,11 @@ class HELMConfig(PretrainedConfig):
             raise ConfigError(f"residual_scale must be > 0 or null, got {self.residual_scale}")
         if self.attention_temperature is not None and self.attention_temperature <= 0:
             raise ConfigError(f"attention_temperature must be > 0 or null, got {self.attention_temperature}")
+        for name in ("embedding_init_scale", "gate_init_gain", "head_init_std"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be a number > 0{' or null' if name == 'head_init_std' else ''}, "
+                                  f"got {value!r}")
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod

@@ -51,7 +51,8 @@ def routing_settings(config: HELMConfig) -> dict[str, Any]:
     return {"n_routed_experts": config.n_routed_experts, "n_activated_experts": config.n_activated_experts,
             "n_shared_experts": config.n_shared_experts, "score_func": config.score_func,
             "route_scale": config.route_scale, "n_expert_groups": config.n_expert_groups,
-            "n_limited_groups": config.n_limited_groups, "dispatch": config.moe_dispatch}
+            "n_limited_groups": config.n_limited_groups, "dispatch": config.moe_dispatch,
+            "gate_init_gain": config.gate_init_gain}
 
 
 class LorentzBlock(nn.Module):
@@ -135,9 +136,12 @@ class HELMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Plain ``nn.Linear``: PyTorch's default (as the reference); embeddings of the twin: N(0, 0.02);
-        helmlm layers: their own ``reset_parameters`` (documented on each layer)."""
-        if isinstance(module, nn.Embedding):
+        """Plain ``nn.Linear``: PyTorch's default (as the reference), the head ``N(0, head_init_std^2)`` when that
+        is set; embeddings of the twin: N(0, initializer_range^2); helmlm layers: their own ``reset_parameters``
+        (documented on each layer)."""
+        if module is getattr(self, "lm_head", None) and self.config.head_init_std is not None:
+            nn.init.normal_(module.weight, std=self.config.head_init_std)
+        elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
         elif isinstance(module, nn.Linear) or (
             type(module).__module__.startswith("helmlm.nn") and hasattr(module, "reset_parameters")
@@ -153,7 +157,8 @@ class HELMModel(HELMPreTrainedModel):
         super().__init__(config)
         width, c = config.hidden_size, config.curvature  # ambient coordinates (lorentz) or features (euclidean)
         if config.is_lorentz:
-            self.embed = LorentzEmbedding(config.vocab_size, width - 1, c, manifold_table=not config.project_emb)
+            self.embed = LorentzEmbedding(config.vocab_size, width - 1, c, manifold_table=not config.project_emb,
+                                          init_scale=config.embedding_init_scale)
             self.layers = nn.ModuleList(LorentzBlock(config, i) for i in range(config.num_hidden_layers))
             self.final_proj = LorentzLinear(width, width - 1, curvature=c)
             self.norm = LorentzRMSNorm(width - 1, config.rms_norm_eps, c)

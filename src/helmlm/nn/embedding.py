@@ -16,12 +16,15 @@ class LorentzEmbedding(nn.Module):
     ``manifold_table=True`` (HELM default): the table stores full points (time included) as a geoopt
     ``ManifoldParameter`` on ``Lorentz(k=c)``, to be trained with Riemannian Adam; initialised at geodesic radius 1
     around the origin in uniformly random directions. ``manifold_table=False`` (the reference's ``project_emb``):
-    a Euclidean table of space parts, ``N(0, 1)`` initialised, lifted on lookup.
+    a Euclidean table of space parts, ``N(0, 1)`` initialised, lifted on lookup. ``init_scale`` replaces that
+    radius, or that standard deviation (1 in the reference).
     """
 
-    def __init__(self, num_embeddings: int, space_dim: int, curvature: float = 1.0, manifold_table: bool = True):
+    def __init__(self, num_embeddings: int, space_dim: int, curvature: float = 1.0, manifold_table: bool = True,
+                 init_scale: float = 1.0):
         super().__init__()
         self.num_embeddings, self.space_dim, self.curvature = num_embeddings, space_dim, curvature
+        self.init_scale = init_scale
         self.manifold_table = manifold_table
         if manifold_table:
             manifold = geoopt.Lorentz(k=curvature)
@@ -34,9 +37,9 @@ class LorentzEmbedding(nn.Module):
     def reset_parameters(self) -> None:
         if self.manifold_table:
             direction = F.normalize(torch.randn(self.num_embeddings, self.space_dim, dtype=torch.float64), dim=-1)
-            self.weight.copy_(expmap0(direction, self.curvature))
+            self.weight.copy_(expmap0(self.init_scale * direction, self.curvature))
         else:
-            nn.init.normal_(self.weight)
+            nn.init.normal_(self.weight, std=self.init_scale)
 
     def restore_manifold_parameter(self) -> None:
         """Make ``weight`` a ``ManifoldParameter`` again if a loader replaced it by a plain ``Parameter`` (as

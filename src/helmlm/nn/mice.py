@@ -135,7 +135,7 @@ class MiCE(RoutedFFN):
                  n_shared_experts: int = 1, curvatures: list[float] | None = None, learn_curvature: bool = True,
                  score_func: ScoreFunc = "softmax", route_scale: float = 1.0, n_expert_groups: int = 1,
                  n_limited_groups: int = 1, combine: Combine = "paper", renormalize: bool | None = None,
-                 curvature: float = 1.0, dispatch: Dispatch = "auto"):
+                 curvature: float = 1.0, dispatch: Dispatch = "auto", gate_init_gain: float = 1.0):
         super().__init__()
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
@@ -146,7 +146,7 @@ class MiCE(RoutedFFN):
         if curvatures is None:
             curvatures = [1.0] * n_routed_experts
         self.gate = Gate(ambient - 1, n_routed_experts, n_activated_experts, score_func, route_scale, n_expert_groups,
-                         n_limited_groups, renormalize)
+                         n_limited_groups, renormalize, gate_init_gain)
         self.experts = LorentzExperts(n_routed_experts, ambient, hidden, curvatures, learn_curvature, curvature)
         self.shared = (LorentzFeedForward(ambient, n_shared_experts * hidden, curvature) if n_shared_experts > 0
                        else None)

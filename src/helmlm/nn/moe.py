@@ -58,11 +58,11 @@ class MoE(RoutedFFN):
     def __init__(self, dim: int, hidden: int, n_routed_experts: int, n_activated_experts: int,
                  n_shared_experts: int = 1, score_func: ScoreFunc = "softmax", route_scale: float = 1.0,
                  n_expert_groups: int = 1, n_limited_groups: int = 1, renormalize: bool = True,
-                 dispatch: Dispatch = "auto"):
+                 dispatch: Dispatch = "auto", gate_init_gain: float = 1.0):
         super().__init__()
         self.dim, self.n_activated_experts = dim, n_activated_experts
         self.gate = Gate(dim, n_routed_experts, n_activated_experts, score_func, route_scale, n_expert_groups,
-                         n_limited_groups, renormalize)
+                         n_limited_groups, renormalize, gate_init_gain)
         self.experts = Experts(n_routed_experts, dim, hidden)
         self.shared = SwiGLU(dim, n_shared_experts * hidden) if n_shared_experts > 0 else None
         self._init_routing(n_routed_experts, dispatch)

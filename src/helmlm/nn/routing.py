@@ -47,7 +47,7 @@ class Gate(nn.Module):
 
     def __init__(self, dim: int, n_routed_experts: int, n_activated_experts: int, score_func: ScoreFunc = "softmax",
                  route_scale: float = 1.0, n_expert_groups: int = 1, n_limited_groups: int = 1,
-                 renormalize: bool = True):
+                 renormalize: bool = True, init_gain: float = 1.0):
         super().__init__()
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
@@ -56,10 +56,12 @@ class Gate(nn.Module):
         self.n_expert_groups, self.n_limited_groups = n_expert_groups, n_limited_groups
         self.weight = nn.Parameter(torch.empty(n_routed_experts, dim))
         self.register_buffer("bias", torch.zeros(n_routed_experts))
+        self.init_gain = init_gain
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.weight)
+        """Xavier-uniform with gain ``init_gain`` (1 in the reference), which sets the scale of the initial logits."""
+        nn.init.xavier_uniform_(self.weight, gain=self.init_gain)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = F.linear(x, self.weight)
