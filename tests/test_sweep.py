@@ -88,6 +88,11 @@ def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, cap
         spec(corpus, tmp_path / "a", lr=[])
     with pytest.raises(ConfigError, match="every embedding_lr must be a number > 0 or null"):
         spec(corpus, tmp_path / "a", embedding_lr=[None, -1.0])
+    with pytest.raises(ConfigError, match=r"lr maps models to grids, so it needs exactly the sweep's models "
+                                          r"\['helm_d_tiny', 'llama_tiny'\]; got \['helm_d_tiny'\]"):
+        spec(corpus, tmp_path / "a", lr={"helm_d_tiny": [1e-3]})
+    with pytest.raises(ConfigError, match=r"embedding_lr\[llama_tiny\] must be a non-empty list"):
+        spec(corpus, tmp_path / "a", embedding_lr={"helm_d_tiny": [None], "llama_tiny": []})
     held = tmp_path / "held"
     held.mkdir()
     (held / "sweep.json").write_text(json.dumps({"recipe": "tiny", "models": ["other"]}))
@@ -109,7 +114,8 @@ def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, cap
     assert main(["sweep", str(config)]) == 2
     assert "unknown sweep key(s) learning_rate" in capsys.readouterr().err
     assert main(["sweep", "no_such_sweep"]) == 2
-    assert "shipped: tiny_dense, tiny_dense_v1k, tiny_helm_d_ablations, tiny_moe" in capsys.readouterr().err
+    assert ("shipped: tiny_dense, tiny_dense_long, tiny_dense_reference_recipe, tiny_dense_v1k, "
+            "tiny_helm_d_ablations, tiny_helm_d_ablations_init, tiny_moe") in capsys.readouterr().err
 
 
 def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
@@ -117,9 +123,11 @@ def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
 
     for path in SWEEPS_DIR.glob("*.yaml"):
         s = load_sweep(path.stem)  # every model x variant builds
-        assert len(s.seeds) >= 3, path
-        if "ablations" not in path.stem:
-            assert len(s.lr) >= 4 and len(s.embedding_lr) >= 2 and len(s.models) == 2, path
+        if not any(kind in path.stem for kind in ("ablations", "long", "reference_recipe")):  # one point each
+            assert len(s.seeds) >= 3, path
+            for model in s.models:
+                assert len(s.grid_of("lr", model)) >= 4 and len(s.grid_of("embedding_lr", model)) >= 2, path
+            assert len(s.models) == 2, path
     assert load_sweep("tiny_dense", ["parallel=1", "lr=[0.001, 0.01]"]).lr == [0.001, 0.01]
 
 
@@ -159,3 +167,18 @@ def test_variants_are_swept_and_seeded_as_arms_of_their_own(corpus, tmp_path):  
     table = (out / "results.md").read_text()
     assert "| llama_tiny / narrow | 0.003 | = lr | 2 |" in table and "**llama_tiny / slow**" in table
     assert "| 0.003 | diverged |" in table
+
+
+def test_each_model_may_have_its_own_grid(corpus, tmp_path):  # noqa: F811
+    """``lr`` / ``embedding_lr`` as mappings: each model runs its own grid (e.g. each at its tuned point)."""
+    out = tmp_path / "own"
+    s = spec(corpus, out, lr={"helm_d_tiny": [3e-3], "llama_tiny": [1e-2, 3e-3]},
+             embedding_lr={"helm_d_tiny": [None], "llama_tiny": [0.1]}, seeds=[0])
+    results = Sweep(s, log=lambda m: None).run()
+    assert sorted((r["model"], r["lr"], r["embedding_lr"]) for r in results["runs"]) == \
+        [("helm_d_tiny", 3e-3, None), ("llama_tiny", 3e-3, 0.1), ("llama_tiny", 1e-2, 0.1)]
+    config = json.loads((out / "runs" / "llama_tiny" / "lr=0.01,elr=0.1,seed=0" / "config.json").read_text())
+    assert (config["train"]["lr"], config["train"]["embedding_lr"]) == (1e-2, 0.1)
+    table = (out / "results.md").read_text()
+    assert "**helm_d_tiny**\n\n| lr | = lr |\n|---|---|\n| 0.003 |" in table
+    assert "**llama_tiny**\n\n| lr | 0.1 |\n|---|---|\n| 0.01 |" in table

@@ -48,14 +48,16 @@ SPEC_FILE, RESULTS_FILE, TABLE_FILE, CURVES_FILE, RUN_RESULT = (
 @dataclass
 class SweepSpec:
     """What a sweep config holds (YAML keys of the same names). ``embedding_lr`` values may be ``null``: the
-    token table then trains at the run's ``lr``. ``overrides`` apply to every run (``section.key=value``),
+    token table then trains at the run's ``lr``. ``lr`` and ``embedding_lr`` are one grid for every model, or a
+    mapping from each model to its own grid (``embedding_lr: {helm_d_tiny: [0.01], llama_tiny: [0.1]}``: each model
+    at its tuned point). ``overrides`` apply to every run (``section.key=value``),
     ``model_overrides[model]`` to that model's runs (e.g. to keep a pair's parameter counts matched), and
     ``variants[name]`` to that variant's runs, after the point's lr and seed (so a variant may also set them)."""
 
     recipe: str
     models: list[str]
-    lr: list[float]
-    embedding_lr: list[float | None] = field(default_factory=lambda: [None])
+    lr: list[float] | dict[str, list[float]]
+    embedding_lr: list[float | None] | dict[str, list[float | None]] = field(default_factory=lambda: [None])
     seeds: list[int] = field(default_factory=lambda: [1234])
     overrides: list[str] = field(default_factory=list)
     model_overrides: dict[str, list[str]] = field(default_factory=dict)
@@ -65,16 +67,21 @@ class SweepSpec:
     parallel: int = 1
 
     def validate(self) -> None:
-        for name in ("models", "lr", "embedding_lr", "seeds"):
-            values = getattr(self, name)
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"sweep: {name} must be a non-empty list, got {values!r}")
-            if len(set(map(str, values))) != len(values):
-                raise ConfigError(f"sweep: {name} lists a value twice: {values}")
-        if any(not isinstance(v, (int, float)) or not v > 0 for v in self.lr):
-            raise ConfigError(f"sweep: every lr must be a number > 0, got {self.lr}")
-        if any(v is not None and (not isinstance(v, (int, float)) or not v > 0) for v in self.embedding_lr):
-            raise ConfigError(f"sweep: every embedding_lr must be a number > 0 or null, got {self.embedding_lr}")
+        for name in ("models", "seeds"):
+            _check_list(name, getattr(self, name))
+        for name in ("lr", "embedding_lr"):
+            grids = getattr(self, name)
+            if isinstance(grids, dict) and set(grids) != set(self.models):
+                raise ConfigError(f"sweep: {name} maps models to grids, so it needs exactly the sweep's models "
+                                  f"{self.models}; got {sorted(grids)}")
+            for model in self.models:
+                _check_list(name if not isinstance(grids, dict) else f"{name}[{model}]", self.grid_of(name, model))
+        for model in self.models:
+            if any(not isinstance(v, (int, float)) or not v > 0 for v in self.grid_of("lr", model)):
+                raise ConfigError(f"sweep: every lr must be a number > 0, got {self.lr}")
+            if any(v is not None and (not isinstance(v, (int, float)) or not v > 0)
+                   for v in self.grid_of("embedding_lr", model)):
+                raise ConfigError(f"sweep: every embedding_lr must be a number > 0 or null, got {self.embedding_lr}")
         for name in ("threads", "parallel"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"sweep: {name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -87,6 +94,11 @@ class SweepSpec:
         for model in self.models:  # unknown presets, keys and values fail here, with suggestions
             for extra in self.variants.values():
                 load_train_config(self.recipe, [*self.run_overrides(model), *extra])
+
+    def grid_of(self, name: str, model: str) -> list[Any]:
+        """``model``'s values of ``lr`` or ``embedding_lr``: the shared grid, or its own."""
+        grids = getattr(self, name)
+        return grids.get(model) if isinstance(grids, dict) else grids
 
     def arms(self) -> list[tuple[str, str]]:
         """``(model, variant)`` pairs, each swept and seeded on its own."""
@@ -102,6 +114,13 @@ class SweepSpec:
         for key in ("out_dir", "parallel"):
             spec.pop(key)
         return spec
+
+
+def _check_list(name: str, values: Any) -> None:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"sweep: {name} must be a non-empty list, got {values!r}")
+    if len(set(map(str, values))) != len(values):
+        raise ConfigError(f"sweep: {name} lists a value twice: {values}")
 
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "presets" / "sweeps"
@@ -187,7 +206,8 @@ class Sweep:
 
     def grid(self) -> list[Point]:
         s = self.spec
-        return [Point(m, lr, elr, s.seeds[0], v) for m, v in s.arms() for lr in s.lr for elr in s.embedding_lr]
+        return [Point(m, lr, elr, s.seeds[0], v) for m, v in s.arms() for lr in s.grid_of("lr", m)
+                for elr in s.grid_of("embedding_lr", m)]
 
     def result(self, point: Point) -> dict[str, Any] | None:
         path = self.run_dir(point) / RUN_RESULT
@@ -336,10 +356,11 @@ def markdown_table(runs: list[dict[str, Any]], summary: list[dict[str, Any]], sp
     lines += [f"Grid (seed {spec.seeds[0]}): final validation loss, rows lr, columns embedding lr.", ""]
     by_point = {(r["model"], r["variant"], r["lr"], r["embedding_lr"]): r for r in runs if r["seed"] == spec.seeds[0]}
     for model, variant in spec.arms():
-        lines += [f"**{arm(model, variant)}**", "", "| lr | " + " | ".join(elr(e) for e in spec.embedding_lr) + " |",
-                  "|---" * (len(spec.embedding_lr) + 1) + "|"]
-        for lr in spec.lr:
-            cells = [loss(by_point.get((model, variant, lr, e))) for e in spec.embedding_lr]
+        elrs = spec.grid_of("embedding_lr", model)
+        lines += [f"**{arm(model, variant)}**", "", "| lr | " + " | ".join(elr(e) for e in elrs) + " |",
+                  "|---" * (len(elrs) + 1) + "|"]
+        for lr in spec.grid_of("lr", model):
+            cells = [loss(by_point.get((model, variant, lr, e))) for e in elrs]
             lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
