@@ -115,7 +115,7 @@ def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, cap
     assert "unknown sweep key(s) learning_rate" in capsys.readouterr().err
     assert main(["sweep", "no_such_sweep"]) == 2
     assert ("shipped: tiny_dense, tiny_dense_long, tiny_dense_reference_recipe, tiny_dense_v1k, "
-            "tiny_helm_d_ablations, tiny_helm_d_ablations_init, tiny_moe") in capsys.readouterr().err
+            "tiny_helm_d_ablations, tiny_helm_d_ablations_init, tiny_helm_mice_ablations, tiny_moe") in capsys.readouterr().err
 
 
 def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
