@@ -66,3 +66,12 @@ class NonFiniteLossError(TrainingError):
 
 class ReferenceCompatError(HelmlmError, ValueError):
     """A reference checkpoint cannot be loaded: missing or unexpected keys, shapes, unsupported architecture."""
+
+
+class AdapterError(HelmlmError, ValueError):
+    """A fine-tuning adapter that cannot be used: not a PEFT adapter directory, weights not in safetensors, or an
+    operation the adapter does not support."""
+
+
+class HypLoraMergeError(AdapterError):
+    """A HypLoRA adapter cannot be merged into the base weight: its update is not linear in the input."""

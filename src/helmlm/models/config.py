@@ -100,9 +100,7 @@ class HELMConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         self.max_position_embeddings = max_position_embeddings
-        self.geometry = geometry
-        self.attention = attention
-        self.ffn = ffn
+        self.geometry, self.attention, self.ffn = geometry, attention, ffn  # the block's three choices
         self.curvature = curvature
         self.rope_theta = rope_theta
         self.residual_scale = residual_scale
@@ -110,13 +108,10 @@ class HELMConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.project_emb = project_emb
         self.initializer_range = initializer_range
-        self.embedding_init_scale = embedding_init_scale
-        self.head_init_std = head_init_std
-        self.gate_init_gain = gate_init_gain
-        self.kv_lora_rank = kv_lora_rank
-        self.qk_nope_head_dim = qk_nope_head_dim
-        self.qk_rope_head_dim = qk_rope_head_dim
-        self.v_head_dim = v_head_dim
+        self.embedding_init_scale, self.head_init_std, self.gate_init_gain = (embedding_init_scale, head_init_std,
+                                                                              gate_init_gain)
+        self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
+            kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)
         self.n_dense_layers = n_dense_layers
         self.n_routed_experts = n_routed_experts
         self.n_activated_experts = n_activated_experts
@@ -125,8 +120,7 @@ class HELMConfig(PretrainedConfig):
                                       else moe_intermediate_size)
         self.score_func = score_func
         self.route_scale = route_scale
-        self.n_expert_groups = n_expert_groups
-        self.n_limited_groups = n_limited_groups
+        self.n_expert_groups, self.n_limited_groups = n_expert_groups, n_limited_groups
         self.expert_curvatures = None if expert_curvatures is None else [float(c) for c in expert_curvatures]
         self.learn_expert_curvature = learn_expert_curvature
         self.moe_combine = moe_combine
