@@ -11,6 +11,9 @@
 | ``generate`` | :func:`helmlm.generation.complete` (on :func:`helmlm.generation.load_model_dir`) |
 | ``perplexity`` | :func:`helmlm.eval.perplexity` |
 | ``eval`` | :func:`helmlm.eval.harness.evaluate` (lm-evaluation-harness) |
+| ``finetune`` | :func:`helmlm.training.finetune.finetune` (LoRA / HypLoRA) |
+| ``finetune-eval`` | :func:`helmlm.eval.answers.evaluate_answers` |
+| ``word-problems`` | :func:`helmlm.data.arithmetic.write_word_problems` |
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``helmlm --help`` starts at once. Every
 :class:`~helmlm.errors.HelmlmError` becomes ``error: <message>`` on stderr and exit status 2, without a traceback.
@@ -252,6 +255,52 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------- arguments
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from helmlm.training.finetune import FinetuneSettings, finetune
+
+    targets = [t for t in args.target_modules.split(",") if t] if args.target_modules else None
+    settings = FinetuneSettings(
+        base_dir=args.base_dir, data=args.data, out_dir=args.out, method=args.method, variant=args.variant,
+        rank=args.rank, alpha=args.alpha, target_modules=targets, dropout=args.dropout, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, epochs=args.epochs,
+        batch_size=args.batch_size, max_length=args.max_length, eval_data=args.eval_data, eval_every=args.eval_every,
+        save_every=args.save_every, train_on_inputs=args.train_on_inputs, curvature=args.curvature,
+        learn_curvature=not args.fixed_curvature, input_scale=args.input_scale, seed=args.seed, dtype=args.dtype)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    summary = finetune(settings, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(summary))
+    print(f"adapter saved to {summary['adapter']}; score it with `helmlm finetune-eval {args.base_dir} --adapter "
+          f"{summary['adapter']} --data TEST.jsonl`", file=sys.stderr)
+    return 0
+
+
+def _cmd_finetune_eval(args: argparse.Namespace) -> int:
+    from helmlm.eval.answers import evaluate_answers
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = evaluate_answers(args.base_dir, args.data, kind=args.kind, adapter_dir=args.adapter,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                              predictions_path=args.predictions, overwrite=args.overwrite)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_word_problems(args: argparse.Namespace) -> int:
+    from helmlm.data.arithmetic import write_word_problems
+
+    if args.train < 1 or args.test < 1:
+        raise InputError("--train and --test must be >= 1")
+    paths = write_word_problems(args.out_dir, args.train, args.test, args.seed)
+    print(f"wrote {paths['train']} ({args.train} problems) and {paths['test']} ({args.test})")
+    return 0
+
+
 def _smoke_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="helm_d_tiny", help="preset name or YAML path (default: helm_d_tiny)")
     p.add_argument("--steps", type=int, default=20)
@@ -378,6 +427,59 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-tasks", action="store_true", help="list the task names lm-eval knows (with helmlm's)")
 
 
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base_dir", help="a Hugging Face causal-LM directory with safetensors weights (e.g. `helmlm "
+                                    "convert --smollm2 OUT` or `helmlm export --format llama`)")
+    p.add_argument("--data", required=True, help="instruction JSONL: instruction, optional input, output")
+    p.add_argument("--out", required=True, help="new run directory (adapter/, checkpoints, metrics.jsonl)")
+    p.add_argument("--method", choices=["lora", "hyplora"], default="hyplora")
+    p.add_argument("--variant", choices=["paper", "readme"], default="paper", help="HypLoRA's form (docs/hyplora.md)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated linear module names (default: q,k,v,up,down_proj where present)")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example (prompt + response)")
+    p.add_argument("--eval-data", default=None, help="instruction JSONL for the periodic eval loss")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--train-on-inputs", action="store_true", help="put the prompt under the loss too (the reference)")
+    p.add_argument("--curvature", type=float, default=1.0, help="HypLoRA's initial K (<x, x>_L = -K)")
+    p.add_argument("--fixed-curvature", action="store_true", help="do not train K")
+    p.add_argument("--input-scale", type=float, default=None, help="HypLoRA's input divisor (default sqrt(d_in))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the base model's dtype (adapters stay fp32)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+
+
+def _finetune_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base_dir", help="the base model directory")
+    p.add_argument("--adapter", default=None, help="a LoRA / HypLoRA adapter directory (default: the base alone)")
+    p.add_argument("--data", required=True, help="instruction JSONL; the gold answer is `answer`, else `output`")
+    p.add_argument("--kind", choices=["math", "choice"], default="math",
+                   help="math: last number within 1e-3; choice: first label in the output")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--predictions", default=None, help="write every completion and verdict to this JSONL")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
+    p.add_argument("--threads", type=int, default=0)
+
+
+def _word_problems_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", help="directory for train.jsonl and test.jsonl")
+    p.add_argument("--train", type=int, default=400)
+    p.add_argument("--test", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+
 # name -> (run, add arguments, one-line help, longer description or None)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str,
                           str | None]] = {
@@ -397,6 +499,13 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
              "Run lm-evaluation-harness tasks on a model directory (helmlm or any Hugging Face causal LM). Local "
              "offline tasks: helm_local (helm_local_mc, helm_local_gen, helm_local_ppl); the paper's table: "
              "helm_paper (needs the hub)."),
+    "finetune": (_cmd_finetune, _finetune_args, "fine-tune a Hugging Face causal LM with LoRA or HypLoRA",
+                 "Train a LoRA or HypLoRA adapter on instruction data (loss on the responses), with checkpoints, "
+                 "--resume and a periodic eval loss; the adapter is saved in PEFT's format (docs/hyplora.md)."),
+    "finetune-eval": (_cmd_finetune_eval, _finetune_eval_args,
+                      "score a model (with an adapter) on math or multiple-choice instruction data", None),
+    "word-problems": (_cmd_word_problems, _word_problems_args,
+                      "write seeded arithmetic word problems (train.jsonl, test.jsonl) for fine-tuning", None),
     "perplexity": (_cmd_perplexity, _perplexity_args, "loss, perplexity and bits per byte of a model over documents",
                    None),
     "sweep": (_cmd_sweep, _sweep_args, "learning-rate sweep: model pairs on the same data, then seeds at the best",

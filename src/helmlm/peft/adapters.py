@@ -50,3 +50,33 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters to keep out of weight decay: HypLoRA's curvatures and input scales (scalars whose
     decay would pull K and log rho towards 0)."""
     return {name for name, _ in model.named_parameters() if any(n in name for n in NO_DECAY_NAMES)}
+
+
+def load_base_model(path: str | Path, dtype: str = "float32"):
+    """``(model, tokenizer)`` of a Hugging Face causal-LM directory whose weights are safetensors; a GGUF file, a
+    pickled checkpoint or a training run gets an error that says what to do instead."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        raise AdapterError(f"{path} is a GGUF file; convert it to a model directory first: helmlm convert {path} OUT")
+    if not path.is_dir():
+        raise AdapterError(f"base model directory not found: {path}")
+    if (path / "checkpoints").is_dir():
+        raise AdapterError(f"{path} is a helmlm training run; export it first: helmlm export {path} OUT")
+    if not (path / "config.json").is_file():
+        raise AdapterError(f"{path} is not a Hugging Face model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".gguf"))
+        hint = (f" (found {', '.join(found)}: pickled or GGUF weights, which helmlm does not read; re-save the model "
+                "with save_pretrained(DIR, safe_serialization=True), or `helmlm convert` a GGUF)") if found else ""
+        raise AdapterError(f"{path} holds no .safetensors weights{hint}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise AdapterError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=getattr(torch, dtype))
+    return model, tokenizer
