@@ -22,7 +22,7 @@ from helmlm.training import finetune as ft  # noqa: E402
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory):
     out = tmp_path_factory.mktemp("problems")
-    write_word_problems(out, train=12, test=6, seed=3)
+    write_word_problems(out, train=12, test=6, seed=3, val=5)
     return out
 
 
@@ -68,9 +68,9 @@ def test_word_problems_are_seeded_distinct_and_right():
 
 
 def test_train_and_test_problems_never_overlap(problems):
-    train = {e.instruction for e in read_instructions(problems / "train.jsonl")}
-    test = {e.instruction for e in read_instructions(problems / "test.jsonl")}
-    assert len(train) == 12 and len(test) == 6 and not train & test
+    train, test, val = ({e.instruction for e in read_instructions(problems / f"{split}.jsonl")}
+                        for split in ("train", "test", "val"))
+    assert (len(train), len(test), len(val)) == (12, 6, 5) and not train & test and not val & (train | test)
     with pytest.raises(Exception, match="already holds"):
         write_word_problems(problems, 2, 2)
 

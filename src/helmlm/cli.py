@@ -296,8 +296,10 @@ def _cmd_word_problems(args: argparse.Namespace) -> int:
 
     if args.train < 1 or args.test < 1:
         raise InputError("--train and --test must be >= 1")
-    paths = write_word_problems(args.out_dir, args.train, args.test, args.seed)
-    print(f"wrote {paths['train']} ({args.train} problems) and {paths['test']} ({args.test})")
+    if args.val < 0:
+        raise InputError("--val must be >= 0")
+    paths = write_word_problems(args.out_dir, args.train, args.test, args.seed, args.val)
+    print("wrote " + ", ".join(f"{path} ({getattr(args, split)} problems)" for split, path in paths.items()))
     return 0
 
 
@@ -477,6 +479,7 @@ def _word_problems_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="directory for train.jsonl and test.jsonl")
     p.add_argument("--train", type=int, default=400)
     p.add_argument("--test", type=int, default=200)
+    p.add_argument("--val", type=int, default=0, help="also write val.jsonl with this many problems (for tuning)")
     p.add_argument("--seed", type=int, default=0)
 
 

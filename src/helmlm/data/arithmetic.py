@@ -63,16 +63,21 @@ def word_problems(n: int, seed: int = 0, exclude: set[str] = frozenset()) -> lis
     return out
 
 
-def write_word_problems(out_dir: str | Path, train: int = 400, test: int = 200, seed: int = 0) -> dict[str, Path]:
-    """``train.jsonl`` and ``test.jsonl`` in ``out_dir`` (which must not hold them already); returns their paths."""
+def write_word_problems(out_dir: str | Path, train: int = 400, test: int = 200, seed: int = 0,
+                        val: int = 0) -> dict[str, Path]:
+    """``train.jsonl``, ``test.jsonl`` and, when ``val > 0``, ``val.jsonl`` (for choosing hyperparameters without
+    touching the test set) in ``out_dir``, which must not hold them already; no problem is in two of them."""
     out_dir = Path(out_dir)
-    paths = {"train": out_dir / "train.jsonl", "test": out_dir / "test.jsonl"}
+    sizes = {"train": train, "test": test, **({"val": val} if val > 0 else {})}
+    paths = {split: out_dir / f"{split}.jsonl" for split in sizes}
     if any(p.exists() for p in paths.values()):
-        raise DataError(f"{out_dir} already holds train.jsonl or test.jsonl; choose another directory")
-    train_set = word_problems(train, seed)
-    test_set = word_problems(test, seed + 1, exclude={p.instruction for p in train_set})
+        raise DataError(f"{out_dir} already holds {', '.join(p.name for p in paths.values() if p.exists())}; "
+                        "choose another directory")
+    drawn: dict[str, list[Instruction]] = {}
+    for offset, (split, n) in enumerate(sizes.items()):
+        drawn[split] = word_problems(n, seed + offset, exclude={p.instruction for ps in drawn.values() for p in ps})
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split, problems in (("train", train_set), ("test", test_set)):
+    for split, problems in drawn.items():
         with open(paths[split], "w", encoding="utf-8") as f:
             for p in problems:
                 f.write(json.dumps({"instruction": p.instruction, "output": p.output, "answer": p.answer}) + "\n")
