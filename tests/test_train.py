@@ -90,6 +90,7 @@ def test_shipped_recipe_loads_and_overrides_apply():
     ("log.progress=maybe", "log.progress must be of type bool"),
     ("train.precision=fp8", "train.precision must be one of auto, fp32, bf16"),
     ("train.min_lr_ratio=1.5", "train.min_lr_ratio must be in [0, 1]"),
+    ("train.table_dtype=float16", "train.table_dtype must be float32 or float64, got 'float16'"),
     ("data.source=web", "data.source must be one of builtin, local, hf"),
     ("train.lr", "not of the form key=value"),
 ])
@@ -186,6 +187,27 @@ def test_resume_after_sigkill_is_bit_identical(corpus, tmp_path):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert [r["loss"] for r in metrics(tmp_path / "a")] == [r["loss"] for r in metrics(tmp_path / "b")]
+
+
+def test_float64_table_trains_and_resumes_exactly(corpus, tmp_path):
+    """``train.table_dtype=float64``: the Lorentz table and its Riemannian Adam state are float64 (in the
+    checkpoint too), the first loss is the float32 run's (lookups return the same float32 values), and a run resumed
+    from its step-4 checkpoint ends bit-identical to the uninterrupted one."""
+    a = tmp_path / "a"
+    train(load_train_config(None, overrides(corpus, a, "train.steps=8", "train.table_dtype=float64")))
+    ckpt = latest_checkpoint(a)
+    assert load_file(ckpt / "model.safetensors")["model.embed.weight"].dtype == torch.float64
+    moments = {k: v for k, v in load_file(ckpt / "optimizer.safetensors").items() if k.startswith("opt1.")}
+    assert moments and all(v.dtype == torch.float64 for v in moments.values() if v.is_floating_point())
+    train(load_train_config(None, overrides(corpus, tmp_path / "f32", "train.steps=1")))
+    assert metrics(a)[0]["loss"] == pytest.approx(metrics(tmp_path / "f32")[0]["loss"], rel=1e-6)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step-00000008")
+    (b / "checkpoints" / "latest").write_text("step-00000004\n")
+    train(load_train_config(None, overrides(corpus, b, "train.steps=8", "train.table_dtype=float64")), resume=True)
+    final_a, final_b = final_weights(a), final_weights(b)
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
 def test_resume_with_another_config_is_refused_and_changes_nothing(corpus, tmp_path):

@@ -99,7 +99,9 @@ class TrainSettings:
     schedule and the data position start fresh. ``embedding_lr`` (default ``lr``): the token table's lr in either
     geometry; the Lorentz table's Riemannian Adam gets ``embedding_lr * sqrt(n)`` (``riemannian_lr_scaling:
     sqrt_dim``, so its rows move as far per step as AdamW's) or ``embedding_lr`` (``none``, the reference's), unless
-    ``riemannian_lr`` sets it outright."""
+    ``riemannian_lr`` sets it outright. ``table_dtype: float64`` keeps the Lorentz table and its Riemannian Adam
+    state in float64 (lookups still return the model's dtype): in float32, rows that drift far from the origin at
+    large embedding lrs break Riemannian Adam's normaliser (docs/quality.md, "numerical limit")."""
 
     seq_len: int = 256
     micro_batch: int = 8
@@ -109,6 +111,7 @@ class TrainSettings:
     riemannian_lr: float | None = None
     embedding_lr: float | None = None
     riemannian_lr_scaling: str = "sqrt_dim"
+    table_dtype: str = "float32"
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.03
     warmup_steps: int | None = None
@@ -186,6 +189,8 @@ class TrainConfig:
         if t.riemannian_lr_scaling not in RIEMANNIAN_LR_SCALINGS:
             raise ConfigError(f"train.riemannian_lr_scaling must be one of {', '.join(RIEMANNIAN_LR_SCALINGS)}; "
                               f"got {t.riemannian_lr_scaling!r}")
+        if t.table_dtype not in ("float32", "float64"):
+            raise ConfigError(f"train.table_dtype must be float32 or float64, got {t.table_dtype!r}")
         if not 0.0 <= t.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         if not 0.0 <= t.warmup_ratio < 1.0:

@@ -48,8 +48,18 @@ class LorentzEmbedding(nn.Module):
             self.weight = geoopt.ManifoldParameter(self.weight.data, manifold=geoopt.Lorentz(k=self.curvature),
                                                    requires_grad=self.weight.requires_grad)
 
+    def keep_table_in_float64(self) -> None:
+        """Store the table (and so Riemannian Adam's state for it) in float64; lookups come back in the dtype the
+        table had. For rows far from the origin: see docs/quality.md, "numerical limit"."""
+        if self.weight.dtype != torch.float64:
+            self.lookup_dtype = self.weight.dtype
+            self.weight.data = self.weight.data.double()
+
     def forward(self, input_ids: Tensor) -> Tensor:
         emb = F.embedding(input_ids, self.weight)
+        lookup_dtype = getattr(self, "lookup_dtype", None)
+        if lookup_dtype is not None:
+            emb = emb.to(lookup_dtype)
         return emb if self.manifold_table else lift(emb, self.curvature)
 
     def extra_repr(self) -> str:

@@ -45,6 +45,7 @@ from helmlm.eval import validation_loss
 from helmlm.models import HELMForCausalLM
 from helmlm.models.modeling import causal_lm_loss, lm_targets, padded_document_ids
 from helmlm.models.params import count_parameters
+from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.routing import balance_step, routed_layers, routing_stats
 from helmlm.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from helmlm.training.distributed import (
@@ -119,6 +120,10 @@ class Trainer:
         self.model = HELMForCausalLM(self.model_config).to(self.env.device)
         if t.init_from and self.checkpoint is None:
             self._load_initial_weights(t.init_from)
+        if t.table_dtype == "float64":
+            for module in self.model.modules():
+                if isinstance(module, LorentzEmbedding) and module.manifold_table:
+                    module.keep_table_in_float64()
         self.fsdp = self.env.active and t.strategy == "fsdp"
         if self.fsdp:
             shard_euclidean_parts(self.model)
