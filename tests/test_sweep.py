@@ -115,7 +115,8 @@ def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, cap
     assert "unknown sweep key(s) learning_rate" in capsys.readouterr().err
     assert main(["sweep", "no_such_sweep"]) == 2
     assert ("shipped: tiny_dense, tiny_dense_long, tiny_dense_reference_recipe, tiny_dense_v1k, "
-            "tiny_helm_d_ablations, tiny_helm_d_ablations_init, tiny_helm_mice_ablations, tiny_moe") in capsys.readouterr().err
+            "tiny_helm_d_ablations, tiny_helm_d_ablations_init, tiny_helm_d_fp64, tiny_helm_mice_ablations, "
+            "tiny_moe") in capsys.readouterr().err
 
 
 def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
@@ -123,8 +124,8 @@ def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
 
     for path in SWEEPS_DIR.glob("*.yaml"):
         s = load_sweep(path.stem)  # every model x variant builds
-        if path.stem in ("tiny_dense", "tiny_moe", "tiny_dense_v1k"):  # the comparisons (the others: one point)
-            assert len(s.seeds) >= 3 and len(s.models) == 2, path
+        if path.stem in ("tiny_dense", "tiny_moe", "tiny_dense_v1k", "tiny_helm_d_fp64"):  # grids (others: a point)
+            assert len(s.seeds) >= 3 and len(s.models) == (1 if path.stem.endswith("fp64") else 2), path
             for model in s.models:
                 assert len(s.grid_of("lr", model)) >= 4, path
                 assert len(s.grid_of("embedding_lr", model)) >= 2, path
