@@ -1,0 +1,147 @@
+"""helmlm.analysis: delta-hyperbolicity against brute force and known values, the power-law fit on synthetic data,
+frequency bins that hold every token, Lorentz norms as geodesic distances, and the null point sets."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helmlm.analysis import (
+    delta_hyperbolicity,
+    embedding_norms,
+    frequency_vs_norm,
+    gaussian_like,
+    pairwise_distances,
+    random_rows,
+)
+from helmlm.analysis.hyperbolicity import delta_of_base_point
+from helmlm.geometry import expmap0
+
+F64 = torch.float64
+
+
+def brute_force_delta(dist: torch.Tensor) -> float:
+    """max over all quadruples of (largest - second largest of the three pair sums) / 2."""
+    d = dist.tolist()
+    best = 0.0
+    for x, y, z, w in itertools.combinations(range(len(d)), 4):
+        sums = sorted((d[x][y] + d[z][w], d[x][z] + d[y][w], d[x][w] + d[y][z]), reverse=True)
+        best = max(best, (sums[0] - sums[1]) / 2)
+    return best
+
+
+def graph_distances(edges: list[tuple[int, int, float]], n: int) -> torch.Tensor:
+    """All-pairs shortest paths (Floyd-Warshall), fp64."""
+    d = torch.full((n, n), math.inf, dtype=F64)
+    d.fill_diagonal_(0)
+    for a, b, w in edges:
+        d[a, b] = d[b, a] = w
+    for k in range(n):
+        d = torch.minimum(d, d[:, k:k + 1] + d[k:k + 1, :])
+    return d
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_exact_delta_equals_brute_force_on_random_points(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(11, 3 + seed, dtype=F64, generator=g) * (1 + seed)
+    dist = pairwise_distances(x)
+    result = delta_hyperbolicity(dist, exact=True, chunk=4)
+    assert result.exact and result.base_points == 11
+    assert result.delta == pytest.approx(brute_force_delta(dist), abs=1e-12, rel=1e-12)
+    assert result.relative_delta == pytest.approx(2 * result.delta / float(dist.max()))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tree_metrics_have_delta_zero(seed):
+    """A random weighted tree (each node hangs off an earlier one): delta is 0, up to rounding."""
+    g = torch.Generator().manual_seed(seed)
+    n = 40
+    edges = [(i, int(torch.randint(0, i, (1,), generator=g)), float(torch.rand(1, generator=g)) + 0.1)
+             for i in range(1, n)]
+    assert delta_hyperbolicity(graph_distances(edges, n), exact=True).delta == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [4, 8, 12, 20])
+def test_cycle_graphs_have_delta_n_over_4(n):
+    """On the cycle C_n with unit edges (n divisible by 4), four equally spaced points give the largest
+    four-point delta, n / 4; relative delta 2 (n/4) / (n/2) = 1."""
+    dist = graph_distances([(i, (i + 1) % n, 1.0) for i in range(n)], n)
+    result = delta_hyperbolicity(dist, exact=True)
+    assert result.delta == n / 4 and result.relative_delta == 1.0
+    if n <= 12:
+        assert brute_force_delta(dist) == n / 4
+
+
+def test_sampled_delta_is_a_lower_bound_that_reaches_the_exact_value():
+    x = torch.randn(30, 5, dtype=F64, generator=torch.Generator().manual_seed(7))
+    dist = pairwise_distances(x)
+    exact = delta_hyperbolicity(dist, exact=True).delta
+    estimates = [delta_hyperbolicity(dist, exact=False, base_points=m, seed=1).delta for m in (1, 4, 16, 30)]
+    assert all(e <= exact + 1e-12 for e in estimates)
+    assert estimates == sorted(estimates)  # more base points (a superset, same seed) never lower the bound
+    assert estimates[-1] == pytest.approx(exact, abs=1e-12)
+    assert estimates[0] >= exact / 2 - 1e-12  # one base point: delta_p <= delta <= 2 delta_p
+    assert delta_of_base_point(dist, 0).item() <= exact + 1e-12
+
+
+def test_delta_input_checks():
+    with pytest.raises(ValueError, match="square"):
+        delta_hyperbolicity(torch.zeros(3, 4, dtype=F64))
+    with pytest.raises(ValueError, match="at least 4 points"):
+        delta_hyperbolicity(torch.zeros(3, 3, dtype=F64))
+
+
+def test_gaussian_null_matches_mean_and_covariance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 4, dtype=F64, generator=g) @ torch.tensor([[2.0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 3, 0],
+                                                                     [0, 0, 0, 0.5]], dtype=F64) + 5
+    null = gaussian_like(x, n=20000, seed=1)
+    torch.testing.assert_close(null.mean(0), x.mean(0), atol=0.08, rtol=0)
+    cov = lambda t: ((t - t.mean(0)).T @ (t - t.mean(0))) / t.shape[0]  # noqa: E731
+    torch.testing.assert_close(cov(null), cov(x), atol=0.15, rtol=0.05)
+    rows = random_rows(x, 10, seed=2, exclude=torch.arange(490))
+    assert rows.shape == (10, 4) and all(any(torch.equal(r, x[i]) for i in range(490, 500)) for r in rows)
+
+
+def test_power_law_fit_recovers_the_exponent():
+    pytest.importorskip("powerlaw")
+    from helmlm.analysis import fit_power_law
+
+    rng = np.random.default_rng(0)
+    for alpha in (2.0, 2.5):
+        # discrete power law for x >= 1 by inverse transform (Clauset, Shalizi and Newman 2009, eq. D.6)
+        u = rng.random(50_000)
+        samples = np.floor((1 - 0.5) * (1 - u) ** (-1 / (alpha - 1)) + 0.5).astype(np.int64)
+        fit = fit_power_law(samples)
+        assert abs(fit["alpha"] - alpha) < 0.05, fit
+        assert fit["vs_exponential"]["R"] > 0  # a power law, not an exponential
+    with pytest.raises(ValueError, match="at least 10 positive counts"):
+        fit_power_law([0, 3, 5])
+
+
+def test_every_token_falls_in_a_frequency_bin():
+    rng = np.random.default_rng(1)
+    counts = rng.zipf(1.8, size=3000)
+    counts[rng.random(3000) < 0.2] = 0  # unseen tokens get their own bin
+    norms = 1 / np.log(counts + 2) + rng.normal(0, 0.01, 3000)  # frequent tokens nearer the origin
+    result = frequency_vs_norm(counts, norms, bins=10)
+    assert sum(b["tokens"] for b in result["bins"]) == 3000 == result["tokens"]
+    assert result["bins"][0]["bin"] == 0 and result["bins"][0]["count_max"] == 0
+    assert result["bins"][-1]["count_max"] == counts.max()  # the most frequent token is in (the top bin)
+    assert result["spearman_rho"] < -0.8
+    with pytest.raises(ValueError, match="vocabulary of the tokenizer and the embedding table differ"):
+        frequency_vs_norm(counts, norms[:10])
+
+
+def test_lorentz_norm_is_the_geodesic_distance_to_the_origin():
+    c = 2.0
+    radii = torch.tensor([0.0, 0.3, 1.0, 4.0], dtype=F64)
+    directions = torch.nn.functional.normalize(torch.randn(4, 7, dtype=F64), dim=-1)
+    points = expmap0(radii[:, None] * directions, c)
+    torch.testing.assert_close(embedding_norms(points, lorentz_curvature=c), radii, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(embedding_norms(points[:, 1:]), points[:, 1:].norm(dim=-1))
