@@ -4,6 +4,7 @@ frequency bins that hold every token, Lorentz norms as geodesic distances, and t
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -145,3 +146,69 @@ def test_lorentz_norm_is_the_geodesic_distance_to_the_origin():
     points = expmap0(radii[:, None] * directions, c)
     torch.testing.assert_close(embedding_norms(points, lorentz_curvature=c), radii, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(embedding_norms(points[:, 1:]), points[:, 1:].norm(dim=-1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helmlm analyze
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    from helmlm.eval.harness import TASKS_DIR
+
+    lines = [line for f in sorted((TASKS_DIR / "data").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(lines * 3))
+    return path
+
+
+def model_dir(tmp_path, corpus_file, geometry: str, vocab_size: int | None = None):
+    from helmlm.data.tokenizer import train_bpe
+    from helmlm.models import HELMConfig, HELMForCausalLM
+
+    tokenizer = train_bpe(corpus_file.read_text().split("\n\n"), vocab_size=300)
+    torch.manual_seed(0)
+    width = 34 if geometry == "lorentz" else 32
+    model = HELMForCausalLM(HELMConfig(geometry=geometry, vocab_size=vocab_size or len(tokenizer), hidden_size=width,
+                                       num_hidden_layers=1, num_attention_heads=2))
+    path = tmp_path / f"model-{geometry}"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model
+
+
+@pytest.mark.parametrize("geometry", ["lorentz", "euclidean"])
+def test_analyze_writes_a_report_with_nulls(tmp_path, corpus_file, geometry, capsys):
+    pytest.importorskip("powerlaw")
+    from helmlm.cli import main
+
+    path, model = model_dir(tmp_path, corpus_file, geometry)
+    out = tmp_path / "report"
+    assert main(["analyze", str(path), "--corpus", str(corpus_file), "--points", "40", "--null-draws", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sum(b["tokens"] for b in report["frequency_vs_norm"]["bins"]) == report["vocab_size"] == 300
+    d = report["delta"]
+    assert d["points"] == 40 and d["tokens"]["exact"] and len(d["gaussian_null"]["draws"]) == 2
+    assert d["distance"] == ("lorentz geodesic" if geometry == "lorentz" else "euclidean")
+    assert 0 <= d["tokens"]["relative_delta"] <= 1
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "frequency.png", "frequency_norm.png",
+                                               "delta.png"}
+    if geometry == "lorentz":  # geodesic radii: the table starts at radius 1 around the origin
+        assert all(b["norm_mean"] == pytest.approx(1.0, abs=1e-3) for b in report["frequency_vs_norm"]["bins"])
+    assert "| the tokens |" in capsys.readouterr().out
+    assert main(["analyze", str(path), "--corpus", str(corpus_file), "--out", str(out)]) == 2  # no overwrite
+    assert "already holds a report" in capsys.readouterr().err
+
+
+def test_analyze_bad_input_exits_2(tmp_path, corpus_file, capsys):
+    from helmlm.cli import main
+
+    path, _ = model_dir(tmp_path, corpus_file, "euclidean", vocab_size=100)  # a table smaller than the tokenizer
+    assert main(["analyze", str(path), "--corpus", str(corpus_file), "--out", str(tmp_path / "a")]) == 2
+    assert "outside the model's vocabulary of 100" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["analyze", str(path), "--corpus", str(empty), "--out", str(tmp_path / "b")]) == 2
+    assert "error: the corpus gave no tokens" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -14,6 +14,7 @@
 | ``finetune`` | :func:`helmlm.training.finetune.finetune` (LoRA / HypLoRA) |
 | ``finetune-eval`` | :func:`helmlm.eval.answers.evaluate_answers` |
 | ``word-problems`` | :func:`helmlm.data.arithmetic.write_word_problems` |
+| ``analyze`` | :func:`helmlm.analysis.report.analyze_embeddings` (on :func:`helmlm.generation.load_model_dir`) |
 
 Heavy imports (torch, transformers) happen inside the subcommands, so ``helmlm --help`` starts at once. Every
 :class:`~helmlm.errors.HelmlmError` becomes ``error: <message>`` on stderr and exit status 2, without a traceback.
@@ -303,6 +304,56 @@ def _cmd_word_problems(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embedding_table(model):
+    """``(table, lorentz curvature or None, extra facts)`` of a model's input embeddings: a HELM model's Lorentz
+    points (its ``project_emb`` table lifted onto the hyperboloid), or any other model's embedding matrix."""
+    from helmlm.geometry import lift
+    from helmlm.nn.embedding import LorentzEmbedding
+
+    embed = model.get_input_embeddings() if not hasattr(model, "model") or not hasattr(model.model, "embed") \
+        else model.model.embed
+    if isinstance(embed, LorentzEmbedding):
+        table = embed.weight if embed.manifold_table else lift(embed.weight.double(), embed.curvature)
+        experts = [m.curvatures.tolist() for m in model.modules() if hasattr(m, "log_curvature")]
+        return table, float(embed.curvature), ({"expert_curvatures": experts} if experts else {})
+    if embed is None or not hasattr(embed, "weight"):
+        raise InputError(f"{type(model).__name__} has no input-embedding table to analyze")
+    return embed.weight, None, {}
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from helmlm.analysis.report import analyze_embeddings, write_report
+    from helmlm.config import DataConfig
+    from helmlm.data.shards import iter_documents
+    from helmlm.generation import load_model_dir
+
+    for name in ("points", "null_draws", "bins"):
+        if getattr(args, name) < (4 if name == "points" else 1):
+            raise InputError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.out and (Path(args.out) / "report.json").exists() and not args.overwrite:
+        raise InputError(f"{args.out} already holds a report; choose another --out or pass --overwrite")
+    model, tokenizer = load_model_dir(args.model_dir)
+    table, curvature, facts = _embedding_table(model)
+    if args.corpus == "builtin":
+        data = DataConfig(source="builtin")
+    elif args.corpus.startswith("hf:"):
+        name, _, config = args.corpus[3:].partition(":")
+        data = DataConfig(source="hf", hf_name=name, hf_config=config or None)
+    else:
+        data = DataConfig(source="local", paths=[args.corpus])
+    report = analyze_embeddings(table, tokenizer, iter_documents(data), lorentz_curvature=curvature,
+                                max_tokens=args.max_tokens, points=args.points, null_draws=args.null_draws,
+                                bins=args.bins, seed=args.seed)
+    report.update(facts, model=str(args.model_dir), corpus=args.corpus)
+    out = args.out or str(Path("runs/analysis") / Path(args.model_dir).name)
+    files = write_report(report, out, title=Path(args.model_dir).name, overwrite=args.overwrite)
+    print((Path(out) / "report.md").read_text())
+    print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+    return 0
+
+
 def _smoke_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="helm_d_tiny", help="preset name or YAML path (default: helm_d_tiny)")
     p.add_argument("--steps", type=int, default=20)
@@ -483,6 +534,20 @@ def _word_problems_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="a model directory (`helmlm export`, `helmlm convert`, any save_pretrained)")
+    p.add_argument("--corpus", default="builtin",
+                   help="builtin (the offline corpus), a text/JSONL/parquet file or glob, or hf:NAME[:CONFIG]")
+    p.add_argument("--max-tokens", type=int, default=1_000_000, help="stop counting after N tokens")
+    p.add_argument("--points", type=int, default=300,
+                   help="delta-hyperbolicity on the N most frequent tokens (exact up to 400, sampled above)")
+    p.add_argument("--null-draws", type=int, default=5, help="draws of each null point set")
+    p.add_argument("--bins", type=int, default=10, help="frequency bins (quantiles)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="report directory (default runs/analysis/<model>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+
+
 # name -> (run, add arguments, one-line help, longer description or None)
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str,
                           str | None]] = {
@@ -494,6 +559,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
              "Build the offline corpus, train a BPE, pretrain tiny HELM-D and its LLaMA twin on the same tokens, "
              "print validation loss/perplexity (recipe: tiny)."),
     "export": (_cmd_export, _export_args, "turn a training checkpoint into a Hugging Face model directory", None),
+    "analyze": (_cmd_analyze, _analyze_args, "token-embedding geometry of a model, with null baselines",
+                "Token frequencies (power-law fit), frequency vs embedding norm, word groups and delta-hyperbolicity "
+                "beside Gaussian and random-token nulls; writes report.json, report.md and PNG plots "
+                "(docs/analysis.md)."),
     "convert": (_cmd_convert, _convert_args, "convert a GGUF file into a Hugging Face model directory",
                 "Dequantise a GGUF file (llama, mistral, qwen2, ... as transformers reads them; needs `pip install "
                 "gguf`) once and save it as a safetensors model directory that loads in a second."),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from helmlm.errors import DataError
 from helmlm.geometry import distance, origin
 
 # The HypLoRA README's groups, from frequent function words (G1) to specific content words (G4).
@@ -40,7 +41,7 @@ def token_counts(tokenizer, texts: Iterable[str], vocab_size: int, max_tokens: i
         if max_tokens is not None:
             ids = ids[:max_tokens - total]
         if ids.size and ids.max() >= vocab_size:
-            raise ValueError(f"the tokenizer produced id {int(ids.max())}, outside the model's vocabulary of "
+            raise DataError(f"the tokenizer produced id {int(ids.max())}, outside the model's vocabulary of "
                              f"{vocab_size}: the tokenizer does not belong to this model")
         counts += np.bincount(ids, minlength=vocab_size)
         total += ids.size
@@ -62,7 +63,7 @@ def fit_power_law(counts: Sequence[int] | np.ndarray) -> dict:
     data = np.asarray(counts)
     data = data[data > 0]
     if data.size < 10:
-        raise ValueError(f"a power-law fit needs at least 10 positive counts, got {data.size}")
+        raise DataError(f"a power-law fit needs at least 10 positive counts, got {data.size}")
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore")
         fit = powerlaw.Fit(data, discrete=True, verbose=False)
@@ -93,11 +94,11 @@ def frequency_vs_norm(counts: np.ndarray, norms: Tensor | np.ndarray, bins: int 
 
     counts, norms = np.asarray(counts), np.asarray(norms, dtype=np.float64)
     if counts.shape != norms.shape:
-        raise ValueError(f"{counts.shape[0]} counts but {norms.shape[0]} norms: the vocabulary of the tokenizer and "
+        raise DataError(f"{counts.shape[0]} counts but {norms.shape[0]} norms: the vocabulary of the tokenizer and "
                          "the embedding table differ")
     seen = np.flatnonzero(counts > 0)
     if seen.size < bins:
-        raise ValueError(f"only {seen.size} distinct tokens occur in the corpus; need at least {bins}")
+        raise DataError(f"only {seen.size} distinct tokens occur in the corpus; need at least {bins}")
     order = seen[np.argsort(counts[seen], kind="stable")]
     groups = [np.flatnonzero(counts == 0), *np.array_split(order, bins)]
     table = []

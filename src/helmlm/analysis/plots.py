@@ -1,0 +1,78 @@
+"""The PNG plots of a geometry report (matplotlib, the ``analysis`` extra): the frequency distribution with its
+power-law fit, frequency against norm, and delta beside its nulls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_frequency(report: dict[str, Any], path: Path) -> Path:
+    """Log-log complementary CDF of the token counts, P(count >= k), with the fitted power law above xmin (a
+    straight line of slope 1 - alpha)."""
+    counts = np.sort(report["_counts"][report["_counts"] > 0])
+    values = np.unique(counts)
+    ccdf = 1 - np.searchsorted(counts, values, side="left") / counts.size
+    pl = report["power_law"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.loglog(values, ccdf, ".", alpha=0.6, label="tokens (seen at least once)")
+    tail = values >= pl["xmin"]
+    if tail.any():
+        x = values[tail]
+        ax.loglog(x, ccdf[tail][0] * (x / x[0]) ** (1 - pl["alpha"]), "-",
+                  label=f"power law, alpha = {pl['alpha']:.2f} (k >= {pl['xmin']:g})")
+    ax.set_xlabel("count k (occurrences in the corpus)")
+    ax.set_ylabel("share of tokens with count >= k")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_frequency_vs_norm(report: dict[str, Any], path: Path) -> Path:
+    counts, norms = report["_counts"], report["_norms"]
+    seen = counts > 0
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.semilogx(counts[seen], norms[seen], ".", ms=2, alpha=0.3, label="a token")
+    bins = [b for b in report["frequency_vs_norm"]["bins"] if b["bin"] > 0]
+    ax.semilogx([b["count_mean"] for b in bins], [b["norm_mean"] for b in bins], "o-", color="C3",
+                label="mean of a frequency bin")
+    ax.set_xlabel("count in the corpus")
+    ax.set_ylabel("embedding norm" + (" (geodesic)" if report["geometry"].startswith("lorentz") else ""))
+    ax.set_title(f"Spearman rho = {report['frequency_vs_norm']['spearman_rho']:.3f}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_delta(report: dict[str, Any], path: Path) -> Path:
+    d = report["delta"]
+    names = ["tokens", "Gaussian null", "random-tokens null"]
+    draws = [[d["tokens"]["relative_delta"]], *[[x["relative_delta"] for x in d[k]["draws"]]
+                                                 for k in ("gaussian_null", "random_tokens_null")]]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, values in enumerate(draws):
+        ax.plot([i] * len(values), values, "o", alpha=0.7)
+        ax.hlines(np.mean(values), i - 0.25, i + 0.25, color="k")
+    ax.set_xticks(range(3), names)
+    ax.set_ylabel("relative delta (2 delta / diameter)")
+    ax.set_title(f"{d['points']} most frequent tokens, {d['distance']}")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
+    return [plot_frequency(report, out / "frequency.png"), plot_frequency_vs_norm(report, out / "frequency_norm.png"),
+            plot_delta(report, out / "delta.png")]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

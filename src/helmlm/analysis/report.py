@@ -1,0 +1,154 @@
+"""The geometry report of one model's token embeddings (``helmlm analyze``): what the functions of this package
+measure, together, with a null baseline beside every delta.
+
+:func:`analyze_embeddings` takes the input-embedding table, the tokenizer and the documents (the caller loads them),
+and returns a JSON-able dict; :func:`write_report` writes ``report.json``, ``report.md`` and the plots of
+:mod:`helmlm.analysis.plots`.
+
+The delta-hyperbolicity is measured on the ``points`` most frequent tokens (distances: Euclidean, or geodesic for a
+Lorentz table), and on two nulls of the same size, each drawn ``null_draws`` times: Gaussian points with the same
+mean and covariance (for a Lorentz table: in the tangent space at the origin, mapped back by ``expmap0``), and random
+other rows of the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from helmlm.analysis.frequency import embedding_norms, fit_power_law, frequency_vs_norm, token_counts, token_groups
+from helmlm.analysis.hyperbolicity import (
+    EXACT_MAX_POINTS,
+    delta_hyperbolicity,
+    gaussian_like,
+    pairwise_distances,
+    random_rows,
+)
+from helmlm.errors import DataError
+from helmlm.geometry import expmap0, logmap0
+
+
+def lorentz_distances(points: Tensor, c: float) -> Tensor:
+    """Geodesic distance matrix ``sqrt(c) arcosh(-<x_i, x_j>_L / c)`` of Lorentz points, fp64."""
+    x = points.to(torch.float64)
+    inner = x[:, 1:] @ x[:, 1:].T - x[:, :1] @ x[:, :1].T
+    return (c ** 0.5 * torch.acosh((-inner / c).clamp_min(1.0))).fill_diagonal_(0)
+
+
+def _delta(points: Tensor, c: float | None, seed: int) -> dict[str, Any]:
+    dist = pairwise_distances(points) if c is None else lorentz_distances(points, c)
+    result = delta_hyperbolicity(dist, seed=seed)
+    return {"delta": result.delta, "relative_delta": result.relative_delta, "diameter": result.diameter,
+            "exact": result.exact, "base_points": result.base_points}
+
+
+def _summary(draws: list[dict[str, Any]]) -> dict[str, Any]:
+    values = [d["relative_delta"] for d in draws]
+    return {"relative_delta_mean": statistics.fmean(values),
+            "relative_delta_std": statistics.stdev(values) if len(values) > 1 else 0.0, "draws": draws}
+
+
+def delta_with_nulls(table: Tensor, chosen: Tensor, c: float | None, null_draws: int = 5, seed: int = 0) -> dict:
+    """Relative delta of the rows ``chosen`` of ``table``, beside the Gaussian and random-rows nulls."""
+    points = table[chosen].to(torch.float64)
+    flat = points if c is None else logmap0(points, c)  # Lorentz: moments taken in the tangent space at the origin
+    gaussian = []
+    for draw in range(null_draws):
+        sample = gaussian_like(flat, seed=seed + 1 + draw)
+        gaussian.append(_delta(sample if c is None else expmap0(sample, c), c, seed))
+    others = [_delta(random_rows(table.to(torch.float64), len(chosen), seed=seed + 101 + draw, exclude=chosen), c,
+                     seed) for draw in range(null_draws)]
+    return {"tokens": _delta(points, c, seed), "gaussian_null": _summary(gaussian), "random_tokens_null":
+            _summary(others), "points": len(chosen), "distance": "euclidean" if c is None else "lorentz geodesic"}
+
+
+def analyze_embeddings(table: Tensor, tokenizer, documents: Iterable[str], *, lorentz_curvature: float | None = None,
+                       max_tokens: int | None = 1_000_000, points: int = 300, null_draws: int = 5, bins: int = 10,
+                       seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Counts, power-law fit, frequency vs norm, word groups and delta-hyperbolicity with nulls (module docstring)."""
+    from tqdm.auto import tqdm
+
+    table = table.detach().to(torch.float64).cpu()
+    bar = tqdm(total=max_tokens, disable=not progress, desc="counting tokens", unit="tok")
+    counts = token_counts(tokenizer, documents, table.shape[0], max_tokens, progress=lambda n: bar.update(n - bar.n))
+    bar.close()
+    if counts.sum() == 0:
+        raise DataError("the corpus gave no tokens; check the --corpus source")
+    norms = embedding_norms(table, lorentz_curvature)
+    seen = np.flatnonzero(counts > 0)
+    if seen.size < 4:
+        raise DataError(f"only {seen.size} distinct tokens occur in the corpus; the analysis needs more text")
+    order = seen[np.argsort(-counts[seen], kind="stable")]
+    chosen = torch.as_tensor(order[:points].copy())
+    report = {
+        "vocab_size": int(table.shape[0]), "embedding_dim": int(table.shape[1]),
+        "geometry": "euclidean" if lorentz_curvature is None else f"lorentz (c = {lorentz_curvature:g})",
+        "corpus_tokens": int(counts.sum()), "distinct_tokens": int(seen.size),
+        "power_law": fit_power_law(counts),
+        "frequency_vs_norm": frequency_vs_norm(counts, norms.numpy(), bins),
+        "groups": token_groups(tokenizer, counts, norms.numpy()),
+    }
+    if len(chosen) > EXACT_MAX_POINTS:
+        print(f"note: {len(chosen)} points is more than the {EXACT_MAX_POINTS} of the exact delta; sampling 16 base "
+              "points (a lower bound)")
+    report["delta"] = delta_with_nulls(table, chosen, lorentz_curvature, null_draws, seed)
+    report["_counts"], report["_norms"] = counts, norms.numpy()  # for the plots; not written to JSON
+    return report
+
+
+def markdown(report: dict[str, Any], title: str) -> str:
+    pl, fvn, d = report["power_law"], report["frequency_vs_norm"], report["delta"]
+    lines = [f"# Token-embedding geometry: {title}", "",
+             f"{report['vocab_size']} tokens x {report['embedding_dim']} ({report['geometry']}); corpus: "
+             f"{report['corpus_tokens']:,} tokens, {report['distinct_tokens']:,} distinct.", "",
+             "## Frequency power law", "",
+             f"alpha = {pl['alpha']:.3f} ± {pl['alpha_sigma']:.3f} for counts >= xmin = {pl['xmin']:g} "
+             f"({pl['n_tail']} of {pl['n']} tokens); KS distance {pl['ks_distance']:.4f}. Log-likelihood ratio "
+             f"(normalised) vs lognormal R = {pl['vs_lognormal']['R']:.2f} (p = {pl['vs_lognormal']['p']:.3g}), "
+             f"vs exponential R = {pl['vs_exponential']['R']:.2f} (p = {pl['vs_exponential']['p']:.3g}); R > 0 "
+             "favours the power law.", "",
+             "## Frequency vs norm", "",
+             f"Spearman rho (count, norm) over the {fvn['seen_tokens']} seen tokens: {fvn['spearman_rho']:.3f} "
+             f"(p = {fvn['spearman_p']:.3g}). Bin 0: tokens never seen; bins 1.. : quantiles of count.", "",
+             "| bin | tokens | count range | mean count | mean norm | median norm |", "|---|---|---|---|---|---|"]
+    lines += [f"| {b['bin']} | {b['tokens']} | {b['count_min']}-{b['count_max']} | {b['count_mean']:.1f} | "
+              f"{b['norm_mean']:.4f} | {b['norm_median']:.4f} |" for b in fvn["bins"]]
+    lines += ["", "## Word groups (HypLoRA README)", "", "| group | words (single tokens) | mean count | mean norm |",
+              "|---|---|---|---|"]
+    lines += [f"| {g['group']} | {', '.join(g['words']) or '-'} | {g['count_mean']:.1f} | {g['norm_mean']:.4f} |"
+              for g in report["groups"]]
+    how = "exact" if d["tokens"]["exact"] else f"lower bound from {d['tokens']['base_points']} base points"
+    lines += ["", "## Delta-hyperbolicity", "",
+              f"The {d['points']} most frequent tokens, {d['distance']} distances ({how}). Relative delta = "
+              "2 delta / diameter (0: a tree).", "", "| point set | relative delta |", "|---|---|",
+              f"| the tokens | {d['tokens']['relative_delta']:.4f} |"]
+    for name, key in (("Gaussian, same mean and covariance", "gaussian_null"),
+                      ("random other tokens of the table", "random_tokens_null")):
+        lines.append(f"| null: {name} ({len(d[key]['draws'])} draws) | {d[key]['relative_delta_mean']:.4f} ± "
+                     f"{d[key]['relative_delta_std']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, title: str, overwrite: bool = False) -> list[Path]:
+    """``report.json``, ``report.md`` and the PNG plots in ``out_dir`` (refused if it holds a report, unless
+    ``overwrite``); returns the files written."""
+    out = Path(out_dir)
+    if (out / "report.json").exists() and not overwrite:
+        raise DataError(f"{out} already holds a report; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    (out / "report.json").write_text(json.dumps(public, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report, title))
+    files = [out / "report.json", out / "report.md"]
+    try:
+        from helmlm.analysis.plots import plot_report
+    except ImportError:  # matplotlib missing: the numbers are written all the same
+        return files
+    return files + plot_report(report, out)
