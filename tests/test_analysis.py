@@ -51,7 +51,7 @@ def test_exact_delta_equals_brute_force_on_random_points(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(11, 3 + seed, dtype=F64, generator=g) * (1 + seed)
     dist = pairwise_distances(x)
-    result = delta_hyperbolicity(dist, exact=True, chunk=4)
+    result = delta_hyperbolicity(dist, exact=True, block=4)
     assert result.exact and result.base_points == 11
     assert result.delta == pytest.approx(brute_force_delta(dist), abs=1e-12, rel=1e-12)
     assert result.relative_delta == pytest.approx(2 * result.delta / float(dist.max()))
