@@ -193,6 +193,9 @@ def test_analyze_writes_a_report_with_nulls(tmp_path, corpus_file, geometry, cap
     assert 0 <= d["tokens"]["relative_delta"] <= 1
     assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "frequency.png", "frequency_norm.png",
                                                "delta.png"}
+    if "unavailable" not in report["ricci"]:
+        assert report["ricci"]["tokens"]["edges"] >= 40 * 10 // 2 and (out / "ricci.png").is_file()
+        assert len(report["ricci"]["gaussian_null"]) == 2
     if geometry == "lorentz":  # geodesic radii: the table starts at radius 1 around the origin
         assert all(b["norm_mean"] == pytest.approx(1.0, abs=1e-3) for b in report["frequency_vs_norm"]["bins"])
     assert "| the tokens |" in capsys.readouterr().out
@@ -212,3 +215,22 @@ def test_analyze_bad_input_exits_2(tmp_path, corpus_file, capsys):
     assert "error: the corpus gave no tokens" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_ollivier_ricci_signs_on_known_graphs():
+    """Dense cliques are positively curved, the edges of a tree's branching nodes negatively."""
+    pytest.importorskip("GraphRicciCurvature")
+    import networkx as nx
+
+    from helmlm.analysis.ricci import knn_graph, ollivier_ricci
+
+    assert (ollivier_ricci(nx.complete_graph(8)) > 0).all()
+    tree = nx.balanced_tree(3, 3)
+    nx.set_edge_attributes(tree, 1.0, "weight")
+    internal = [i for i, (u, v) in enumerate(tree.edges()) if tree.degree(u) > 1 and tree.degree(v) > 1]
+    assert (ollivier_ricci(tree)[internal] < 0).all()
+    points = torch.randn(30, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    graph = knn_graph(pairwise_distances(points), k=4)
+    assert all(graph.degree(i) >= 4 for i in graph) and graph.number_of_nodes() == 30
+    with pytest.raises(ValueError, match="k must be in"):
+        knn_graph(pairwise_distances(points), k=30)

@@ -66,9 +66,27 @@ def plot_delta(report: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_ricci(report: dict[str, Any], path: Path) -> Path:
+    """Histograms of the edge curvatures: the tokens' k-NN graph and the Gaussian nulls' (all draws pooled)."""
+    raw = report["_ricci"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    bins = np.linspace(min(raw["tokens"].min(), raw["gaussian_null"].min()),
+                       max(raw["tokens"].max(), raw["gaussian_null"].max()), 40)
+    ax.hist(raw["tokens"], bins=bins, density=True, alpha=0.6, label="tokens")
+    ax.hist(raw["gaussian_null"], bins=bins, density=True, alpha=0.5, label="Gaussian null (pooled draws)")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"Ollivier-Ricci curvature of an edge ({report['ricci']['k']}-NN graph)")
+    ax.set_ylabel("density")
+    ax.legend()
+    return _save(fig, path)
+
+
 def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
-    return [plot_frequency(report, out / "frequency.png"), plot_frequency_vs_norm(report, out / "frequency_norm.png"),
-            plot_delta(report, out / "delta.png")]
+    files = [plot_frequency(report, out / "frequency.png"), plot_frequency_vs_norm(report, out / "frequency_norm.png"),
+             plot_delta(report, out / "delta.png")]
+    if report.get("_ricci"):
+        files.append(plot_ricci(report, out / "ricci.png"))
+    return files
 
 
 def _save(fig, path: Path) -> Path:

@@ -69,6 +69,29 @@ def delta_with_nulls(table: Tensor, chosen: Tensor, c: float | None, null_draws:
             _summary(others), "points": len(chosen), "distance": "euclidean" if c is None else "lorentz geodesic"}
 
 
+def ricci_with_null(table: Tensor, chosen: Tensor, c: float | None, null_draws: int, seed: int,
+                    k: int = 10) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ollivier-Ricci curvature of the k-NN graph of the chosen rows and of Gaussian nulls (summaries, and the raw
+    edge curvatures for the plot); ``{"unavailable": ...}`` without the ``ricci`` extra."""
+    try:
+        from helmlm.analysis.ricci import knn_graph, ollivier_ricci, summary
+    except ImportError:
+        return {"unavailable": "pip install --no-deps GraphRicciCurvature; pip install pot networkit python-louvain"}, {}
+    points = table[chosen].to(torch.float64)
+    distances = pairwise_distances if c is None else (lambda x: lorentz_distances(x, c))
+    flat = points if c is None else logmap0(points, c)
+    try:
+        tokens = ollivier_ricci(knn_graph(distances(points), k))
+    except ImportError as err:  # GraphRicciCurvature present, one of its own dependencies not
+        return {"unavailable": f"GraphRicciCurvature cannot run: {err}"}, {}
+    nulls = []
+    for draw in range(null_draws):
+        sample = gaussian_like(flat, seed=seed + 1 + draw)
+        nulls.append(ollivier_ricci(knn_graph(distances(sample if c is None else expmap0(sample, c)), k)))
+    return ({"k": k, "tokens": summary(tokens), "gaussian_null": [summary(n) for n in nulls]},
+            {"tokens": tokens, "gaussian_null": np.concatenate(nulls)})
+
+
 def analyze_embeddings(table: Tensor, tokenizer, documents: Iterable[str], *, lorentz_curvature: float | None = None,
                        max_tokens: int | None = 1_000_000, points: int = 300, null_draws: int = 5, bins: int = 10,
                        seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -99,6 +122,7 @@ def analyze_embeddings(table: Tensor, tokenizer, documents: Iterable[str], *, lo
         print(f"note: {len(chosen)} points is more than the {EXACT_MAX_POINTS} of the exact delta; sampling 16 base "
               "points (a lower bound)")
     report["delta"] = delta_with_nulls(table, chosen, lorentz_curvature, null_draws, seed)
+    report["ricci"], report["_ricci"] = ricci_with_null(table, chosen, lorentz_curvature, null_draws, seed)
     report["_counts"], report["_norms"] = counts, norms.numpy()  # for the plots; not written to JSON
     return report
 
@@ -133,6 +157,17 @@ def markdown(report: dict[str, Any], title: str) -> str:
                       ("random other tokens of the table", "random_tokens_null")):
         lines.append(f"| null: {name} ({len(d[key]['draws'])} draws) | {d[key]['relative_delta_mean']:.4f} ± "
                      f"{d[key]['relative_delta_std']:.4f} |")
+    lines += ["", "## Ollivier-Ricci curvature", ""]
+    r = report["ricci"]
+    if "unavailable" in r:
+        return "\n".join(lines + [f"Not computed: {r['unavailable']}"]) + "\n"
+    lines += [f"Edges of the {r['k']}-nearest-neighbour graph of the same tokens (alpha 0.5, exact transport).", "",
+              "| point set | edges | mean | median | share negative | 10% / 90% quantiles |", "|---|---|---|---|---|---|"]
+    for name, rows in (("the tokens", [r["tokens"]]), ("null: Gaussian, same moments", r["gaussian_null"])):
+        m = {key: statistics.fmean(x[key] for x in rows) for key in ("edges", "mean", "median", "share_negative",
+                                                                      "q10", "q90")}
+        lines.append(f"| {name} | {m['edges']:.0f} | {m['mean']:.3f} | {m['median']:.3f} | {m['share_negative']:.2f} | "
+                     f"{m['q10']:.3f} / {m['q90']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
