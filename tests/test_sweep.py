@@ -115,7 +115,8 @@ def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, cap
     assert "unknown sweep key(s) learning_rate" in capsys.readouterr().err
     assert main(["sweep", "no_such_sweep"]) == 2
     assert ("shipped: tiny_dense, tiny_dense_long, tiny_dense_reference_recipe, tiny_dense_v1k, "
-            "tiny_helm_d_ablations, tiny_helm_d_ablations_init, tiny_helm_d_fp64, tiny_helm_mice_ablations, "
+            "tiny_helm_d_ablations, tiny_helm_d_ablations_init, tiny_helm_d_best, tiny_helm_d_fp64, "
+            "tiny_helm_mice_ablations, "
             "tiny_helm_mice_residual, "
             "tiny_llama_elr_edge, tiny_moe") in capsys.readouterr().err
 
