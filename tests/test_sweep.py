@@ -116,8 +116,7 @@ def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, cap
     assert main(["sweep", "no_such_sweep"]) == 2
     assert ("shipped: tiny_dense, tiny_dense_long, tiny_dense_reference_recipe, tiny_dense_v1k, "
             "tiny_helm_d_ablations, tiny_helm_d_ablations_init, tiny_helm_d_best, tiny_helm_d_fp64, "
-            "tiny_helm_mice_ablations, "
-            "tiny_helm_mice_residual, "
+            "tiny_helm_mice_ablations, tiny_helm_mice_residual, "
             "tiny_llama_elr_edge, tiny_moe") in capsys.readouterr().err
 
 
@@ -185,3 +184,16 @@ def test_each_model_may_have_its_own_grid(corpus, tmp_path):  # noqa: F811
     table = (out / "results.md").read_text()
     assert "**helm_d_tiny**\n\n| lr | = lr |\n|---|---|\n| 0.003 |" in table
     assert "**llama_tiny**\n\n| lr | 0.1 |\n|---|---|\n| 0.01 |" in table
+
+
+def test_runs_go_under_torchrun_with_nproc(corpus, tmp_path):  # noqa: F811
+    """``nproc=2``: each run is a 2-process torchrun job (gloo on CPU), whose global batch is twice the rows."""
+    runs = {}
+    for n in (1, 2):
+        s = spec(corpus, tmp_path / f"n{n}", models=["llama_tiny"], lr=[3e-3], seeds=[0], nproc=n, parallel=1)
+        runs[n] = Sweep(s, log=lambda m: None).run()["runs"][0]
+    assert not runs[2]["diverged"] and math.isfinite(runs[2]["val_loss"])
+    per_step = {n: r["curve"][0][1] / r["curve"][0][0] for n, r in runs.items()}
+    assert per_step[2] / per_step[1] == pytest.approx(2, rel=0.05)  # tokens counted are real targets
+    with pytest.raises(ConfigError, match="nproc must be an integer >= 1"):
+        spec(corpus, tmp_path / "bad", nproc=0)

@@ -52,7 +52,10 @@ class SweepSpec:
     mapping from each model to its own grid (``embedding_lr: {helm_d_tiny: [0.01], llama_tiny: [0.1]}``: each model
     at its tuned point). ``overrides`` apply to every run (``section.key=value``),
     ``model_overrides[model]`` to that model's runs (e.g. to keep a pair's parameter counts matched), and
-    ``variants[name]`` to that variant's runs, after the point's lr and seed (so a variant may also set them)."""
+    ``variants[name]`` to that variant's runs, after the point's lr and seed (so a variant may also set them).
+    ``nproc > 1`` runs each training run under ``torchrun`` with that many processes (DDP, or FSDP with
+    ``train.strategy=fsdp``; one GPU each where there are GPUs). Each process takes ``train.micro_batch`` rows, so
+    the global batch is ``nproc`` times the recipe's unless the overrides divide ``train.micro_batch``."""
 
     recipe: str
     models: list[str]
@@ -65,6 +68,7 @@ class SweepSpec:
     out_dir: str = "runs/sweep"
     threads: int = 1
     parallel: int = 1
+    nproc: int = 1
 
     def validate(self) -> None:
         for name in ("models", "seeds"):
@@ -82,7 +86,7 @@ class SweepSpec:
             if any(v is not None and (not isinstance(v, (int, float)) or not v > 0)
                    for v in self.grid_of("embedding_lr", model)):
                 raise ConfigError(f"sweep: every embedding_lr must be a number > 0 or null, got {self.embedding_lr}")
-        for name in ("threads", "parallel"):
+        for name in ("threads", "parallel", "nproc"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"sweep: {name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.model_overrides, dict) or set(self.model_overrides) - set(self.models):
@@ -248,8 +252,10 @@ class Sweep:
         run_dir = self.run_dir(point)
         resume = latest_checkpoint(run_dir) is not None  # killed before its first checkpoint: start it again
         self.log(f"[{index + 1}/{total}] {point.model} {point.name}{' (resuming)' if resume else ''}")
-        argv = [sys.executable, "-m", "helmlm", "train", self.spec.recipe, *self.spec.run_overrides(point.model),
-                *point.overrides(), *self.spec.variants[point.variant],
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.spec.nproc}"] \
+            if self.spec.nproc > 1 else []
+        argv = [sys.executable, *launcher, "-m", "helmlm", "train", self.spec.recipe,
+                *self.spec.run_overrides(point.model), *point.overrides(), *self.spec.variants[point.variant],
                 f"out_dir={run_dir}", f"train.threads={self.spec.threads}", "log.progress=false"]
         start = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads)}
