@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from conftest import save_tiny_llama  # noqa: E402
+
 from helmlm.cli import main  # noqa: E402
 from helmlm.eval.harness import TASKS_DIR, evaluate, task_manager  # noqa: E402
 from helmlm.eval.tasks.utils import read_jsonl  # noqa: E402
@@ -26,17 +28,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def llama_dir(tokenizer, tmp_path_factory):
     """A tiny random transformers Llama (not a helmlm model) with the tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    eos = tokenizer.eos_token_id
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=256,
-                                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
-    path = tmp_path_factory.mktemp("llama") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tokenizer, tmp_path_factory.mktemp("llama") / "model")
 
 
 def metrics_of(results: dict, task: str) -> dict:

@@ -12,6 +12,8 @@ import torch
 pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
+from conftest import save_tiny_llama  # noqa: E402
+
 from helmlm.cli import main  # noqa: E402
 from helmlm.data.arithmetic import word_problems, write_word_problems  # noqa: E402
 from helmlm.data.instructions import IGNORE_INDEX, Instruction, encode, prompt_text, read_instructions  # noqa: E402
@@ -29,21 +31,11 @@ def problems(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_dir(problems, tmp_path_factory):
     """A tiny random transformers Llama with a BPE trained on the problems (no chat template: the plain frame)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from helmlm.data.tokenizer import train_bpe
 
     texts = [e.instruction + "\n" + e.output for e in read_instructions(problems / "train.jsonl")]
     tokenizer = train_bpe(texts * 30 + ["### Instruction:\n### Response:\n"] * 30, vocab_size=300)
-    torch.manual_seed(0)
-    eos = tokenizer.eos_token_id
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=256,
-                                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
-    path = tmp_path_factory.mktemp("base") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tokenizer, tmp_path_factory.mktemp("base") / "model")
 
 
 def settings(base_dir, problems, out, **kw) -> ft.FinetuneSettings:

@@ -310,8 +310,9 @@ def _embedding_table(model):
     from helmlm.geometry import lift
     from helmlm.nn.embedding import LorentzEmbedding
 
-    embed = model.get_input_embeddings() if not hasattr(model, "model") or not hasattr(model.model, "embed") \
-        else model.model.embed
+    embed = getattr(getattr(model, "model", None), "embed", None)  # a HELM model's table
+    if embed is None:
+        embed = model.get_input_embeddings()
     if isinstance(embed, LorentzEmbedding):
         table = embed.weight if embed.manifold_table else lift(embed.weight.double(), embed.curvature)
         experts = [m.curvatures.tolist() for m in model.modules() if hasattr(m, "log_curvature")]

@@ -42,9 +42,21 @@ def lorentz_distances(points: Tensor, c: float) -> Tensor:
     return (c ** 0.5 * torch.acosh((-inner / c).clamp_min(1.0))).fill_diagonal_(0)
 
 
+def distance_matrix(points: Tensor, c: float | None) -> Tensor:
+    """Euclidean distances, or geodesic ones for Lorentz points (``c`` given)."""
+    return pairwise_distances(points) if c is None else lorentz_distances(points, c)
+
+
+def gaussian_null(points: Tensor, c: float | None, seed: int) -> Tensor:
+    """:func:`gaussian_like` of ``points``; for Lorentz points, drawn in the tangent space at the origin (their
+    ``logmap0``) and mapped back by ``expmap0``."""
+    if c is None:
+        return gaussian_like(points, seed=seed)
+    return expmap0(gaussian_like(logmap0(points, c), seed=seed), c)
+
+
 def _delta(points: Tensor, c: float | None, seed: int) -> dict[str, Any]:
-    dist = pairwise_distances(points) if c is None else lorentz_distances(points, c)
-    result = delta_hyperbolicity(dist, seed=seed)
+    result = delta_hyperbolicity(distance_matrix(points, c), seed=seed)
     return {"delta": result.delta, "relative_delta": result.relative_delta, "diameter": result.diameter,
             "exact": result.exact, "base_points": result.base_points}
 
@@ -58,11 +70,7 @@ def _summary(draws: list[dict[str, Any]]) -> dict[str, Any]:
 def delta_with_nulls(table: Tensor, chosen: Tensor, c: float | None, null_draws: int = 5, seed: int = 0) -> dict:
     """Relative delta of the rows ``chosen`` of ``table``, beside the Gaussian and random-rows nulls."""
     points = table[chosen].to(torch.float64)
-    flat = points if c is None else logmap0(points, c)  # Lorentz: moments taken in the tangent space at the origin
-    gaussian = []
-    for draw in range(null_draws):
-        sample = gaussian_like(flat, seed=seed + 1 + draw)
-        gaussian.append(_delta(sample if c is None else expmap0(sample, c), c, seed))
+    gaussian = [_delta(gaussian_null(points, c, seed + 1 + draw), c, seed) for draw in range(null_draws)]
     others = [_delta(random_rows(table.to(torch.float64), len(chosen), seed=seed + 101 + draw, exclude=chosen), c,
                      seed) for draw in range(null_draws)]
     return {"tokens": _delta(points, c, seed), "gaussian_null": _summary(gaussian), "random_tokens_null":
@@ -78,23 +86,19 @@ def ricci_with_null(table: Tensor, chosen: Tensor, c: float | None, null_draws: 
     except ImportError:
         return {"unavailable": "pip install --no-deps GraphRicciCurvature; pip install pot networkit python-louvain"}, {}
     points = table[chosen].to(torch.float64)
-    distances = pairwise_distances if c is None else (lambda x: lorentz_distances(x, c))
-    flat = points if c is None else logmap0(points, c)
     try:
-        tokens = ollivier_ricci(knn_graph(distances(points), k))
+        tokens = ollivier_ricci(knn_graph(distance_matrix(points, c), k))
     except ImportError as err:  # GraphRicciCurvature present, one of its own dependencies not
         return {"unavailable": f"GraphRicciCurvature cannot run: {err}"}, {}
-    nulls = []
-    for draw in range(null_draws):
-        sample = gaussian_like(flat, seed=seed + 1 + draw)
-        nulls.append(ollivier_ricci(knn_graph(distances(sample if c is None else expmap0(sample, c)), k)))
+    nulls = [ollivier_ricci(knn_graph(distance_matrix(gaussian_null(points, c, seed + 1 + draw), c), k))
+             for draw in range(null_draws)]
     return ({"k": k, "tokens": summary(tokens), "gaussian_null": [summary(n) for n in nulls]},
             {"tokens": tokens, "gaussian_null": np.concatenate(nulls)})
 
 
 def analyze_embeddings(table: Tensor, tokenizer, documents: Iterable[str], *, lorentz_curvature: float | None = None,
                        max_tokens: int | None = 1_000_000, points: int = 300, null_draws: int = 5, bins: int = 10,
-                       seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                       seed: int = 0, progress: bool = True, log=print) -> dict[str, Any]:
     """Counts, power-law fit, frequency vs norm, word groups and delta-hyperbolicity with nulls (module docstring)."""
     from tqdm.auto import tqdm
 
@@ -119,7 +123,7 @@ def analyze_embeddings(table: Tensor, tokenizer, documents: Iterable[str], *, lo
         "groups": token_groups(tokenizer, counts, norms.numpy()),
     }
     if len(chosen) > EXACT_MAX_POINTS:
-        print(f"note: {len(chosen)} points is more than the {EXACT_MAX_POINTS} of the exact delta; sampling 16 base "
+        log(f"note: {len(chosen)} points is more than the {EXACT_MAX_POINTS} of the exact delta; sampling 16 base "
               "points (a lower bound)")
     report["delta"] = delta_with_nulls(table, chosen, lorentz_curvature, null_draws, seed)
     report["ricci"], report["_ricci"] = ricci_with_null(table, chosen, lorentz_curvature, null_draws, seed)

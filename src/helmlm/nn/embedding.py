@@ -25,6 +25,7 @@ class LorentzEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.space_dim, self.curvature = num_embeddings, space_dim, curvature
         self.init_scale = init_scale
+        self.lookup_dtype: torch.dtype | None = None  # set by keep_table_in_float64: the dtype lookups return
         self.manifold_table = manifold_table
         if manifold_table:
             manifold = geoopt.Lorentz(k=curvature)
@@ -57,9 +58,8 @@ class LorentzEmbedding(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         emb = F.embedding(input_ids, self.weight)
-        lookup_dtype = getattr(self, "lookup_dtype", None)
-        if lookup_dtype is not None:
-            emb = emb.to(lookup_dtype)
+        if self.lookup_dtype is not None:
+            emb = emb.to(self.lookup_dtype)
         return emb if self.manifold_table else lift(emb, self.curvature)
 
     def extra_repr(self) -> str:

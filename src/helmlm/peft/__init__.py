@@ -12,6 +12,6 @@ from helmlm.peft.functional import VARIANTS, adapter_shapes, hyplora_delta
 from helmlm.peft.layer import HypLoraConfig, HypLoraLinear, HypLoraVariant
 from helmlm.peft.adapters import is_hyplora_dir, load_adapter, load_base_model, no_decay_parameter_names
 
-__all__ = ["VARIANTS", "AdapterError", "HypLoraConfig", "HypLoraLinear", "HypLoraMergeError", "HypLoraVariant", "adapter_shapes",
-           "hyplora_delta", "is_hyplora_dir", "load_adapter", "load_base_model",
+__all__ = ["VARIANTS", "AdapterError", "HypLoraConfig", "HypLoraLinear", "HypLoraMergeError", "HypLoraVariant",
+           "adapter_shapes", "hyplora_delta", "is_hyplora_dir", "load_adapter", "load_base_model",
            "no_decay_parameter_names"]

@@ -221,6 +221,17 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is damaged and cannot be read ({err})") from None
 
 
+def restore_optimizer_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Set the RNG states saved in checkpoint ``path`` and return its optimizer state dict (``{"optimizers": [...]}``,
+    one per optimizer saved); ``state`` is the checkpoint's ``state.json``."""
+    tensors = read_tensors(path / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    cuda_rng = tensors.pop("rng.cuda", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
+    return _unflatten_optimizer(tensors, state["optimizer"])
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG states from ``path``; return its ``state.json``."""
     path = Path(path)
@@ -232,12 +243,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model (missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}); was it written for another model config?")
-    tensors = read_tensors(path / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    cuda_rng = tensors.pop("rng.cuda", None)
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_rng)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    optimizer.load_state_dict(restore_optimizer_state(path, state))
     # torch's Adam.__setstate__ (run by load_state_dict) turns an int ``step`` into a float32 tensor; geoopt's
     # Riemannian Adam keeps it an int and computes its bias corrections in double precision from it. Put the
     # saved Python scalars back so a resumed run computes exactly what the uninterrupted one does.

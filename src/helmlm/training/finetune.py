@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from helmlm.data.instructions import IGNORE_INDEX, Instruction, encode, read_instructions
 from helmlm.errors import AdapterError, ConfigError
-from helmlm.training.checkpoint import find_checkpoint, read_checkpoint_state, read_tensors, save_checkpoint
+from helmlm.training.checkpoint import find_checkpoint, read_tensors, restore_optimizer_state, save_checkpoint
 
 METHODS = ("lora", "hyplora")
 SETTINGS_FILE, METRICS_FILE, ADAPTER_DIR = "finetune.json", "metrics.jsonl", "adapter"
@@ -62,7 +62,6 @@ class FinetuneSettings:
     input_scale: float | None = None
     seed: int = 0
     dtype: str = "float32"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -207,10 +206,7 @@ def _optimizer(model: nn.Module, settings: FinetuneSettings) -> torch.optim.Adam
 
 def _restore(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, log) -> int:
     """Load the newest intact checkpoint of ``out`` into the trainable tensors and the optimizer; its step."""
-    from helmlm.training.checkpoint import _unflatten_optimizer
-
-    path, _ = find_checkpoint(out, log=log)
-    state = read_checkpoint_state(path)
+    path, state = find_checkpoint(out, log=log)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = read_tensors(path / "model.safetensors")
     if set(saved) != set(trainable):
@@ -218,10 +214,7 @@ def _restore(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, log)
     with torch.no_grad():
         for name, value in saved.items():
             trainable[name].copy_(value)
-    tensors = read_tensors(path / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    tensors.pop("rng.cuda", None)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"])["optimizers"][0])
+    optimizer.load_state_dict(restore_optimizer_state(path, state)["optimizers"][0])
     return int(state["step"])
 
 
