@@ -234,3 +234,91 @@ def test_ollivier_ricci_signs_on_known_graphs():
     assert all(graph.degree(i) >= 4 for i in graph) and graph.number_of_nodes() == 30
     with pytest.raises(ValueError, match="k must be in"):
         knn_graph(pairwise_distances(points), k=30)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# routed models: expert curvatures and loads; training runs and checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_mice(vocab_size: int = 97, geometry: str = "lorentz"):
+    from helmlm.models import HELMConfig, HELMForCausalLM
+
+    torch.manual_seed(0)
+    width, head = (34, 9) if geometry == "lorentz" else (32, 8)
+    return HELMForCausalLM(HELMConfig(
+        geometry=geometry, vocab_size=vocab_size, hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=68, attention="mla", ffn="moe", kv_lora_rank=8, qk_nope_head_dim=head,
+        qk_rope_head_dim=head, v_head_dim=head, moe_intermediate_size=24, n_routed_experts=4, n_activated_experts=2, n_dense_layers=0,
+        max_position_embeddings=64, expert_curvatures=[0.5, 1.0, 1.5, 2.0] if geometry == "lorentz" else None))
+
+
+@pytest.mark.parametrize("geometry", ["lorentz", "euclidean"])
+def test_expert_loads_equal_the_layers_own_training_counts(geometry):
+    """The hooked evaluation-mode count equals what the routed layers' own buffers count in training mode on the
+    same tokens (an independent path), sums to 1, leaves the buffers and the mode untouched; MiCE reports its
+    experts' curvatures."""
+    from helmlm.analysis.experts import expert_loads
+    from helmlm.nn.routing import routed_layers, routing_stats
+
+    model = tiny_mice(geometry=geometry).eval()
+    ids = torch.randint(0, 97, (3 * 32 + 5,), generator=torch.Generator().manual_seed(1))
+    loads = expert_loads(model, ids, seq_len=32, batch_size=2)
+    assert not model.training and loads["tokens"] == ids.numel()
+    assert all(int(layer.tokens_per_expert.sum()) == 0 for _, layer in routed_layers(model))
+    model.train()
+    with torch.no_grad():
+        for row in (ids[:64].view(2, 32), ids[64:96].view(1, 32), ids[96:].view(1, 5)):
+            model(row)
+    expected = routing_stats(model)
+    assert loads["layers"].keys() == expected.keys() and len(expected) == 2
+    for name, entry in loads["layers"].items():
+        assert entry["load"] == pytest.approx(expected[name]["load"], abs=1e-12)
+        assert sum(entry["load"]) == pytest.approx(1.0) and 0 < entry["load_entropy"] <= 1
+        assert ("curvatures" in entry) == (geometry == "lorentz")
+    if geometry == "lorentz":
+        assert loads["layers"]["model.layers.0.ffn"]["curvatures"] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+
+
+def test_analyze_reports_the_experts_of_a_mice_model(tmp_path, corpus_file):
+    pytest.importorskip("powerlaw")
+    from helmlm.cli import main
+    from helmlm.data.tokenizer import train_bpe
+
+    tokenizer = train_bpe(corpus_file.read_text().split("\n\n"), vocab_size=300)
+    path = tmp_path / "mice"
+    tiny_mice(vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    out = tmp_path / "report"
+    assert main(["analyze", str(path), "--corpus", str(corpus_file), "--points", "20", "--null-draws", "1",
+                 "--expert-tokens", "500", "--out", str(out)]) == 0
+    experts = json.loads((out / "report.json").read_text())["experts"]
+    assert experts["tokens"] == 500 and len(experts["layers"]) == 2
+    assert "## Experts" in (out / "report.md").read_text() and (out / "experts.png").is_file()
+
+
+def test_analyze_reads_a_training_run_like_its_export(tmp_path):
+    """``helmlm analyze RUN_DIR`` loads the run's newest checkpoint and its tokenizer in memory: the report equals
+    the one of the exported model directory; a wrong --tokenizer use is refused."""
+    pytest.importorskip("powerlaw")
+    from test_train import overrides
+
+    from helmlm.cli import main
+    from helmlm.config import load_train_config
+    from helmlm.training.export import export_checkpoint
+    from helmlm.training.trainer import train
+
+    rng = np.random.default_rng(0)
+    words = "the of and to in a is that it was for on are as with his they at be this from have".split()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n" for _ in range(60)))
+    train(load_train_config(None, overrides(corpus, tmp_path / "run", "train.steps=2", "eval.every=2",
+                                            "checkpoint.every=2")))
+    export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    reports = []
+    for source in ("run", "hf"):
+        out = tmp_path / f"report-{source}"
+        assert main(["analyze", str(tmp_path / source), "--corpus", str(corpus), "--points", "20", "--null-draws",
+                     "1", "--out", str(out)]) == 0
+        reports.append({k: v for k, v in json.loads((out / "report.json").read_text()).items() if k != "model"})
+    assert reports[0] == reports[1] and reports[0]["geometry"].startswith("lorentz")
+    assert main(["analyze", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "hf"), "--corpus", str(corpus),
+                 "--out", str(tmp_path / "x")]) == 2

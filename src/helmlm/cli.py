@@ -305,8 +305,8 @@ def _cmd_word_problems(args: argparse.Namespace) -> int:
 
 
 def _embedding_table(model):
-    """``(table, lorentz curvature or None, extra facts)`` of a model's input embeddings: a HELM model's Lorentz
-    points (its ``project_emb`` table lifted onto the hyperboloid), or any other model's embedding matrix."""
+    """``(table, lorentz curvature or None)`` of a model's input embeddings: a HELM model's Lorentz points (its
+    ``project_emb`` table lifted onto the hyperboloid), or any other model's embedding matrix."""
     from helmlm.geometry import lift
     from helmlm.nn.embedding import LorentzEmbedding
 
@@ -315,28 +315,57 @@ def _embedding_table(model):
         embed = model.get_input_embeddings()
     if isinstance(embed, LorentzEmbedding):
         table = embed.weight if embed.manifold_table else lift(embed.weight.double(), embed.curvature)
-        experts = [m.curvatures.tolist() for m in model.modules() if hasattr(m, "log_curvature")]
-        return table, float(embed.curvature), ({"expert_curvatures": experts} if experts else {})
+        return table, float(embed.curvature)
     if embed is None or not hasattr(embed, "weight"):
         raise InputError(f"{type(model).__name__} has no input-embedding table to analyze")
-    return embed.weight, None, {}
+    return embed.weight, None
+
+
+def _load_for_analysis(path: str, tokenizer: str | None):
+    """A model directory, or a helmlm training run / checkpoint (loaded in memory, no export needed)."""
+    from helmlm.generation import load_model_dir
+    from helmlm.training.checkpoint import STATE_FILE
+    from helmlm.training.export import load_checkpoint_model
+
+    run = Path(path)
+    if (run / STATE_FILE).is_file() or (run / "checkpoints").is_dir():
+        return load_checkpoint_model(run, tokenizer)
+    if tokenizer is not None:
+        raise InputError("--tokenizer is for a training run or checkpoint; a model directory has its own")
+    return load_model_dir(run)
+
+
+def _corpus_ids(tokenizer, documents, n: int):
+    """The first ``n`` token ids of the corpus (each document ends with EOS where the tokenizer has one)."""
+    import torch
+
+    ids: list[int] = []
+    for text in documents:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= n:
+            break
+    return torch.tensor(ids[:n], dtype=torch.long)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from helmlm.analysis.experts import expert_loads
     from helmlm.analysis.report import analyze_embeddings, write_report
     from helmlm.config import DataConfig
     from helmlm.data.shards import iter_documents
-    from helmlm.generation import load_model_dir
+    from helmlm.nn.routing import routed_layers
 
     for name in ("points", "null_draws", "bins"):
         if getattr(args, name) < (4 if name == "points" else 1):
             raise InputError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    for name in ("max_tokens", "expert_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.out and (Path(args.out) / "report.json").exists() and not args.overwrite:
         raise InputError(f"{args.out} already holds a report; choose another --out or pass --overwrite")
-    model, tokenizer = load_model_dir(args.model_dir)
-    table, curvature, facts = _embedding_table(model)
+    model, tokenizer = _load_for_analysis(args.model_dir, args.tokenizer)
+    table, curvature = _embedding_table(model)
     if args.corpus == "builtin":
         data = DataConfig(source="builtin")
     elif args.corpus.startswith("hf:"):
@@ -347,9 +376,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     report = analyze_embeddings(table, tokenizer, iter_documents(data), lorentz_curvature=curvature,
                                 max_tokens=args.max_tokens, points=args.points, null_draws=args.null_draws,
                                 bins=args.bins, seed=args.seed)
-    report.update(facts, model=str(args.model_dir), corpus=args.corpus)
-    out = args.out or str(Path("runs/analysis") / Path(args.model_dir).name)
-    files = write_report(report, out, title=Path(args.model_dir).name, overwrite=args.overwrite)
+    if routed_layers(model):
+        print(f"expert loads over the first {args.expert_tokens:,} corpus tokens ...", file=sys.stderr, flush=True)
+        report["experts"] = expert_loads(model, _corpus_ids(tokenizer, iter_documents(data), args.expert_tokens))
+    title = str(args.model_dir).rstrip("/")  # a run's own name (lr=...,seed=...) says little without its path
+    report.update(model=str(args.model_dir), corpus=args.corpus)
+    out = args.out or str(Path("runs/analysis") / Path(args.model_dir).resolve().name)
+    files = write_report(report, out, title=title, overwrite=args.overwrite)
     print((Path(out) / "report.md").read_text())
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
     return 0
@@ -536,7 +569,10 @@ def _word_problems_args(p: argparse.ArgumentParser) -> None:
 
 
 def _analyze_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="a model directory (`helmlm export`, `helmlm convert`, any save_pretrained)")
+    p.add_argument("model_dir", help="a model directory (`helmlm export`, `helmlm convert`, any save_pretrained), "
+                   "or a helmlm training run or checkpoint directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="for a run or checkpoint: the tokenizer directory (default: the run's own, hash-checked)")
     p.add_argument("--corpus", default="builtin",
                    help="builtin (the offline corpus), a text/JSONL/parquet file or glob, or hf:NAME[:CONFIG]")
     p.add_argument("--max-tokens", type=int, default=1_000_000, help="stop counting after N tokens")
@@ -544,6 +580,8 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
                    help="delta-hyperbolicity on the N most frequent tokens (exact up to 400, sampled above)")
     p.add_argument("--null-draws", type=int, default=5, help="draws of each null point set")
     p.add_argument("--bins", type=int, default=10, help="frequency bins (quantiles)")
+    p.add_argument("--expert-tokens", type=int, default=16384,
+                   help="routed models (HELM-MiCE, DeepSeek-style): corpus tokens to measure expert loads on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report directory (default runs/analysis/<model>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")

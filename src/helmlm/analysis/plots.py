@@ -1,5 +1,6 @@
 """The PNG plots of a geometry report (matplotlib, the ``analysis`` extra): the frequency distribution with its
-power-law fit, frequency against norm, and delta beside its nulls."""
+power-law fit, frequency against norm, delta beside its nulls, Ricci curvature beside its null, and a routed
+model's expert loads."""
 
 from __future__ import annotations
 
@@ -81,11 +82,31 @@ def plot_ricci(report: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_experts(report: dict[str, Any], path: Path) -> Path:
+    """Expert loads as a layers x experts heat map; each cell gives the load and, for MiCE, the curvature."""
+    layers = report["experts"]["layers"]
+    loads = np.array([entry["load"] for entry in layers.values()])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * loads.shape[1], 1.2 + 0.55 * loads.shape[0]))
+    image = ax.imshow(loads, cmap="viridis", vmin=0, aspect="auto")
+    for i, entry in enumerate(layers.values()):
+        for j, load in enumerate(entry["load"]):
+            text = f"{load:.2f}" + (f"\nc={entry['curvatures'][j]:.2g}" if "curvatures" in entry else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if load < loads.max() / 2 else "k")
+    ax.set_xticks(range(loads.shape[1]))
+    ax.set_yticks(range(loads.shape[0]), [name.removeprefix("model.") for name in layers])
+    ax.set_xlabel("expert")
+    ax.set_title(f"share of routed tokens ({report['experts']['tokens']:,} corpus tokens)")
+    fig.colorbar(image, ax=ax)
+    return _save(fig, path)
+
+
 def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     files = [plot_frequency(report, out / "frequency.png"), plot_frequency_vs_norm(report, out / "frequency_norm.png"),
              plot_delta(report, out / "delta.png")]
     if report.get("_ricci"):
         files.append(plot_ricci(report, out / "ricci.png"))
+    if report.get("experts", {}).get("layers"):
+        files.append(plot_experts(report, out / "experts.png"))
     return files
 
 

@@ -164,15 +164,35 @@ def markdown(report: dict[str, Any], title: str) -> str:
     lines += ["", "## Ollivier-Ricci curvature", ""]
     r = report["ricci"]
     if "unavailable" in r:
-        return "\n".join(lines + [f"Not computed: {r['unavailable']}"]) + "\n"
-    lines += [f"Edges of the {r['k']}-nearest-neighbour graph of the same tokens (alpha 0.5, exact transport).", "",
+        lines.append(f"Not computed: {r['unavailable']}")
+    else:
+        lines += _ricci_lines(r)
+    if report.get("experts", {}).get("layers"):
+        lines += _expert_lines(report["experts"])
+    return "\n".join(lines) + "\n"
+
+
+def _ricci_lines(r: dict[str, Any]) -> list[str]:
+    lines = [f"Edges of the {r['k']}-nearest-neighbour graph of the same tokens (alpha 0.5, exact transport).", "",
               "| point set | edges | mean | median | share negative | 10% / 90% quantiles |", "|---|---|---|---|---|---|"]
     for name, rows in (("the tokens", [r["tokens"]]), ("null: Gaussian, same moments", r["gaussian_null"])):
         m = {key: statistics.fmean(x[key] for x in rows) for key in ("edges", "mean", "median", "share_negative",
                                                                       "q10", "q90")}
         lines.append(f"| {name} | {m['edges']:.0f} | {m['mean']:.3f} | {m['median']:.3f} | {m['share_negative']:.2f} | "
                      f"{m['q10']:.3f} / {m['q90']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _expert_lines(experts: dict[str, Any]) -> list[str]:
+    lines = ["", "## Experts", "", f"Routed layers over {experts['tokens']:,} corpus tokens (evaluation mode): the share "
+             "of routed choices per expert and, for MiCE, each expert's curvature. Load entropy: 1 when balanced, 0 "
+             "when one expert takes every token.", "", "| layer | load per expert | curvature per expert | load entropy |",
+             "|---|---|---|---|"]
+    for name, e in experts["layers"].items():
+        curvatures = ", ".join(f"{c:.3g}" for c in e["curvatures"]) if "curvatures" in e else "-"
+        lines.append(f"| {name} | {', '.join(f'{x:.3f}' for x in e['load'])} | {curvatures} | "
+                     f"{e['load_entropy']:.3f} |")
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, title: str, overwrite: bool = False) -> list[Path]:

@@ -28,21 +28,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise ExportError(str(err)) from None
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None,
-                      format: str = "auto") -> Path:
-    """Write the model of ``checkpoint`` and its tokenizer (``tokenizer``, default: the one in the run's data
-    directory, checked against the hash recorded in the checkpoint) to ``out_dir``; return ``out_dir``. ``format``:
-    ``auto`` (Llama where the architecture is Llama's, else HELM), ``helm`` or ``llama``
-    (:func:`helmlm.models.hf.save_model_dir`)."""
+def load_checkpoint_model(checkpoint: str | Path, tokenizer: str | Path | None = None):
+    """``(model, tokenizer)`` of a training checkpoint or run directory (:func:`resolve_checkpoint`), in memory:
+    the tokenizer is ``tokenizer`` or, by default, the one in the run's data directory, checked against the hash
+    recorded in the checkpoint; the model's EOS and pad ids are the tokenizer's EOS."""
+    from helmlm.training.checkpoint import read_checkpoint_state
+
+    ckpt = resolve_checkpoint(checkpoint)
+    return _load_checkpoint(ckpt, read_checkpoint_state(ckpt), tokenizer)
+
+
+def _load_checkpoint(ckpt: Path, state: dict, tokenizer: str | Path | None):
     from helmlm.config import train_config_from_dict
     from helmlm.data.tokenizer import load_tokenizer, tokenizer_hash
     from helmlm.models import HELMForCausalLM
-    from helmlm.models.hf import check_new_dir, resolve_format, save_model_dir
-    from helmlm.training.checkpoint import checkpoint_model_config, read_checkpoint_state, read_tensors
+    from helmlm.training.checkpoint import checkpoint_model_config, read_tensors
 
-    ckpt = resolve_checkpoint(checkpoint)
-    out = check_new_dir(out_dir)
-    state = read_checkpoint_state(ckpt)
     config = train_config_from_dict(state["config"])
     tok_path = Path(tokenizer) if tokenizer is not None else Path(config.data.dir) / "tokenizer"
     if tokenizer is None and not tok_path.is_dir():
@@ -52,14 +53,28 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
     if tokenizer is None and tokenizer_hash(tok) != state.get("tokenizer_sha256"):
         raise ExportError(f"the tokenizer at {tok_path} is not the one this checkpoint was trained with (hash "
                           "differs); pass the right one with --tokenizer DIR")
-
     model_config = checkpoint_model_config(state)
-    resolve_format(model_config, format)  # an impossible format fails before the model is built
     model_config.eos_token_id = model_config.pad_token_id = tok.eos_token_id
     model = HELMForCausalLM(model_config)
     missing, unexpected = model.load_state_dict(read_tensors(ckpt / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ExportError(f"{ckpt}/model.safetensors does not fit its own config (missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]})")
-    return save_model_dir(model, tok, out, format=format)
+    return model.eval(), tok
 
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None,
+                      format: str = "auto") -> Path:
+    """Write the model of ``checkpoint`` and its tokenizer (``tokenizer``, default: the one in the run's data
+    directory, checked against the hash recorded in the checkpoint) to ``out_dir``; return ``out_dir``. ``format``:
+    ``auto`` (Llama where the architecture is Llama's, else HELM), ``helm`` or ``llama``
+    (:func:`helmlm.models.hf.save_model_dir`)."""
+    from helmlm.models.hf import check_new_dir, resolve_format, save_model_dir
+    from helmlm.training.checkpoint import checkpoint_model_config, read_checkpoint_state
+
+    ckpt = resolve_checkpoint(checkpoint)
+    out = check_new_dir(out_dir)
+    state = read_checkpoint_state(ckpt)
+    resolve_format(checkpoint_model_config(state), format)  # an impossible format fails before the model is built
+    model, tok = _load_checkpoint(ckpt, state, tokenizer)
+    return save_model_dir(model, tok, out, format=format)
