@@ -322,3 +322,37 @@ def test_analyze_reads_a_training_run_like_its_export(tmp_path):
     assert reports[0] == reports[1] and reports[0]["geometry"].startswith("lorentz")
     assert main(["analyze", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "hf"), "--corpus", str(corpus),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_model_without_input_embeddings_is_refused():
+    from helmlm.cli import _embedding_table
+    from helmlm.errors import InputError
+
+    class NoTable(torch.nn.Module):
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+    class NoneTable(torch.nn.Module):
+        def get_input_embeddings(self):
+            return None
+
+    for model in (NoTable(), NoneTable()):
+        with pytest.raises(InputError, match="has no input-embedding table"):
+            _embedding_table(model)
+
+
+def test_more_points_than_the_exact_delta_allows_switch_to_sampling_and_say_so(monkeypatch, corpus_file):
+    pytest.importorskip("powerlaw")
+    from helmlm.analysis import report as report_module
+    from helmlm.data.tokenizer import train_bpe
+
+    monkeypatch.setattr(report_module, "EXACT_MAX_POINTS", 12)
+    tokenizer = train_bpe(corpus_file.read_text().split("\n\n"), vocab_size=300)
+    table = torch.randn(len(tokenizer), 8, generator=torch.Generator().manual_seed(0))
+    said = []
+    report = report_module.analyze_embeddings(table, tokenizer, corpus_file.read_text().split("\n\n"), points=20,
+                                              null_draws=1, progress=False, log=said.append)
+    assert any("more than the 12 of the exact delta" in line and "lower bound" in line for line in said)
+    d = report["delta"]
+    assert not d["tokens"]["exact"] and d["tokens"]["base_points"] == 16 and d["points"] == 20
+    assert "lower bound from 16 base points" in report_module.markdown(report, "t")

@@ -312,7 +312,10 @@ def _embedding_table(model):
 
     embed = getattr(getattr(model, "model", None), "embed", None)  # a HELM model's table
     if embed is None:
-        embed = model.get_input_embeddings()
+        try:
+            embed = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # transformers raises for models it cannot find them in
+            embed = None
     if isinstance(embed, LorentzEmbedding):
         table = embed.weight if embed.manifold_table else lift(embed.weight.double(), embed.curvature)
         return table, float(embed.curvature)

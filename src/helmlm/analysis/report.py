@@ -56,7 +56,7 @@ def gaussian_null(points: Tensor, c: float | None, seed: int) -> Tensor:
 
 
 def _delta(points: Tensor, c: float | None, seed: int) -> dict[str, Any]:
-    result = delta_hyperbolicity(distance_matrix(points, c), seed=seed)
+    result = delta_hyperbolicity(distance_matrix(points, c), exact=len(points) <= EXACT_MAX_POINTS, seed=seed)
     return {"delta": result.delta, "relative_delta": result.relative_delta, "diameter": result.diameter,
             "exact": result.exact, "base_points": result.base_points}
 
