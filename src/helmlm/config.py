@@ -101,7 +101,12 @@ class TrainSettings:
     sqrt_dim``, so its rows move as far per step as AdamW's) or ``embedding_lr`` (``none``, the reference's), unless
     ``riemannian_lr`` sets it outright. ``table_dtype: float64`` keeps the Lorentz table and its Riemannian Adam
     state in float64 (lookups still return the model's dtype): in float32, rows that drift far from the origin at
-    large embedding lrs break Riemannian Adam's normaliser (docs/quality.md, "numerical limit")."""
+    large embedding lrs break Riemannian Adam's normaliser (docs/quality.md, "numerical limit").
+
+    Memory and speed (docs/benchmarks.md): ``loss_chunk_tokens`` > 0 computes the loss over that many tokens at a
+    time without holding the full logits (:func:`helmlm.nn.loss.linear_cross_entropy`); ``activation_checkpointing``
+    keeps only each block's input and recomputes the block in backward; ``compile`` compiles each block with
+    ``torch.compile`` (the first steps pay the compilation)."""
 
     seq_len: int = 256
     micro_batch: int = 8
@@ -128,6 +133,9 @@ class TrainSettings:
     threads: int = 0
     strategy: str = "ddp"
     init_from: str | None = None
+    loss_chunk_tokens: int = 0
+    activation_checkpointing: bool = False
+    compile: bool = False
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * self.steps)
@@ -200,7 +208,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(t, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
-        for name in ("weight_decay", "clip", "balance_speed", "threads"):
+        for name in ("weight_decay", "clip", "balance_speed", "threads", "loss_chunk_tokens"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
         for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("strategy", STRATEGIES)):

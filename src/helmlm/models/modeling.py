@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
@@ -44,6 +45,7 @@ from helmlm.nn import (
     routed_layers,
 )
 from helmlm.nn.cache import LayerCache, ModelCache
+from helmlm.nn.loss import linear_cross_entropy
 
 
 def routing_settings(config: HELMConfig) -> dict[str, Any]:
@@ -117,7 +119,7 @@ class EuclideanBlock(nn.Module):
 class HELMPreTrainedModel(PreTrainedModel):
     config_class = HELMConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # per block: HELMModel.forward
     _no_split_modules = ["LorentzBlock", "EuclideanBlock"]
     _supports_sdpa = True
 
@@ -167,6 +169,9 @@ class HELMModel(HELMPreTrainedModel):
             self.layers = nn.ModuleList(EuclideanBlock(config, i) for i in range(config.num_hidden_layers))
             self.final_proj = None
             self.norm = RMSNorm(width, config.rms_norm_eps)
+        # True (train.activation_checkpointing, or transformers' activation_checkpointing_enable()): each block keeps
+        # only its input and runs again in backward
+        self.gradient_checkpointing = False
         self.post_init()
 
     def check_inputs(self, input_ids: Tensor, document_ids: Tensor | None, position_ids: Tensor | None,
@@ -230,11 +235,20 @@ class HELMModel(HELMPreTrainedModel):
                 raise InputError("document_ids cannot be used with a cache; decode one document per row")
             mask = cache.attention_mask(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
         caches = [None] * len(self.layers) if cache is None else cache.layers
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, layer_cache in zip(self.layers, caches):
-            h = layer(h, cos, sin, mask, valid, layer_cache)
+            if checkpointing:  # routed layers count their experts twice; their balance uses shares, unchanged
+                run = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint
+                h = run(layer.__call__, h, cos, sin, mask, valid, layer_cache)
+            else:
+                h = layer(h, cos, sin, mask, valid, layer_cache)
         if self.final_proj is not None:
             return self.norm(self.final_proj(h, return_space=True), space_only=True)
         return self.norm(h)
+
+
+def _checkpoint(function, *args):
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
 
 def padded_document_ids(document_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor | None:
@@ -332,6 +346,8 @@ class HELMForCausalLM(HELMPreTrainedModel, GenerationMixin):
     earlier ones, at positions counted from each row's first real token (left padding).
     """
 
+    loss_chunk_tokens: int = 0  # > 0: the loss over labels runs the head over this many tokens at a time (forward)
+
     def __init__(self, config: HELMConfig):
         super().__init__(config)
         self.model = HELMModel(config)
@@ -386,25 +402,39 @@ class HELMForCausalLM(HELMPreTrainedModel, GenerationMixin):
         use_cache: bool = False,
         cache: ModelCache | None = None,
         logits_to_keep: int | Tensor = 0,
+        loss_reduction: str = "mean",
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """``logits_to_keep``: logits of the last ``k`` positions only (0: all; a tensor: those positions), what
-        ``generate`` asks for to skip the head over the prompt. Ignored when ``labels`` are given."""
+        ``generate`` asks for to skip the head over the prompt. Ignored when ``labels`` are given.
+
+        ``loss_reduction``: ``mean`` (the loss above) or ``sum``: the summed cross-entropy alone, for callers that
+        weigh tokens across micro-batches and ranks and add ``aux_loss`` themselves (the trainer). With
+        :attr:`loss_chunk_tokens` > 0 and ``labels``, the loss comes from :func:`~helmlm.nn.loss.linear_cross_entropy`
+        over that many tokens at a time and ``logits`` is ``None``: the full logits are never held."""
         past_key_values = self.own_cache(cache if cache is not None else past_key_values)  # 5.x calls it ``cache``
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
         hidden = self.model(input_ids, document_ids=document_ids, position_ids=position_ids,
                             attention_mask=attention_mask, cache=past_key_values)
+        if loss_reduction not in ("mean", "sum"):
+            raise InputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if labels is None and isinstance(logits_to_keep, Tensor):
             hidden = hidden[:, logits_to_keep]
         elif labels is None and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
         aux = [layer.aux_loss for _, layer in routed_layers(self.model)]
         aux_loss = torch.stack(aux).sum() if aux else None
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, padded_document_ids(document_ids, attention_mask))
-            if aux_loss is not None and self.config.moe_balance_alpha:
-                loss = loss + self.config.moe_balance_alpha * aux_loss
+        loss = logits = None
+        if labels is not None and self.loss_chunk_tokens > 0:
+            targets = lm_targets(labels, padded_document_ids(document_ids, attention_mask))
+            loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                        self.loss_chunk_tokens, loss_reduction)
+        else:
+            logits = self.lm_head(hidden)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels, padded_document_ids(document_ids, attention_mask),
+                                      reduction=loss_reduction)
+        if loss is not None and loss_reduction == "mean" and aux_loss is not None and self.config.moe_balance_alpha:
+            loss = loss + self.config.moe_balance_alpha * aux_loss
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, **{CACHE_FIELD: past_key_values})

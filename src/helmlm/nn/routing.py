@@ -111,13 +111,14 @@ def grouped_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype in which :func:`grouped_linear` runs for inputs like ``x``, or ``None`` where it cannot
     (no ``grouped_mm`` in this torch, fp64, or a device/dtype without a kernel): callers then use the dense path.
 
-    On CPU the grouped kernel runs in fp32 (its bf16 kernel is much slower; measured: docs/LOG.md); on CUDA in bf16,
-    the dtype its kernels support, when the input is bf16 or bf16 autocast is on.
+    On CPU the grouped kernel runs in fp32 (its bf16 kernel is much slower; measured: docs/LOG.md), except inside
+    ``torch.compile``, which cannot trace it; on CUDA in bf16, the dtype its kernels support, when the input is bf16
+    or bf16 autocast is on.
     """
     if not hasattr(F, "grouped_mm") or x.dtype == torch.float64:
         return None
-    if x.device.type == "cpu":
-        return torch.float32
+    if x.device.type == "cpu":  # torch.compile cannot trace the fp32 kernel (its fake-tensor rule wants bf16)
+        return None if torch.compiler.is_compiling() else torch.float32
     if x.device.type == "cuda":
         autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
         if x.dtype == torch.bfloat16 or autocast_bf16:

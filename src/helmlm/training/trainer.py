@@ -43,7 +43,7 @@ from helmlm.data.shards import prepare_data
 from helmlm.errors import NonFiniteLossError, TrainingError  # noqa: F401  (re-exported)
 from helmlm.eval import validation_loss
 from helmlm.models import HELMForCausalLM
-from helmlm.models.modeling import causal_lm_loss, lm_targets, padded_document_ids
+from helmlm.models.modeling import lm_targets, padded_document_ids
 from helmlm.models.params import count_parameters
 from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.routing import balance_step, routed_layers, routing_stats
@@ -118,6 +118,11 @@ class Trainer:
         self.model_config = self._sized_model_config(self.train_rows.shards.vocab_size)
         torch.manual_seed(t.seed)
         self.model = HELMForCausalLM(self.model_config).to(self.env.device)
+        self.model.loss_chunk_tokens = t.loss_chunk_tokens
+        self.model.model.gradient_checkpointing = t.activation_checkpointing
+        if t.compile:
+            for layer in self.model.model.layers:
+                layer.compile()
         if t.init_from and self.checkpoint is None:
             self._load_initial_weights(t.init_from)
         if t.table_dtype == "float64":
@@ -163,10 +168,10 @@ class Trainer:
         """Summed next-token cross-entropy of a micro-batch (fp32) and the routed layers' balance loss."""
         with torch.autocast(self.env.device.type, dtype=self.autocast or torch.bfloat16,
                             enabled=self.autocast is not None):
-            out = self.wrapped(batch["input_ids"], document_ids=batch["document_ids"],
-                               position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
-        docs = padded_document_ids(batch["document_ids"], batch["attention_mask"])
-        return causal_lm_loss(out.logits, batch["input_ids"], docs, reduction="sum"), out.aux_loss
+            out = self.wrapped(batch["input_ids"], labels=batch["input_ids"], document_ids=batch["document_ids"],
+                               position_ids=batch["position_ids"], attention_mask=batch["attention_mask"],
+                               loss_reduction="sum")
+        return out.loss, out.aux_loss
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,175 @@
+"""Memory and speed options (issue 16) compute what the plain path computes: the chunked linear cross-entropy, the
+model's summed loss, per-block activation checkpointing, and blocks that ``torch.compile`` traces without a graph
+break."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helmlm.models import HELMConfig, HELMForCausalLM
+from helmlm.nn.loss import linear_cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_equals_the_full_logits_loss(chunk, reduction):
+    """fp64, against F.cross_entropy on the full logits: value and gradients (hidden and weight), with ignored
+    targets and a chunk that does not divide the tokens."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(53, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(31, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 31, (53,), generator=g)
+    targets[::5] = -100
+    upstream = torch.tensor(1.7, dtype=torch.float64)  # a non-unit incoming gradient
+    expected = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction=reduction)
+    want = torch.autograd.grad(expected * upstream, (hidden, weight))
+    got_loss = linear_cross_entropy(hidden, weight, targets, chunk, reduction)
+    got = torch.autograd.grad(got_loss * upstream, (hidden, weight))
+    torch.testing.assert_close(got_loss, expected, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_all_ignored_and_bad_arguments():
+    hidden = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(5, 3, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((4,), -100), 2)
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, torch.zeros(4, dtype=torch.long), 2, "none")
+    with pytest.raises(ValueError, match="chunk"):
+        linear_cross_entropy(hidden, weight, torch.zeros(4, dtype=torch.long), 0)
+
+
+def tiny(kind: str, **kw) -> HELMForCausalLM:
+    torch.manual_seed(0)
+    fields = {"vocab_size": 97, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+              "max_position_embeddings": 64}
+    fields.update({"helm_d": {"hidden_size": 34}, "llama": {"hidden_size": 32, "geometry": "euclidean"},
+                   "helm_mice": {"hidden_size": 34, "attention": "mla", "ffn": "moe", "kv_lora_rank": 8,
+                                 "qk_nope_head_dim": 9, "qk_rope_head_dim": 9, "v_head_dim": 9,
+                                 "moe_intermediate_size": 24, "n_dense_layers": 1},
+                   "deepseek": {"hidden_size": 32, "geometry": "euclidean", "attention": "mla", "ffn": "moe",
+                                "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+                                "moe_intermediate_size": 24, "n_dense_layers": 1}}[kind])
+    fields.update(kw)
+    return HELMForCausalLM(HELMConfig(**fields)).double()
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (3, 20), generator=g)
+    docs = torch.tensor([[0] * 8 + [1] * 12, [0] * 20, [0] * 5 + [1] * 5 + [2] * 10])
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    return ids, docs, mask
+
+
+def loss_and_grads(model, **kw):
+    ids, docs, mask = batch()
+    model.zero_grad()
+    out = model(ids, labels=ids, document_ids=docs, attention_mask=mask, **kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["helm_d", "llama", "helm_mice"])
+def test_chunked_loss_and_checkpointed_blocks_equal_the_plain_model(kind):
+    """The same loss and gradients (fp64) with the loss over 7-token chunks (no logits returned), with every block
+    recomputed in backward, and both; ``loss_reduction='sum'`` is the mean times the number of targets."""
+    model = tiny(kind).train()
+    plain, want = loss_and_grads(model)
+    summed, _ = loss_and_grads(model, loss_reduction="sum")
+    ids, docs, mask = batch()
+    from helmlm.models.modeling import lm_targets, padded_document_ids
+
+    n_targets = int((lm_targets(ids, padded_document_ids(docs, mask)) != -100).sum())
+    aux = 0.0 if plain.aux_loss is None else model.config.moe_balance_alpha * plain.aux_loss
+    torch.testing.assert_close(summed.loss.double(), (plain.loss - aux).double() * n_targets, rtol=1e-6, atol=0)
+    for chunk, checkpointing in ((7, False), (0, True), (7, True)):
+        model.loss_chunk_tokens = chunk
+        model.model.gradient_checkpointing = checkpointing
+        out, got = loss_and_grads(model)
+        assert (out.logits is None) == (chunk > 0)
+        # the plain loss takes fp32 logits (causal_lm_loss), the chunked one fp64 for this fp64 model
+        tol = {"rtol": 1e-5, "atol": 1e-8} if chunk else {"rtol": 1e-12, "atol": 1e-14}
+        torch.testing.assert_close(out.loss.double(), plain.loss.double(), **tol)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **tol, msg=name)
+
+
+def test_transformers_activation_checkpointing_switch_reaches_the_blocks():
+    model = tiny("helm_d").train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert model.model.gradient_checkpointing
+    recomputed = []
+    model.model.layers[0].register_forward_pre_hook(lambda module, args: recomputed.append(1))
+    ids, docs, mask = batch()
+    model(ids, labels=ids).loss.backward()
+    assert len(recomputed) == 2  # once in forward, once more in backward
+
+
+def test_trainer_options_train_like_the_plain_run(tmp_path):
+    """A run with the chunked loss and checkpointed blocks logs the same losses as the plain run (fp32: to 1e-5)."""
+    import json
+
+    from test_train import corpus, overrides  # noqa: F401
+
+    from helmlm.config import load_train_config
+    from helmlm.training.trainer import train
+
+    rng = torch.Generator().manual_seed(0)
+    words = "the of and to in a is that it was for on are as with his they at be this from have".split()
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(words[int(i)] for i in torch.randint(0, len(words), (40,),
+                                                                                                 generator=rng))})
+                            + "\n" for _ in range(60)))
+    losses = []
+    for name, extra in (("plain", []), ("options", ["train.loss_chunk_tokens=16",
+                                                    "train.activation_checkpointing=true"])):
+        train(load_train_config(None, overrides(data, tmp_path / name, "train.steps=4", "eval.every=4", *extra)))
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in rows if r["kind"] == "train"])
+    assert len(losses[0]) == 4
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["helm_d", "llama", "helm_mice", "deepseek"])
+def test_blocks_compile_without_graph_breaks(kind):
+    """``train.compile`` compiles each block: dynamo traces a whole block (the training call: no cache, a document
+    mask, padding) as one graph."""
+    model = tiny(kind).float().train()  # routed layers at dispatch "auto": the dense path while compiling on CPU
+    captured = {}
+
+    def grab(module, args):
+        captured.setdefault("args", args)
+
+    block = model.model.layers[-1]
+    handle = block.register_forward_pre_hook(grab)
+    ids, docs, mask = batch()
+    model(ids, document_ids=docs, attention_mask=mask)
+    handle.remove()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(*captured["args"])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["helm_d", "helm_mice"])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(kind):
+    """``train.compile``'s per-block ``compile()`` (inductor, a C++ compiler on CPU): the same loss and gradients as
+    eager, fp32, to rounding."""
+    model = tiny(kind).float().train()
+    plain, want = loss_and_grads(model)
+    for layer in model.model.layers:
+        layer.compile()
+    out, got = loss_and_grads(model)
+    torch.testing.assert_close(out.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
