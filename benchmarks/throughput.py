@@ -92,7 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=_available_cores(),
                         help="torch.set_num_threads (default: all cores available to this process)")
     parser.add_argument("--bf16", action="store_true", help="run under CPU autocast to bfloat16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compilation in warm-up)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block, as train.compile=true does (compilation in warm-up)")
+    parser.add_argument("--loss-chunk", type=int, default=0, metavar="TOKENS",
+                        help="train: the loss over this many tokens at a time, no full logits "
+                             "(train.loss_chunk_tokens)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="train: recompute each block in backward (train.activation_checkpointing=true)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; the best tokens/s is reported")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the random tokens")
     parser.add_argument("--moe-dispatch", choices=("auto", "grouped", "dense"), default=None,
@@ -108,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.loss_chunk < 0:
+        parser.error(f"--loss-chunk must be >= 0, got {args.loss_chunk}")
     if any(n < 2 for n in args.seq_len):
         parser.error("--seq-len values must be >= 2 (the loss predicts token t+1 from token t)")
     for name in ("config", "seq_len"):
@@ -158,9 +166,16 @@ def reproduce_command(args: argparse.Namespace, config: str, seq_len: int, mode:
         cmd += ["--repeat", str(args.repeat)]
     if args.isolation != "exec":
         cmd += ["--isolation", args.isolation]
-    cmd += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
-    cmd += ["--moe-dispatch", args.moe_dispatch] if args.moe_dispatch else []
+    cmd += _option_flags(args)
     return shlex.join(cmd)
+
+
+def _option_flags(args: argparse.Namespace) -> list[str]:
+    """The measurement options of ``args`` as command-line flags (for the child and the reproduce command)."""
+    cmd = ["--bf16"] * args.bf16 + ["--compile"] * args.compile
+    cmd += ["--loss-chunk", str(args.loss_chunk)] if args.loss_chunk else []
+    cmd += ["--activation-checkpointing"] * args.activation_checkpointing
+    return cmd + (["--moe-dispatch", args.moe_dispatch] if args.moe_dispatch else [])
 
 
 def log(message: str) -> None:
@@ -240,7 +255,12 @@ def run_single(args: argparse.Namespace) -> dict:
     params = count_parameters(config)["total"]
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model.train(train)
-    forward = torch.compile(model) if args.compile else model
+    model.loss_chunk_tokens = args.loss_chunk
+    model.model.gradient_checkpointing = args.activation_checkpointing
+    if args.compile:  # per block, as the trainer does
+        for layer in model.model.layers:
+            layer.compile()
+    forward = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
 
     def autocast():
@@ -319,6 +339,8 @@ def run_single(args: argparse.Namespace) -> dict:
         "dtype": "float32",
         "autocast": "bfloat16" if args.bf16 else None,
         "compile": args.compile,
+        "loss_chunk_tokens": args.loss_chunk,
+        "activation_checkpointing": args.activation_checkpointing,
         "loss": None if loss is None else round(loss, 4),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
@@ -436,8 +458,7 @@ def run_child(args: argparse.Namespace, config: str, seq_len: int, mode: str) ->
     cmd = [sys.executable, os.path.abspath(__file__), "--single", "--config", config, "--seq-len", str(seq_len),
            "--mode", mode, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--seed", str(args.seed)]
-    cmd += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
-    cmd += ["--moe-dispatch", args.moe_dispatch] if args.moe_dispatch else []
+    cmd += _option_flags(args)
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)  # stderr: passed through

@@ -108,14 +108,17 @@ class _Lift(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, space: Tensor, c: Tensor, accurate: bool) -> Tensor:
-        time = time_from_space(space, c, accurate)
-        ctx.save_for_backward(space, time)
+        out = torch.cat([time_from_space(space, c, accurate), space], dim=-1)
+        # Only the output is kept (the next layer keeps it anyway): keeping ``space`` would hold on to a second
+        # copy, often the padded GEMM output it is a view of.
+        ctx.save_for_backward(out)
         ctx.c_shape = c.shape
-        return torch.cat([time, space], dim=-1)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        space, time = ctx.saved_tensors
+        (out,) = ctx.saved_tensors
+        time, space = out[..., :1], out[..., 1:]
         coef = grad[..., :1] / time
         grad_space = torch.addcmul(grad[..., 1:], space, coef) if ctx.needs_input_grad[0] else None
         grad_c = None
