@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -103,3 +104,20 @@ def test_decode_benchmark_prints_json_lines_and_cache_bytes_match_the_formula():
     for r in rows:
         assert r["cache_bytes"] == r["cache_bytes_formula"] > 0 and r["decode_tokens_per_s"] > 0
         assert ("cached_speedup" in r) == (r["context"] == 16)
+
+
+def test_gpu_script_cpu_smoke():
+    """benchmarks/gpu.py --smoke: every section runs on CPU with tiny presets and prints JSON lines; the grouped
+    and dense expert paths agree, and so do the dense document mask and FlexAttention where this torch has it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    sections = [r["section"] for r in rows]
+    assert sections.count("train") == 4 and sections.count("train_ratio") == 2 and sections.count("decode") == 4
+    assert all(r["tokens_per_s"] > 0 for r in rows if r["section"] == "train")
+    experts = next(r for r in rows if r["section"] == "experts")
+    assert experts["max_abs_diff_out"] < 1e-4 and experts["max_abs_diff_grad"] < 1e-4
+    attention = next(r for r in rows if r["section"] == "document_attention")
+    assert "flex_error" in attention or attention["max_abs_diff"] < 1e-4
