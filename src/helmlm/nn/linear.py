@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from helmlm.geometry import lift
 
 GEMM_ALIGN = 8  # GEMM widths are padded to a multiple of this (BLAS speed; grouped_mm's 16-byte row strides)
+UNPADDED_ROWS = 16  # aligned_linear skips the padding for this many rows or fewer (decoding steps)
 
 
 def gemm_pad(width: int) -> int:
@@ -30,9 +31,12 @@ def aligned_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     are much slower on them (measured: docs/benchmarks.md). Padding the weight with zero rows (a copy of the
     weight, not of the activations) recovers that speed, in the backward pass too. The result is the same up to
     summation order.
+
+    For a few rows (decoding: one token per sequence) the copy of the weight would cost as much as the product
+    itself, and the matrix-vector kernels do not care about alignment: up to :data:`UNPADDED_ROWS` rows run unpadded.
     """
     pad = gemm_pad(weight.shape[0])
-    if pad == 0:
+    if pad == 0 or x[..., 0].numel() <= UNPADDED_ROWS:
         return F.linear(x, weight, bias)
     weight = F.pad(weight, (0, 0, 0, pad))
     bias = None if bias is None else F.pad(bias, (0, pad))
