@@ -356,3 +356,16 @@ def test_more_points_than_the_exact_delta_allows_switch_to_sampling_and_say_so(m
     d = report["delta"]
     assert not d["tokens"]["exact"] and d["tokens"]["base_points"] == 16 and d["points"] == 20
     assert "lower bound from 16 base points" in report_module.markdown(report, "t")
+
+
+def test_default_report_names_keep_runs_apart(tmp_path):
+    from helmlm.cli import _report_name
+
+    run = tmp_path / "helm_mice_tiny" / "lr=0.003,seed=1"
+    (run / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000010" / "state.json").write_text("{}")
+    model = tmp_path / "smollm2"
+    model.mkdir()
+    assert _report_name(run) == "helm_mice_tiny-lr=0.003,seed=1"
+    assert _report_name(run / "checkpoints" / "step-00000010") == "lr=0.003,seed=1-step-00000010"
+    assert _report_name(model) == "smollm2"

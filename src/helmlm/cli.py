@@ -352,6 +352,18 @@ def _corpus_ids(tokenizer, documents, n: int):
     return torch.tensor(ids[:n], dtype=torch.long)
 
 
+def _report_name(path: Path) -> str:
+    """The default report directory name: a model directory's name; a run's with its parent's (sweep runs are all
+    called ``lr=...,seed=...``); a checkpoint's with its run's."""
+    from helmlm.training.checkpoint import STATE_FILE
+
+    if (path / STATE_FILE).is_file():
+        return f"{path.parent.parent.name}-{path.name}"
+    if (path / "checkpoints").is_dir():
+        return f"{path.parent.name}-{path.name}"
+    return path.name
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from helmlm.analysis.experts import expert_loads
     from helmlm.analysis.report import analyze_embeddings, write_report
@@ -384,7 +396,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         report["experts"] = expert_loads(model, _corpus_ids(tokenizer, iter_documents(data), args.expert_tokens))
     title = str(args.model_dir).rstrip("/")  # a run's own name (lr=...,seed=...) says little without its path
     report.update(model=str(args.model_dir), corpus=args.corpus)
-    out = args.out or str(Path("runs/analysis") / Path(args.model_dir).resolve().name)
+    out = args.out or str(Path("runs/analysis") / _report_name(Path(args.model_dir).resolve()))
     files = write_report(report, out, title=title, overwrite=args.overwrite)
     print((Path(out) / "report.md").read_text())
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
