@@ -282,7 +282,7 @@ def test_two_processes_match_one(corpus, tmp_path, model, strategy):
     """torchrun with 2 gloo processes (micro-batch 2 each) follows the same trajectory as 1 process with micro-batch
     4: same losses, and parameters within Adam's bound everywhere and equal to a tiny fraction of the distance
     travelled overall (MiCE: also the all-reduced bias update; FSDP: sharded Euclidean parts, the Lorentz table
-    replicated and averaged by hand, checkpoints gathered whole)."""
+    replicated and averaged by hand, checkpoints gathered whole, and the chunked loss with checkpointed blocks)."""
     from helmlm.training.optim import lr_multiplier, parameter_roles
 
     accumulation = 2 if model == "helm_mice_tiny" else 1  # expert counts must survive micro-batches on every rank
@@ -294,9 +294,12 @@ def test_two_processes_match_one(corpus, tmp_path, model, strategy):
     one = cli("train", *common, f"out_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # FSDP also runs the memory options (chunked loss, checkpointed blocks), which must not change the trajectory
+    options = ["train.loss_chunk_tokens=24", "train.activation_checkpointing=true"] if strategy == "fsdp" else []
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(29500 + os.getpid() % 1000), "-m", "helmlm", "train", *common,
-                          "train.micro_batch=2", f"train.strategy={strategy}", f"out_dir={tmp_path / 'two'}"],
+                          "train.micro_batch=2", f"train.strategy={strategy}", f"out_dir={tmp_path / 'two'}",
+                          *options],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     la = [r["loss"] for r in metrics(tmp_path / "one")]
