@@ -198,7 +198,9 @@ def test_analyze_writes_a_report_with_nulls(tmp_path, corpus_file, geometry, cap
         assert len(report["ricci"]["gaussian_null"]) == 2
     if geometry == "lorentz":  # geodesic radii: the table starts at radius 1 around the origin
         assert all(b["norm_mean"] == pytest.approx(1.0, abs=1e-3) for b in report["frequency_vs_norm"]["bins"])
-    assert "| the tokens |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| the tokens |" in captured.out
+    assert "delta: tokens and nulls" in captured.err and "counting tokens" in captured.err  # progress bars
     assert main(["analyze", str(path), "--corpus", str(corpus_file), "--out", str(out)]) == 2  # no overwrite
     assert "already holds a report" in capsys.readouterr().err
 

@@ -67,20 +67,30 @@ def _summary(draws: list[dict[str, Any]]) -> dict[str, Any]:
             "relative_delta_std": statistics.stdev(values) if len(values) > 1 else 0.0, "draws": draws}
 
 
-def delta_with_nulls(table: Tensor, chosen: Tensor, c: float | None, null_draws: int = 5, seed: int = 0) -> dict:
-    """Relative delta of the rows ``chosen`` of ``table``, beside the Gaussian and random-rows nulls."""
+def delta_with_nulls(table: Tensor, chosen: Tensor, c: float | None, null_draws: int = 5, seed: int = 0,
+                     tick=lambda: None) -> dict:
+    """Relative delta of the rows ``chosen`` of ``table``, beside the Gaussian and random-rows nulls; ``tick()``
+    after each of the ``1 + 2 null_draws`` point sets."""
     points = table[chosen].to(torch.float64)
-    gaussian = [_delta(gaussian_null(points, c, seed + 1 + draw), c, seed) for draw in range(null_draws)]
-    others = [_delta(random_rows(table.to(torch.float64), len(chosen), seed=seed + 101 + draw, exclude=chosen), c,
-                     seed) for draw in range(null_draws)]
-    return {"tokens": _delta(points, c, seed), "gaussian_null": _summary(gaussian), "random_tokens_null":
+
+    def measured(point_set: Tensor) -> dict[str, Any]:
+        result = _delta(point_set, c, seed)
+        tick()
+        return result
+
+    tokens = measured(points)
+    gaussian = [measured(gaussian_null(points, c, seed + 1 + draw)) for draw in range(null_draws)]
+    others = [measured(random_rows(table.to(torch.float64), len(chosen), seed=seed + 101 + draw, exclude=chosen))
+              for draw in range(null_draws)]
+    return {"tokens": tokens, "gaussian_null": _summary(gaussian), "random_tokens_null":
             _summary(others), "points": len(chosen), "distance": "euclidean" if c is None else "lorentz geodesic"}
 
 
 def ricci_with_null(table: Tensor, chosen: Tensor, c: float | None, null_draws: int, seed: int,
-                    k: int = 10) -> tuple[dict[str, Any], dict[str, Any]]:
+                    k: int = 10, tick=lambda: None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Ollivier-Ricci curvature of the k-NN graph of the chosen rows and of Gaussian nulls (summaries, and the raw
-    edge curvatures for the plot); ``{"unavailable": ...}`` without the ``ricci`` extra."""
+    edge curvatures for the plot); ``{"unavailable": ...}`` without the ``ricci`` extra. ``tick()`` after each of
+    the ``1 + null_draws`` graphs."""
     try:
         from helmlm.analysis.ricci import knn_graph, ollivier_ricci, summary
     except ImportError:
@@ -90,8 +100,11 @@ def ricci_with_null(table: Tensor, chosen: Tensor, c: float | None, null_draws: 
         tokens = ollivier_ricci(knn_graph(distance_matrix(points, c), k))
     except ImportError as err:  # GraphRicciCurvature present, one of its own dependencies not
         return {"unavailable": f"GraphRicciCurvature cannot run: {err}"}, {}
-    nulls = [ollivier_ricci(knn_graph(distance_matrix(gaussian_null(points, c, seed + 1 + draw), c), k))
-             for draw in range(null_draws)]
+    tick()
+    nulls = []
+    for draw in range(null_draws):
+        nulls.append(ollivier_ricci(knn_graph(distance_matrix(gaussian_null(points, c, seed + 1 + draw), c), k)))
+        tick()
     return ({"k": k, "tokens": summary(tokens), "gaussian_null": [summary(n) for n in nulls]},
             {"tokens": tokens, "gaussian_null": np.concatenate(nulls)})
 
@@ -125,8 +138,11 @@ def analyze_embeddings(table: Tensor, tokenizer, documents: Iterable[str], *, lo
     if len(chosen) > EXACT_MAX_POINTS:
         log(f"note: {len(chosen)} points is more than the {EXACT_MAX_POINTS} of the exact delta; sampling 16 base "
               "points (a lower bound)")
-    report["delta"] = delta_with_nulls(table, chosen, lorentz_curvature, null_draws, seed)
-    report["ricci"], report["_ricci"] = ricci_with_null(table, chosen, lorentz_curvature, null_draws, seed)
+    with tqdm(total=1 + 2 * null_draws, disable=not progress, desc="delta: tokens and nulls", unit="set") as bar:
+        report["delta"] = delta_with_nulls(table, chosen, lorentz_curvature, null_draws, seed, tick=bar.update)
+    with tqdm(total=1 + null_draws, disable=not progress, desc="Ricci: tokens and nulls", unit="graph") as bar:
+        report["ricci"], report["_ricci"] = ricci_with_null(table, chosen, lorentz_curvature, null_draws, seed,
+                                                            tick=bar.update)
     report["_counts"], report["_norms"] = counts, norms.numpy()  # for the plots; not written to JSON
     return report
 
