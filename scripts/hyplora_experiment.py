@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("base"), p.add_argument("data"), p.add_argument("out")
     p.add_argument("--methods", default="lora,hyplora-paper,hyplora-readme")
     p.add_argument("--lora-lrs", default="1e-4,3e-4,1e-3")
-    p.add_argument("--hyplora-lrs", default="3e-4,1e-3,3e-3")
+    p.add_argument("--hyplora-lrs", default="3e-4,1e-3,3e-3,1e-2")  # 3e-3 won the first grid: one step above
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--rank", type=int, default=8), p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--epochs", type=int, default=3), p.add_argument("--batch-size", type=int, default=8)
