@@ -260,7 +260,6 @@ def run_single(args: argparse.Namespace) -> dict:
     if args.compile:  # per block, as the trainer does
         for layer in model.model.layers:
             layer.compile()
-    forward = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
 
     def autocast():
@@ -272,13 +271,13 @@ def run_single(args: argparse.Namespace) -> dict:
     def step() -> float | None:
         if train:
             with autocast():
-                loss = forward(input_ids=input_ids, labels=input_ids).loss
+                loss = model(input_ids=input_ids, labels=input_ids).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss.item()
         with torch.inference_mode(), autocast():
-            forward(input_ids=input_ids).logits.sum().item()  # touch the output
+            model(input_ids=input_ids).logits.sum().item()  # touch the output
         return None
 
     gc.collect()

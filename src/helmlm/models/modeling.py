@@ -236,9 +236,9 @@ class HELMModel(HELMPreTrainedModel):
             mask = cache.attention_mask(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
         caches = [None] * len(self.layers) if cache is None else cache.layers
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        run = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint  # transformers' function if set
         for layer, layer_cache in zip(self.layers, caches):
             if checkpointing:  # routed layers count their experts twice; their balance uses shares, unchanged
-                run = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint
                 h = run(layer.__call__, h, cos, sin, mask, valid, layer_cache)
             else:
                 h = layer(h, cos, sin, mask, valid, layer_cache)
@@ -412,13 +412,13 @@ class HELMForCausalLM(HELMPreTrainedModel, GenerationMixin):
         weigh tokens across micro-batches and ranks and add ``aux_loss`` themselves (the trainer). With
         :attr:`loss_chunk_tokens` > 0 and ``labels``, the loss comes from :func:`~helmlm.nn.loss.linear_cross_entropy`
         over that many tokens at a time and ``logits`` is ``None``: the full logits are never held."""
+        if loss_reduction not in ("mean", "sum"):
+            raise InputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         past_key_values = self.own_cache(cache if cache is not None else past_key_values)  # 5.x calls it ``cache``
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
         hidden = self.model(input_ids, document_ids=document_ids, position_ids=position_ids,
                             attention_mask=attention_mask, cache=past_key_values)
-        if loss_reduction not in ("mean", "sum"):
-            raise InputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if labels is None and isinstance(logits_to_keep, Tensor):
             hidden = hidden[:, logits_to_keep]
         elif labels is None and logits_to_keep:
