@@ -173,3 +173,95 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(kind):
     torch.testing.assert_close(out.loss, plain.loss, rtol=1e-5, atol=1e-6)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused elementwise paths: each equals the autograd graph of its formula (fp64), gradients included
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [300, 512, 700])
+def test_masked_attention_in_query_blocks_equals_one_call(n):
+    """``attend`` with a packed-document mask longer than QUERY_BLOCK runs in query blocks over the allowed key span;
+    output and gradients equal one SDPA call on the whole mask (fp64), for lengths that are and are not multiples."""
+    from helmlm.nn.attention import QUERY_BLOCK, attend, document_causal_mask
+
+    assert n > QUERY_BLOCK
+    g = torch.Generator().manual_seed(n)
+    starts = torch.zeros(3, n, dtype=torch.long)
+    starts.scatter_(1, torch.rand(3, n, generator=g).argsort(-1)[:, :4], 1)
+    starts[:, 0] = 0
+    mask = document_causal_mask(starts.cumsum(-1))
+    q, k, v = (torch.randn(3, 2, n, 9, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(3, 2, n, 9, dtype=torch.float64, generator=g)
+    got = attend(q, k, v, mask, scale=0.3)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), upstream), torch.autograd.grad(want, (q, k, v), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_scaled_residual_matches_its_formula_and_gradcheck():
+    """The fused scaled residual equals ``lift(scale sqrt(c) a_s / sqrt|<a,a>_L|)``, ``a = x + w y``, built from plain
+    ops, in value and in every gradient (x, y, learnable weight, per-token weight, learnable log-scale), and
+    passes gradcheck."""
+    from torch.autograd import gradcheck
+
+    from helmlm.geometry import lift, minkowski_inner
+    from helmlm.nn import LorentzResidual
+    from helmlm.nn.residual import _ScaledResidual
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.tensor(2.0, dtype=torch.float64)
+    x = lift(3 * torch.randn(2, 5, 7, dtype=torch.float64, generator=g), c).requires_grad_()
+    y = lift(torch.randn(2, 5, 7, dtype=torch.float64, generator=g), c).requires_grad_()
+    per_token = (torch.rand(2, 5, 1, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    for module in (LorentzResidual(scale=5.0, curvature=2.0), LorentzResidual(scale=5.0, learn_scale=True,
+                                                                              curvature=2.0)):
+        module = module.double()
+        for weight in (None, per_token):
+            w = module.weight if weight is None else weight
+            scale = module.log_scale.exp() if module.log_scale is not None else 5.0
+            a = x + w * y
+            want = lift(a[..., 1:] * (scale * c.sqrt() / minkowski_inner(a, a, keepdim=True).abs().sqrt()), c,
+                        accurate=True)
+            got = module(x, y, weight=weight)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            upstream = torch.randn(got.shape, dtype=torch.float64, generator=g)
+            inputs = [x, y, w] + ([module.log_scale] if module.log_scale is not None else [])
+            for a_, b_ in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
+                torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-12)
+    scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda *t: _ScaledResidual.apply(*t, c, 1e-8), (x, y, per_token, scale))
+
+
+def test_time_from_space_gradient_is_autograds():
+    """``time_from_space`` (one-pass backward) passes gradcheck in the space part and in a scalar, per-row or
+    per-axis curvature."""
+    from torch.autograd import gradcheck
+
+    from helmlm.geometry import time_from_space
+
+    g = torch.Generator().manual_seed(0)
+    space = torch.randn(4, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    for c in (torch.tensor(1.5, dtype=torch.float64), torch.rand(4, 1, 1, dtype=torch.float64, generator=g) + 0.5,
+              torch.rand(3, 1, dtype=torch.float64, generator=g) + 0.5):
+        assert gradcheck(time_from_space, (space, c.requires_grad_()))
+
+
+def test_causal_lm_loss_shifts_targets_not_logits():
+    """The loss over (B, N) logits with shifted targets equals cross-entropy on the sliced logits (fp64), with a
+    document boundary and an ignored label."""
+    from helmlm.models import causal_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 9, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 9), generator=g)
+    labels[0, 4] = -100
+    docs = torch.tensor([[0] * 5 + [1] * 4, [0] * 9])
+    targets = labels[:, 1:].masked_fill(docs[:, 1:] != docs[:, :-1], -100)
+    for reduction in ("mean", "sum"):
+        want = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction=reduction)
+        got = causal_lm_loss(logits, labels, docs, reduction=reduction)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0])

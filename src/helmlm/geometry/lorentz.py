@@ -96,7 +96,41 @@ def time_from_space(space: Tensor, c: float | Tensor, accurate: bool = False) ->
     if accurate and space.dtype == torch.float32:
         sq = space.square().sum(-1, keepdim=True, dtype=torch.float64)
         return (sq + as_curvature(c, space).double()).sqrt().float()
-    return (space.square().sum(-1, keepdim=True) + as_curvature(c, space)).sqrt()
+    c = as_curvature(c, space)
+    if torch.is_grad_enabled() and (space.requires_grad or c.requires_grad):
+        return _Time.apply(space, c)
+    return (space.square().sum(-1, keepdim=True) + c).sqrt()
+
+
+class _Time(torch.autograd.Function):
+    """``time_from_space`` with a one-pass backward, ``d/ds = (g / t) s``, ``d/dc = g / 2t``, keeping only ``s`` (which
+    its consumer, a linear layer, keeps anyway) and ``t``; autograd's graph of ``sqrt(sum(s^2) + c)`` makes three
+    passes over ``s`` in backward and keeps ``s^2`` as well."""
+
+    @staticmethod
+    def forward(ctx, space: Tensor, c: Tensor) -> Tensor:
+        time = (space.square().sum(-1, keepdim=True) + c).sqrt()
+        ctx.save_for_backward(space, time)
+        ctx.c_shape = c.shape
+        return time
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        space, time = ctx.saved_tensors
+        half = grad / (2 * time)
+        grad_space = space * (2 * half) if ctx.needs_input_grad[0] else None
+        grad_c = _sum_to_shape(half, ctx.c_shape) if ctx.needs_input_grad[1] else None
+        return grad_space, grad_c
+
+
+def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient to ``shape`` (leading axes summed away, size-1 axes summed with keepdim)."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    for dim, size in enumerate(shape):
+        if size == 1 and grad.shape[dim] != 1:
+            grad = grad.sum(dim, keepdim=True)
+    return grad
 
 
 class _Lift(torch.autograd.Function):
@@ -121,14 +155,7 @@ class _Lift(torch.autograd.Function):
         time, space = out[..., :1], out[..., 1:]
         coef = grad[..., :1] / time
         grad_space = torch.addcmul(grad[..., 1:], space, coef) if ctx.needs_input_grad[0] else None
-        grad_c = None
-        if ctx.needs_input_grad[1]:
-            grad_c = coef / 2
-            while grad_c.dim() > len(ctx.c_shape):
-                grad_c = grad_c.sum(0)
-            for dim, size in enumerate(ctx.c_shape):
-                if size == 1:
-                    grad_c = grad_c.sum(dim, keepdim=True)
+        grad_c = _sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[1] else None
         return grad_space, grad_c, None
 
 

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from helmlm.errors import InputError  # noqa: F401  (re-exported)
+from helmlm.geometry import promote
 from helmlm.models.config import HELMConfig
 from helmlm.nn import (
     LatentAttention,
@@ -273,11 +274,12 @@ def lm_targets(labels: Tensor, document_ids: Tensor | None = None) -> Tensor:
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, document_ids: Tensor | None = None,
                    reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy in fp32 over :func:`lm_targets` (``-100`` ignored), averaged (``mean``) or summed
-    (``sum``, for token-weighted averaging across micro-batches and ranks)."""
-    targets = lm_targets(labels, document_ids)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                           reduction=reduction)
+    """Next-token cross-entropy in fp32 or higher over :func:`lm_targets` (``-100`` ignored), averaged (``mean``) or
+    summed (``sum``, for token-weighted averaging across micro-batches and ranks)."""
+    # The targets are shifted, not the logits: slicing off the last position of (B, N, vocab) logits would copy them
+    # (and zero-fill a same-sized gradient in backward); an ignored target in the last position costs nothing.
+    targets = F.pad(lm_targets(labels, document_ids), (0, 1), value=-100)
+    return F.cross_entropy(promote(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
 # transformers renamed the output field ``past_key_values`` to ``cache`` in its 5.x series and warns whenever the old
@@ -427,8 +429,8 @@ class HELMForCausalLM(HELMPreTrainedModel, GenerationMixin):
         aux_loss = torch.stack(aux).sum() if aux else None
         loss = logits = None
         if labels is not None and self.loss_chunk_tokens > 0:
-            targets = lm_targets(labels, padded_document_ids(document_ids, attention_mask))
-            loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets.flatten(),
+            targets = F.pad(lm_targets(labels, padded_document_ids(document_ids, attention_mask)), (0, 1), value=-100)
+            loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                         self.loss_chunk_tokens, loss_reduction)
         else:
             logits = self.lm_head(hidden)

@@ -36,12 +36,33 @@ def document_causal_mask(document_ids: Tensor) -> Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
+QUERY_BLOCK = 256  # masked attention on CPU runs over blocks of this many queries (see attend)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
     """SDPA over ``(B, H, N, d)`` tensors; causal when ``mask`` is None, else the given boolean mask (True: may
-    attend). The one attention kernel call of every attention layer, hyperbolic and Euclidean."""
+    attend). The one attention kernel call of every attention layer, hyperbolic and Euclidean.
+
+    With a mask, SDPA computes every query-key pair (a mask is not known to be causal), twice the work of the causal
+    kernel. On CPU, eager, the queries then go in blocks of :data:`QUERY_BLOCK`, each against the span of keys its
+    mask rows allow (with packed documents: from the earliest document start in the block to the block's end); the
+    result is the same up to summation order, for about two thirds of the time at 1,024 tokens
+    (docs/benchmarks.md). Finding the span reads the mask, a device synchronisation, so CUDA keeps one call (and
+    the FlexAttention path of benchmarks/gpu.py is the way to skip blocks there).
+    """
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    n = q.shape[-2]
+    if n <= QUERY_BLOCK or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    blocks = []
+    for start in range(0, n, QUERY_BLOCK):
+        rows = mask[..., start:start + QUERY_BLOCK, :]
+        keys = rows.flatten(0, -2).any(0).nonzero()
+        lo, hi = (int(keys[0]), int(keys[-1]) + 1) if len(keys) else (0, k.shape[-2])
+        blocks.append(F.scaled_dot_product_attention(q[..., start:start + QUERY_BLOCK, :], k[..., lo:hi, :],
+                                                     v[..., lo:hi, :], attn_mask=rows[..., lo:hi], scale=scale))
+    return torch.cat(blocks, dim=-2)
 
 
 def lorentz_sdpa(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, temperature: Tensor,

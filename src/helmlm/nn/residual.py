@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from helmlm.geometry import lift, lorentz_normalize, minkowski_inner, promote
+from helmlm.geometry import as_curvature, lorentz_normalize, promote, time_from_space
 
 
 class LorentzResidual(nn.Module):
@@ -49,17 +49,61 @@ class LorentzResidual(nn.Module):
         if weight is None:
             weight = self.weight if self.weight is not None else self.fixed_weight
         x, y = promote(x), promote(y)
-        a = torch.addcmul(x, weight, y) if isinstance(weight, torch.Tensor) else x + weight * y
         if self.log_scale is None and self.fixed_scale is None:
+            a = torch.addcmul(x, weight, y) if isinstance(weight, torch.Tensor) else x + weight * y
             return lorentz_normalize(a, self.curvature, self.eps)
-        # Only the space part of the normalised point survives the rescale: fold normalisation and scale into one
-        # per-point factor on a_s, then recompute the time.
         scale = self.log_scale.exp() if self.log_scale is not None else self.fixed_scale
-        inner = minkowski_inner(a, a, keepdim=True).abs().clamp_min(self.eps)
-        factor = scale * math.sqrt(self.curvature) / inner.sqrt()
-        return lift(a[..., 1:] * factor, self.curvature, accurate=True)
+        weight, scale = (t.to(x.dtype) if isinstance(t, torch.Tensor) else x.new_tensor(float(t))
+                         for t in (weight, scale))
+        return _ScaledResidual.apply(x, y, weight, scale, as_curvature(self.curvature, x), self.eps)
 
     def extra_repr(self) -> str:
         w = "learnable" if self.weight is not None else self.fixed_weight
         s = "learnable" if self.log_scale is not None else self.fixed_scale
         return f"weight={w}, scale={s}"
+
+
+class _ScaledResidual(torch.autograd.Function):
+    """The scaled residual ``z_s = f a_s``, ``f = scale sqrt(c) / sqrt(|<a, a>_L|)``, ``a = x + w y``, ``z_t``
+    recomputed (fp64 accumulation), with a closed-form backward.
+
+    Only the space part of the normalised point survives the rescale, so normalisation and scale fold into one
+    per-point factor. Autograd's graph of the same formula takes about a dozen passes over the ``(tokens, width)``
+    tensors each way and keeps ``a``; here forward is four passes and keeps only per-point scalars besides the
+    output (which the next layer keeps anyway) and ``y`` (only when the weight is learned). Backward, with
+    ``G = g_s + (g_t / z_t) z_s`` (the lift's chain rule) and ``m = |<a, a>_L|``:
+    ``dL/da_s = f G - (f s / m) (G . a_s) a_s``, ``dL/da_t = (f s / m) (G . a_s) a_t`` with ``s = sign <a, a>_L``
+    (0 where ``m`` is clamped at ``eps``), ``a_s = z_s / f``; ``dL/dx = dL/da``, ``dL/dy = w dL/da``,
+    ``dL/dw = dL/da . y``, ``dL/dscale = G . z_s / scale``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, weight: Tensor, scale: Tensor, c: Tensor, eps: float) -> Tensor:
+        z = torch.addcmul(x, weight, y)  # a, overwritten in place by the output below
+        a_t = z[..., :1].clone()
+        inner = torch.linalg.vector_norm(z[..., 1:], dim=-1, keepdim=True).square_().sub_(a_t.square())
+        m = inner.abs()
+        live = m > eps  # where the clamp is inactive (the gradient through m flows)
+        factor = scale * c.sqrt() / m.clamp_min(eps).sqrt()
+        z[..., 1:].mul_(factor)
+        z[..., :1] = time_from_space(z[..., 1:], c, accurate=True)
+        ctx.save_for_backward(z, y if ctx.needs_input_grad[2] else None, weight, scale, a_t,
+                              factor, inner.sign() * live / m.clamp_min(eps))
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, y, weight, scale, a_t, factor, sign_over_m = ctx.saved_tensors
+        z_t, z_s = z[..., :1], z[..., 1:]
+        g = torch.addcmul(grad[..., 1:], z_s, grad[..., :1] / z_t)  # G
+        g_dot_z = torch.linalg.vecdot(g, z_s).unsqueeze(-1)  # G . z_s = f (G . a_s)
+        coef = g_dot_z * sign_over_m  # f s (G . a_s) / m
+        grad_a = z * (-coef / factor)  # dL/da_s = f G - coef a_s = f G - (coef / f) z_s
+        grad_a[..., 1:].addcmul_(g, factor)
+        grad_a[..., :1] = coef * a_t
+        needs = ctx.needs_input_grad
+        grad_x = grad_a if needs[0] else None
+        grad_y = grad_a * weight if needs[1] else None
+        grad_w = torch.linalg.vecdot(grad_a, y).unsqueeze(-1).sum_to_size(weight.shape) if needs[2] else None
+        grad_scale = (g_dot_z / scale).sum().reshape(scale.shape) if needs[3] else None
+        return grad_x, grad_y, grad_w, grad_scale, None, None
