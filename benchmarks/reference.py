@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import current_rss_mb, log, release_free_heap, reset_peak_rss, _proc_status_kb  # noqa: E402
+from throughput import _proc_status_kb, current_rss_mb, log, release_free_heap, reset_peak_rss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=2, help="runs per side, interleaved; the best is reported")
     p.add_argument("--loss-chunk", type=int, default=0, help="helmlm: train.loss_chunk_tokens (default: off)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="helmlm: recompute each block in backward (train.activation_checkpointing)")
     p.add_argument("--compile", action="store_true", help="helmlm: torch.compile per block (train.compile)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -161,6 +163,7 @@ def make_step(side: str, args: argparse.Namespace):
                                max_seq_len=args.seq_len)
         del reference
         model.loss_chunk_tokens = args.loss_chunk
+        model.model.gradient_checkpointing = args.activation_checkpointing
         if args.compile:
             for layer in model.model.layers:
                 layer.compile()
@@ -202,7 +205,7 @@ def first_losses(args: argparse.Namespace) -> dict:
 
 def measure(side: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    step, model, n_params = make_step(side, args)
+    step, _, n_params = make_step(side, args)
     gc.collect()
     release_free_heap()
     reset = reset_peak_rss()
@@ -221,6 +224,7 @@ def measure(side: str, args: argparse.Namespace) -> dict:
             / sum(times), 1), "step_s": [round(t, 3) for t in times], "peak_rss_mb": round(peak, 1),
             "baseline_rss_mb": round(baseline, 1), "activation_mb": round(peak - baseline, 1), "loss": round(loss, 4),
             "loss_chunk_tokens": args.loss_chunk if side == "helmlm" else None,
+            "activation_checkpointing": args.activation_checkpointing if side == "helmlm" else None,
             "compile": args.compile if side == "helmlm" else None}
 
 

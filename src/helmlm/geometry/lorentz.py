@@ -166,7 +166,9 @@ def lift(space: Tensor, c: float | Tensor, accurate: bool = False) -> Tensor:
     """
     space = promote(space)
     c = as_curvature(c, space)
-    if c.dim() > space.dim():  # a curvature with more axes than the points: plain autograd handles broadcasting
+    # No graph to record (inference, decoding: many small calls), or a curvature with more axes than the points
+    # (plain autograd handles the broadcasting): the plain ops, without the autograd.Function's per-call overhead.
+    if c.dim() > space.dim() or not (torch.is_grad_enabled() and (space.requires_grad or c.requires_grad)):
         return torch.cat([time_from_space(space, c, accurate), space], dim=-1)
     return _Lift.apply(space, c, accurate)
 

@@ -55,12 +55,28 @@ class LorentzResidual(nn.Module):
         scale = self.log_scale.exp() if self.log_scale is not None else self.fixed_scale
         weight, scale = (t.to(x.dtype) if isinstance(t, torch.Tensor) else x.new_tensor(float(t))
                          for t in (weight, scale))
-        return _ScaledResidual.apply(x, y, weight, scale, as_curvature(self.curvature, x), self.eps)
+        c = as_curvature(self.curvature, x)
+        if not torch.is_grad_enabled():  # inference and decoding: the same forward, without the Function's overhead
+            return _scaled_residual(x, y, weight, scale, c, self.eps)[0]
+        return _ScaledResidual.apply(x, y, weight, scale, c, self.eps)
 
     def extra_repr(self) -> str:
         w = "learnable" if self.weight is not None else self.fixed_weight
         s = "learnable" if self.log_scale is not None else self.fixed_scale
         return f"weight={w}, scale={s}"
+
+
+def _scaled_residual(x: Tensor, y: Tensor, weight: Tensor, scale: Tensor, c: Tensor, eps: float):
+    """Forward of :class:`_ScaledResidual`: the output ``z`` and the per-point ``a_t``, ``f`` and ``sign / m`` (0
+    where ``m`` is clamped) that its backward needs."""
+    z = torch.addcmul(x, weight, y)  # a, overwritten in place by the output below
+    a_t = z[..., :1].clone()
+    inner = torch.linalg.vector_norm(z[..., 1:], dim=-1, keepdim=True).square_().sub_(a_t.square())
+    m = inner.abs()
+    factor = scale * c.sqrt() / m.clamp_min(eps).sqrt()
+    z[..., 1:].mul_(factor)
+    z[..., :1] = time_from_space(z[..., 1:], c, accurate=True)
+    return z, a_t, factor, inner.sign() * (m > eps) / m.clamp_min(eps)
 
 
 class _ScaledResidual(torch.autograd.Function):
@@ -79,16 +95,8 @@ class _ScaledResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, weight: Tensor, scale: Tensor, c: Tensor, eps: float) -> Tensor:
-        z = torch.addcmul(x, weight, y)  # a, overwritten in place by the output below
-        a_t = z[..., :1].clone()
-        inner = torch.linalg.vector_norm(z[..., 1:], dim=-1, keepdim=True).square_().sub_(a_t.square())
-        m = inner.abs()
-        live = m > eps  # where the clamp is inactive (the gradient through m flows)
-        factor = scale * c.sqrt() / m.clamp_min(eps).sqrt()
-        z[..., 1:].mul_(factor)
-        z[..., :1] = time_from_space(z[..., 1:], c, accurate=True)
-        ctx.save_for_backward(z, y if ctx.needs_input_grad[2] else None, weight, scale, a_t,
-                              factor, inner.sign() * live / m.clamp_min(eps))
+        z, a_t, factor, sign_over_m = _scaled_residual(x, y, weight, scale, c, eps)
+        ctx.save_for_backward(z, y if ctx.needs_input_grad[2] else None, weight, scale, a_t, factor, sign_over_m)
         return z
 
     @staticmethod
