@@ -143,24 +143,34 @@ def optimizers(model: torch.nn.Module) -> list[torch.optim.Optimizer]:
     return opts
 
 
+def blocked(docs: torch.Tensor) -> torch.Tensor:
+    """The reference training loop's block mask ``(B, N, N)``: True where a query may *not* attend a key."""
+    return docs.unsqueeze(1) != docs.unsqueeze(2)
+
+
+def helmlm_copy(reference, args: argparse.Namespace):
+    """helmlm's HELM-D with the reference model's weights."""
+    from helmlm.compat import load_reference
+
+    return load_reference(reference.state_dict(), model_name="HELM_D", arch=args.arch, vocab_size=args.vocab,
+                          max_seq_len=args.seq_len)
+
+
 def make_step(side: str, args: argparse.Namespace):
-    """Build the side's model; return ``(step, n_params)`` where ``step()`` trains once and returns the loss."""
+    """Build the side's model; return ``(step, model, n_params)``, ``step()`` training once and returning the loss."""
     ids, docs = packed_batch(args)
     labels = ids.clone()
     reference = build_reference(args)
     if side == "reference":
         model = reference
-        blocked = docs.unsqueeze(1) != docs.unsqueeze(2)  # the reference loop's block mask (True: may not attend)
+        mask = blocked(docs)
         loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)
 
         def forward():
-            logits = model(ids, attn_mask=blocked)
+            logits = model(ids, attn_mask=mask)
             return loss_fn(logits.view(-1, logits.size(-1)), labels.view(-1))
     else:
-        from helmlm.compat import load_reference
-
-        model = load_reference(reference.state_dict(), model_name="HELM_D", arch=args.arch, vocab_size=args.vocab,
-                               max_seq_len=args.seq_len)
+        model = helmlm_copy(reference, args)
         del reference
         model.loss_chunk_tokens = args.loss_chunk
         model.model.gradient_checkpointing = args.activation_checkpointing
@@ -189,16 +199,17 @@ def make_step(side: str, args: argparse.Namespace):
 
 
 def first_losses(args: argparse.Namespace) -> dict:
-    """Both models' loss on the same (shifted) targets before any step: the same weights give the same value."""
+    """Both models' loss on the same targets (next tokens within each document) before any step: the same weights
+    give the same value."""
+    from helmlm.models.modeling import lm_targets
+
     ids, docs = packed_batch(args)
     reference = build_reference(args)
-    from helmlm.compat import load_reference
-
-    ours = load_reference(reference.state_dict(), model_name="HELM_D", arch=args.arch, vocab_size=args.vocab,
-                          max_seq_len=args.seq_len)
+    ours = helmlm_copy(reference, args)
     with torch.no_grad():
-        logits = reference(ids, attn_mask=docs.unsqueeze(1) != docs.unsqueeze(2))
-        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+        logits = reference(ids, attn_mask=blocked(docs))
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), lm_targets(ids, docs).flatten(),
+                                                ignore_index=-100).item()
         mine = ours(input_ids=ids, document_ids=docs, labels=ids).loss.item()
     return {"reference_loss": round(ref, 6), "helmlm_loss": round(mine, 6)}
 

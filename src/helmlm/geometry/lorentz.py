@@ -117,9 +117,9 @@ class _Time(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         space, time = ctx.saved_tensors
-        half = grad / (2 * time)
-        grad_space = space * (2 * half) if ctx.needs_input_grad[0] else None
-        grad_c = _sum_to_shape(half, ctx.c_shape) if ctx.needs_input_grad[1] else None
+        coef = grad / time
+        grad_space = space * coef if ctx.needs_input_grad[0] else None
+        grad_c = _sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[1] else None
         return grad_space, grad_c
 
 

@@ -272,13 +272,20 @@ def lm_targets(labels: Tensor, document_ids: Tensor | None = None) -> Tensor:
     return targets
 
 
+def position_targets(labels: Tensor, document_ids: Tensor | None = None) -> Tensor:
+    """:func:`lm_targets` aligned with the positions, ``(B, N)``: the last position's target is ``-100``.
+
+    The losses shift the targets, not the outputs: slicing off the last position of ``(B, N, vocab)`` logits would
+    copy them (and zero-fill a same-sized gradient in backward); an ignored target in the last position costs
+    nothing."""
+    return F.pad(lm_targets(labels, document_ids), (0, 1), value=-100)
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor, document_ids: Tensor | None = None,
                    reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy in fp32 or higher over :func:`lm_targets` (``-100`` ignored), averaged (``mean``) or
     summed (``sum``, for token-weighted averaging across micro-batches and ranks)."""
-    # The targets are shifted, not the logits: slicing off the last position of (B, N, vocab) logits would copy them
-    # (and zero-fill a same-sized gradient in backward); an ignored target in the last position costs nothing.
-    targets = F.pad(lm_targets(labels, document_ids), (0, 1), value=-100)
+    targets = position_targets(labels, document_ids)
     return F.cross_entropy(promote(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
@@ -429,7 +436,7 @@ class HELMForCausalLM(HELMPreTrainedModel, GenerationMixin):
         aux_loss = torch.stack(aux).sum() if aux else None
         loss = logits = None
         if labels is not None and self.loss_chunk_tokens > 0:
-            targets = F.pad(lm_targets(labels, padded_document_ids(document_ids, attention_mask)), (0, 1), value=-100)
+            targets = position_targets(labels, padded_document_ids(document_ids, attention_mask))
             loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                         self.loss_chunk_tokens, loss_reduction)
         else:
