@@ -175,8 +175,7 @@ def make_step(side: str, args: argparse.Namespace):
         model.loss_chunk_tokens = args.loss_chunk
         model.model.gradient_checkpointing = args.activation_checkpointing
         if args.compile:
-            for layer in model.model.layers:
-                layer.compile()
+            model.model.compile_blocks()
         n_targets = labels[:, 1:].numel()
 
         def forward():  # the trainer's call: summed loss over the shifted targets, divided once

@@ -258,8 +258,7 @@ def run_single(args: argparse.Namespace) -> dict:
     model.loss_chunk_tokens = args.loss_chunk
     model.model.gradient_checkpointing = args.activation_checkpointing
     if args.compile:  # per block, as the trainer does
-        for layer in model.model.layers:
-            layer.compile()
+        model.model.compile_blocks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
 
     def autocast():

@@ -121,8 +121,7 @@ class Trainer:
         self.model.loss_chunk_tokens = t.loss_chunk_tokens
         self.model.model.gradient_checkpointing = t.activation_checkpointing
         if t.compile:
-            for layer in self.model.model.layers:
-                layer.compile()
+            self.model.model.compile_blocks()
         if t.init_from and self.checkpoint is None:
             self._load_initial_weights(t.init_from)
         if t.table_dtype == "float64":
