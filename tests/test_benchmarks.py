@@ -106,6 +106,19 @@ def test_decode_benchmark_prints_json_lines_and_cache_bytes_match_the_formula():
         assert ("cached_speedup" in r) == (r["context"] == 16)
 
 
+def test_decode_benchmark_compiled_and_batched():
+    """``--compile --batch 1 2``: one line per (batch, context) with the compiled step's speed; cache bytes scale
+    with the batch."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--configs", "llama_tiny", "--contexts", "8",
+           "--decode-steps", "2", "--repeat", "1", "--recompute-at", "--threads", "1", "--compile", "--batch", "1", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert rows[1]["cache_bytes"] == 2 * rows[0]["cache_bytes"] == rows[1]["cache_bytes_formula"]
+    assert all(r["compiled_decode_tokens_per_s"] > 0 for r in rows)
+
+
 def test_gpu_script_cpu_smoke():
     """benchmarks/gpu.py --smoke: every section runs on CPU with tiny presets and prints JSON lines; the grouped
     and dense expert paths agree, and so do the dense document mask and FlexAttention where this torch has it."""

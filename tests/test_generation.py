@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 
 from helmlm.generation import GenerationError, SamplingSettings, generate, next_token_scores
 from helmlm.models import HELMForCausalLM, load_config
@@ -117,6 +118,20 @@ def test_cli_streams_the_greedy_continuation(model_dir):
     assert result.stdout == text + "\n"
     from_stdin = run_cli(str(model_dir), "--max-new-tokens", "6", "--temperature", "0", stdin="the one\n\nthe one\n")
     assert from_stdin.stdout == 2 * (text + "\n")
+
+
+def test_cli_compiled_decoding_prints_the_eager_text(model_dir, tmp_path):
+    """``--compile``: the same greedy text as eager decoding; a model that is not helmlm's is refused up front."""
+    from transformers import AutoTokenizer
+
+    args = (str(model_dir), "--prompt", "the one", "--max-new-tokens", "6", "--temperature", "0")
+    eager, compiled = run_cli(*args), run_cli(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout
+    llama = save_tiny_llama(AutoTokenizer.from_pretrained(model_dir), tmp_path / "llama")
+    refused = run_cli(str(llama), "--prompt", "the one", "--compile")
+    assert refused.returncode == 2 and "--compile needs a helmlm model" in refused.stderr
+    assert refused.stdout == ""
 
 
 @pytest.mark.parametrize("args, stdin, message", [

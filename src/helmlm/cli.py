@@ -173,18 +173,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_dir(args.model_dir)
+    if args.compile and not hasattr(model, "static_step"):
+        raise GenerationError(f"--compile needs a helmlm model; {args.model_dir} holds a {type(model).__name__} "
+                              "(run without --compile)")
     encoded = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
     check_request(model, encoded, settings)  # every prompt fits, before anything is printed
     if args.verbose:
         print(f"seed {seed} (repeat with --seed {seed})", file=sys.stderr, flush=True)
     for prompt, ids in zip(prompts, encoded):
         if args.json:
-            text = complete(model, tokenizer, ids, settings, args.stop)
+            text = complete(model, tokenizer, ids, settings, args.stop, compile=args.compile)
             print(json.dumps({"prompt": prompt, "completion": text, "seed": seed}))
             continue
         print(prompt, end="", flush=True)
         try:
-            complete(model, tokenizer, ids, settings, args.stop, on_text=lambda t: print(t, end="", flush=True))
+            complete(model, tokenizer, ids, settings, args.stop, on_text=lambda t: print(t, end="", flush=True),
+                     compile=args.compile)
         finally:
             print(flush=True)  # the completion, or an error message, ends its line
     return 0
@@ -489,6 +493,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[],
                    help="stop when this text appears (repeatable); the output ends before it")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decoding steps (helmlm models; the first prompt waits for the compilation, "
+                        "seconds to a minute on CPU)")
 
 
 def _perplexity_args(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,10 @@ and :func:`generate` here, which ``helmlm generate`` and :func:`complete` use. O
 - its streamer gets each step's token per row (``None`` once a row is finished) and ``stop(row, ids)`` ends single
   rows, what :func:`complete` needs for stop strings and whole-character streaming;
 - speed is not a reason either way: both loops run the same cached forward, and ours is 1.00-1.19x as fast on the
-  tiny presets (``benchmarks/decode.py --generate-at``; docs/evaluation.md).
+  tiny presets (``benchmarks/decode.py --generate-at``; docs/evaluation.md). Ours also has a compiled mode
+  (``compile=True``): the prompt runs through the ordinary forward, then the cache is copied into fixed-capacity
+  buffers (:class:`~helmlm.nn.cache.StaticModelCache`) and every step is one ``torch.compile`` graph
+  (:meth:`~helmlm.models.HELMForCausalLM.static_step`), which fuses the many small per-token Lorentz operations.
 
 ``tests/test_hf_generate.py`` pins the two together: greedy decoding of a left-padded batch gives the same tokens.
 Semantics follow transformers' otherwise: the repetition penalty divides positive logits and multiplies negative
@@ -32,6 +35,9 @@ from torch import Tensor
 
 from helmlm.errors import GenerationError  # noqa: F401  (re-exported)
 from helmlm.models.modeling import CACHE_FIELD, output_cache
+from helmlm.nn.cache import StaticModelCache
+
+MIN_STATIC_CAPACITY = 256  # compiled decoding: the smallest static cache (see static_capacity)
 
 
 @dataclass
@@ -97,17 +103,42 @@ def check_request(model, prompts: Sequence[Sequence[int]], settings: SamplingSet
                               "shorten the prompt or lower max_new_tokens")
 
 
+def static_capacity(needed: int, limit: int) -> int:
+    """Tokens a static cache holds for ``needed`` tokens: the next power of two, at least
+    :data:`MIN_STATIC_CAPACITY`, at most ``limit`` (the context window) unless ``needed`` is larger. Powers of two
+    let requests of similar lengths share one compiled graph (each capacity is one compilation) while attention
+    runs over at most twice the keys it needs."""
+    return max(needed, min(max(MIN_STATIC_CAPACITY, 1 << (needed - 1).bit_length()), limit))
+
+
+def compiled_step(model) -> Callable:
+    """``model.static_step`` under ``torch.compile(fullgraph=True, dynamic=False)``, built once per model and kept
+    on it (dynamo compiles it again for each new batch size or cache capacity)."""
+    step = getattr(model, "_compiled_static_step", None)
+    if step is None:
+        step = torch.compile(model.static_step, fullgraph=True, dynamic=False)
+        model._compiled_static_step = step
+    return step
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings | None = None,
              eos_token_id: int | Sequence[int] | None = None,
              streamer: Callable[[list[int | None]], None] | None = None,
-             stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+             stop: Callable[[int, list[int]], bool] | None = None, compile: bool = False) -> list[list[int]]:
     """Continue every prompt (a list of token ids) by up to ``max_new_tokens`` tokens; a row stops after an EOS
     token (which is kept) or when ``stop(row, generated_ids)`` returns True (e.g. a stop string appeared in the
     decoded text). ``streamer`` receives each step's new token per row (``None`` for finished rows).
-    Returns the generated ids per row (prompts excluded)."""
+    Returns the generated ids per row (prompts excluded).
+
+    ``compile=True`` (helmlm models only): decoding steps run as one compiled graph over a static cache (module
+    docstring); the first call per batch size and capacity compiles (seconds to a minute on CPU). The tokens are
+    those of the eager loop up to floating-point summation order (tested: the same greedy tokens)."""
     s = settings or SamplingSettings()
     check_request(model, prompts, s)
+    if compile and not hasattr(model, "static_step"):
+        raise GenerationError(f"compiled decoding needs a helmlm model; {type(model).__name__} has no static_step "
+                              "(decode it without compile)")
     longest = max(len(p) for p in prompts)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     device = next(model.parameters()).device
@@ -120,6 +151,10 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
     model.eval()
     out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, logits = output_cache(out), out.logits[:, -1]
+    if compile:
+        cache = StaticModelCache.from_cache(cache, static_capacity(longest + s.max_new_tokens,
+                                                                   model.config.max_position_embeddings))
+        step_fn = compiled_step(model)
     history, history_mask = ids, mask
     next_pos = positions[:, -1:] + 1
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -144,10 +179,15 @@ def generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings
         step_mask = torch.ones_like(token).unsqueeze(-1)  # finished rows keep decoding; their output is dropped
         history = torch.cat([history, token.unsqueeze(-1)], dim=1)
         history_mask = torch.cat([history_mask, step_mask], dim=1)
-        # the mask of cached + new tokens, as transformers models take it (ours read the new part)
-        out = model(token.unsqueeze(-1), attention_mask=history_mask, position_ids=next_pos, use_cache=True,
-                    **{CACHE_FIELD: cache})
-        logits, next_pos = out.logits[:, -1], next_pos + 1
+        if compile:
+            cache.check_room(1)
+            logits = step_fn(token.unsqueeze(-1), next_pos, cache)
+            cache.advance(1)
+        else:  # the mask of cached + new tokens, as transformers models take it (ours read the new part)
+            out = model(token.unsqueeze(-1), attention_mask=history_mask, position_ids=next_pos, use_cache=True,
+                        **{CACHE_FIELD: cache})
+            logits = out.logits[:, -1]
+        next_pos = next_pos + 1
     return result
 
 
@@ -178,10 +218,11 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def complete(model, tokenizer, prompt_ids: Sequence[int], settings: SamplingSettings,
-             stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> str:
+             stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None, compile: bool = False) -> str:
     """The text that continues ``prompt_ids``, ending before the first of the ``stop`` strings (or at EOS, or after
     ``max_new_tokens``). ``on_text`` receives the text as it is generated, in pieces that never include a part of
-    a stop string or half of a multi-byte character; their concatenation is the returned text."""
+    a stop string or half of a multi-byte character; their concatenation is the returned text. ``compile``: as in
+    :func:`generate`."""
     eos = tokenizer.eos_token_id
     hold = max((len(s) for s in stop), default=1) - 1  # what may still become a stop string is held back
     pieces: list[int] = []
@@ -202,7 +243,7 @@ def complete(model, tokenizer, prompt_ids: Sequence[int], settings: SamplingSett
         return any(s in tokenizer.decode(generated) for s in stop)
 
     out = generate(model, [list(prompt_ids)], settings, eos_token_id=eos, streamer=stream,
-                   stop=stopped if stop else None)[0]
+                   stop=stopped if stop else None, compile=compile)[0]
     text = _cut_at_stop(tokenizer.decode([t for t in out if t != eos]), stop)
     if on_text is not None and len(text) > len(shown):
         on_text(text[len(shown):])

@@ -45,7 +45,7 @@ from helmlm.nn import (
     rotary_tables,
     routed_layers,
 )
-from helmlm.nn.cache import LayerCache, ModelCache
+from helmlm.nn.cache import LayerCache, ModelCache, StaticModelCache
 from helmlm.nn.loss import linear_cross_entropy
 
 
@@ -223,11 +223,8 @@ class HELMModel(HELMPreTrainedModel):
             attention_mask = attention_mask[:, past:]  # transformers' convention: the mask of cached + new tokens
         self.check_inputs(input_ids, document_ids, position_ids, attention_mask, past)
         valid = None if attention_mask is None else attention_mask.bool()
-        h = self.embed(input_ids)
-        n = input_ids.shape[1]
         if position_ids is None:
-            position_ids = (past + torch.arange(n, device=input_ids.device)).unsqueeze(0)
-        cos, sin = rotary_tables(position_ids, self.config.rotary_dim, self.config.rope_theta, h.dtype)
+            position_ids = (past + torch.arange(input_ids.shape[1], device=input_ids.device)).unsqueeze(0)
         if cache is None:
             document_ids = padded_document_ids(document_ids, attention_mask)
             mask = None if document_ids is None else document_causal_mask(document_ids)
@@ -235,10 +232,18 @@ class HELMModel(HELMPreTrainedModel):
             if document_ids is not None:
                 raise InputError("document_ids cannot be used with a cache; decode one document per row")
             mask = cache.attention_mask(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
-        caches = [None] * len(self.layers) if cache is None else cache.layers
+        return self.trunk(input_ids, position_ids, mask, valid, None if cache is None else cache.layers)
+
+    def trunk(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None, valid: Tensor | None = None,
+              caches: list | None = None) -> Tensor:
+        """Embedding, blocks and final normalisation, given positions, the attention mask (``None``: causal) and
+        the per-layer caches: what :meth:`forward` runs after checking its inputs, and what
+        :meth:`HELMForCausalLM.static_step` runs without host reads."""
+        h = self.embed(input_ids)
+        cos, sin = rotary_tables(position_ids, self.config.rotary_dim, self.config.rope_theta, h.dtype)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         run = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint  # transformers' function if set
-        for layer, layer_cache in zip(self.layers, caches):
+        for layer, layer_cache in zip(self.layers, caches or [None] * len(self.layers)):
             if checkpointing:  # routed layers count their experts twice; their balance uses shares, unchanged
                 h = run(layer.__call__, h, cos, sin, mask, valid, layer_cache)
             else:
@@ -246,7 +251,6 @@ class HELMModel(HELMPreTrainedModel):
         if self.final_proj is not None:
             return self.norm(self.final_proj(h, return_space=True), space_only=True)
         return self.norm(h)
-
 
     def compile_blocks(self) -> None:
         """``torch.compile`` each block in place (``train.compile=true``): one graph per block kind (tested to have
@@ -393,6 +397,15 @@ class HELMForCausalLM(HELMPreTrainedModel, GenerationMixin):
             return self.new_cache()
         raise InputError(f"a {type(cache).__name__} cannot be used as a HELM KV cache; pass a HELMCache "
                          "(model.new_cache()) or the cache a previous forward returned")
+
+    def static_step(self, input_ids: Tensor, position_ids: Tensor, cache: StaticModelCache) -> Tensor:
+        """Logits ``(B, vocab)`` of the last of the new tokens ``input_ids (B, N)`` at ``position_ids``, attending
+        to a :class:`~helmlm.nn.cache.StaticModelCache`: the cached forward with fixed shapes, no input checks and
+        no host reads, which ``torch.compile(fullgraph=True)`` takes whole (``helmlm.generation``'s compiled
+        decoding). The caller checks room first and advances the cache after (``check_room``, ``advance``)."""
+        mask = cache.attention_mask(torch.ones_like(input_ids))
+        hidden = self.model.trunk(input_ids, position_ids, mask, None, cache.layers)
+        return self.lm_head(hidden[:, -1])
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict[str, Any]:
         """transformers' preparation (only the new tokens once a cache exists), with ``position_ids`` from the

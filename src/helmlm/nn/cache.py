@@ -140,3 +140,83 @@ class ModelCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+
+class StaticLayerCache:
+    """Fixed-capacity ``(B, capacity, ...)`` buffers of one layer, written at a position held in a tensor.
+
+    :meth:`append` writes the new tokens at the model cache's ``cursor`` and returns the *whole* buffers: keys past
+    the cursor are zeros and are masked by :meth:`StaticModelCache.attention_mask`. Every shape is fixed and no
+    Python number changes from one step to the next, so a decoding step over this cache is one ``torch.compile``
+    graph (the growing :class:`LayerCache` changes shapes, and its length is a Python int, on every step).
+    """
+
+    def __init__(self, cursor: Tensor, buffers: list[Tensor]) -> None:
+        self.cursor, self.buffers = cursor, buffers
+
+    def append(self, *new: Tensor) -> tuple[Tensor, ...]:
+        index = self.cursor + torch.arange(new[0].shape[1], device=self.cursor.device)
+        for buf, t in zip(self.buffers, new):
+            buf.index_copy_(1, index, t.to(buf.dtype))
+        return tuple(self.buffers)
+
+
+class StaticModelCache:
+    """A :class:`ModelCache` copied into fixed-capacity buffers (:class:`StaticLayerCache`) for compiled decoding.
+
+    Built from the cache a prefill returned (:meth:`from_cache`); :meth:`attention_mask` and the layers write at
+    ``cursor`` (a 1-element tensor), and the caller advances it with :meth:`advance` after each step. Masking is
+    that of :meth:`ModelCache.attention_mask` over all ``capacity`` keys, unwritten ones never visible, so the
+    attention is the same function as over the growing cache (up to summation order).
+    """
+
+    def __init__(self, layers: list[StaticLayerCache], mask: Tensor, cursor: Tensor, length: int) -> None:
+        self.layers, self.mask, self.cursor, self.length = layers, mask, cursor, length
+
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    @classmethod
+    def from_cache(cls, cache: ModelCache, capacity: int) -> StaticModelCache:
+        """Copy a filled :class:`ModelCache` (a prefill's) into buffers of ``capacity`` tokens (zeros beyond)."""
+        length = cache.length
+        if cache.mask is None or any(layer._buffers is None for layer in cache.layers):
+            raise ValueError("the cache is empty: run the prompt through the model (prefill) first")
+        if capacity < length:
+            raise ValueError(f"capacity {capacity} is smaller than the {length} tokens already cached")
+        cursor = torch.tensor([length], device=cache.mask.device)
+        layers = []
+        for layer in cache.layers:
+            buffers = [buf.new_zeros((buf.shape[0], capacity, *buf.shape[2:])) for buf in layer._buffers]
+            for new, old in zip(buffers, layer._buffers):
+                new[:, :length] = old[:, :length]
+            layers.append(StaticLayerCache(cursor, buffers))
+        mask = cache.mask.new_zeros((cache.mask.shape[0], capacity))
+        mask[:, :length] = cache.mask
+        return cls(layers, mask, cursor, length)
+
+    def attention_mask(self, new_real: Tensor) -> Tensor:
+        """Write the new tokens' real-token mask ``(B, N)`` at the cursor; the ``(B, 1, N, capacity)`` mask of the
+        new queries (keys after a query's position, unwritten ones included, are never visible)."""
+        index = self.cursor + torch.arange(new_real.shape[1], device=self.cursor.device)
+        self.mask.index_copy_(1, index, new_real.bool())
+        q_pos = index.unsqueeze(-1)
+        k_pos = torch.arange(self.capacity, device=self.mask.device)
+        visible = ((k_pos <= q_pos) & self.mask.unsqueeze(1)) | (k_pos == q_pos)
+        return visible.unsqueeze(1)
+
+    def check_room(self, n: int) -> None:
+        """Raise ``ValueError`` unless ``n`` more tokens fit (check before a step: it writes without bounds checks)."""
+        if self.length + n > self.capacity:
+            raise ValueError(f"the static cache holds {self.capacity} tokens; {self.length + n} do not fit")
+
+    def advance(self, n: int) -> None:
+        """Move the cursor past the ``n`` tokens the last step wrote."""
+        self.cursor.add_(n)
+        self.length += n
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached tokens (not the spare capacity)."""
+        return sum(buf[:, : self.length].numel() * buf.element_size() for layer in self.layers
+                   for buf in layer.buffers)

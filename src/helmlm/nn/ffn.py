@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from helmlm.geometry import lift, time_from_space
-from helmlm.nn.linear import LorentzLinear, aligned_linear, gemm_pad
+from helmlm.nn.linear import UNPADDED_ROWS, LorentzLinear, aligned_linear, gemm_pad
 
 
 class LorentzFeedForward(nn.Module):
@@ -32,11 +32,14 @@ class LorentzFeedForward(nn.Module):
         #   backward then stacks the two gradients into one more copy.)
         # - W2 acting on the lifted point (t, u) is W2[:, 1:] u + t W2[:, 0]: the time enters as a rank-1 term, so
         #   the lifted hidden point is never concatenated.
-        pad = gemm_pad(self.hidden - 1)
-        gate = F.linear(x, F.pad(self.w1.weight, (0, 0, pad, 0)), F.pad(self.w1.bias, (pad, 0)))
-        up = F.linear(x, F.pad(self.w3.weight, (0, 0, pad, 0)), F.pad(self.w3.bias, (pad, 0)))
-        u = F.silu(gate) * up
-        w2_space = F.pad(self.w2.weight[:, 1:], (pad, 0))
+        # - Decoding (a few rows, UNPADDED_ROWS): no padding, whose weight copies would cost more than the products.
+        w1, b1, w3, b3 = self.w1.weight, self.w1.bias, self.w3.weight, self.w3.bias
+        w2_space = self.w2.weight[:, 1:]
+        pad = 0 if x[..., 0].numel() <= UNPADDED_ROWS else gemm_pad(self.hidden - 1)
+        if pad:
+            w1, w3, w2_space = F.pad(w1, (0, 0, pad, 0)), F.pad(w3, (0, 0, pad, 0)), F.pad(w2_space, (pad, 0))
+            b1, b3 = F.pad(b1, (pad, 0)), F.pad(b3, (pad, 0))
+        u = F.silu(F.linear(x, w1, b1)) * F.linear(x, w3, b3)
         out = aligned_linear(u, w2_space, self.w2.bias) + time_from_space(u, c) * self.w2.weight[:, 0]
         return lift(out, c)
 
