@@ -51,8 +51,8 @@ def test_static_step_equals_the_cached_forward(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_decoding_gives_the_eager_tokens(kind):
-    """``generate(compile=True)`` (inductor; fp32, a left-padded batch): the greedy tokens of the eager loop, and
-    the compiled step's logits agree with the eager step's to fp32 rounding."""
+    """``generate(compile=True)`` (inductor; fp32, a left-padded batch): the greedy tokens of the eager loop; the
+    compiled step's logits agree with the eager step's to fp32 rounding, and dynamo traces the step as one graph."""
     torch._dynamo.reset()
     model = tiny(kind).float().eval()
     ids, mask, positions = padded_prompts()
@@ -63,10 +63,13 @@ def test_compiled_decoding_gives_the_eager_tokens(kind):
     with torch.no_grad():  # the compiled step itself, against the eager one, from the same cache
         prefill = output_cache(model(ids, attention_mask=mask, position_ids=positions, use_cache=True))
         token, pos = ids[:, -1:], positions[:, -1:] + 1
-        caches = [StaticModelCache.from_cache(prefill, capacity=static_capacity(17, 64)) for _ in range(2)]
+        caches = [StaticModelCache.from_cache(prefill, capacity=static_capacity(17, 64)) for _ in range(3)]
         want = model.static_step(token, pos, caches[0])
         got = model._compiled_static_step(token, pos, caches[1])
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model.static_step)(token, pos, caches[2])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
 def test_static_cache_capacity_and_bounds():

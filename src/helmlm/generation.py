@@ -112,11 +112,15 @@ def static_capacity(needed: int, limit: int) -> int:
 
 
 def compiled_step(model) -> Callable:
-    """``model.static_step`` under ``torch.compile(fullgraph=True, dynamic=False)``, built once per model and kept
-    on it (dynamo compiles it again for each new batch size or cache capacity)."""
+    """``model.static_step`` under ``torch.compile``, built once per model and kept on it.
+
+    The step is one graph (tested), but ``fullgraph=True`` is not set: dynamo's recompilation limit (8 per code
+    object, shared by every model in the process) then becomes a hard error, while without it a step past the limit
+    runs eager, correct and slower. Shapes start static; a new batch size or cache capacity compiles once more with
+    that dimension dynamic (torch's automatic dynamic shapes)."""
     step = getattr(model, "_compiled_static_step", None)
     if step is None:
-        step = torch.compile(model.static_step, fullgraph=True, dynamic=False)
+        step = torch.compile(model.static_step)
         model._compiled_static_step = step
     return step
 
