@@ -131,6 +131,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.configs:
+        torch._dynamo.reset()  # each model compiles afresh: dynamo's recompile limit is shared by all of them
         torch.manual_seed(0)
         config = load_config(name, max_position_embeddings=max(args.contexts) + args.decode_steps + 1)
         model = HELMForCausalLM(config).eval()
