@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from helmlm.geometry import lift, lorentz_normalize, promote
 from helmlm.nn.attention import attend, lorentz_sdpa
 from helmlm.nn.cache import LayerCache
-from helmlm.nn.linear import LorentzLinear
+from helmlm.nn.linear import UNPADDED_ROWS, LorentzLinear
 from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
 from helmlm.nn.rotary import apply_rotary
 
@@ -115,14 +115,36 @@ class LorentzLatentAttention(nn.Module):
             q_abs = torch.einsum("bnhd,hdr->bnhr", q[..., 1 : 1 + n_nope], w_kn)
             scale = 2.0 / self.temperature.to(q.dtype)
             query = torch.cat([-q[..., :1], q_abs, q[..., 1 + n_nope :]], dim=-1).transpose(1, 2) * scale
-            keys = torch.cat([k_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1),
-                              k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1).transpose(1, 2)
-            values = torch.cat([v_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
-            values = F.pad(values, (0, query.shape[-1] - values.shape[-1])).transpose(1, 2)
-            mixed = attend(query, keys, values, mask, scale=1.0)[..., : 1 + r1]  # (B, H, N, 1 + kv_rank + 1)
+            if mask is not None and query.shape[-2] <= UNPADDED_ROWS:
+                mixed = _latent_attention_few_queries(query, latent, k_pe, k_t, v_t, mask)
+            else:
+                keys = torch.cat([k_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1),
+                                  k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1).transpose(1, 2)
+                values = torch.cat([v_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
+                values = F.pad(values, (0, query.shape[-1] - values.shape[-1])).transpose(1, 2)
+                mixed = attend(query, keys, values, mask, scale=1.0)[..., : 1 + r1]  # (B, H, N, 1 + kv_rank + 1)
             space = torch.einsum("bhnr,hvr->bhnv", mixed[..., 1:], w_v) + bias[:, n_nope:].to(q.dtype)[:, None]
             o = lorentz_normalize(torch.cat([mixed[..., :1], space], dim=-1), self.curvature)
         return self.wo(o.transpose(1, 2).flatten(-2))
+
+
+def _latent_attention_few_queries(query: Tensor, latent: Tensor, k_pe: Tensor, k_t: Tensor, v_t: Tensor,
+                                  mask: Tensor) -> Tensor:
+    """The SDPA of :meth:`LorentzLatentAttention.forward_absorbed` for a few queries (decoding steps), without the
+    per-head keys ``[k_t, c^, k_pe]`` and values ``[v_t, c^]`` that SDPA needs materialised over the whole cache
+    on every step: the shared latent and rotary key enter through one batched matmul each, the per-head times as a
+    broadcast product. ``query (B, H, N, 1 + r1 + rope)`` (already ``q~`` times ``2 / tau``), ``latent (B, T, r1)``,
+    ``k_pe (B, T, rope)``, ``k_t, v_t (B, T, H)``, ``mask (B, 1, N, T)``; returns ``(B, H, N, 1 + r1)``."""
+    b, h, n, _ = query.shape
+    r1 = latent.shape[-1]
+    q_t, q_lat, q_pe = query.split([1, r1, query.shape[-1] - 1 - r1], dim=-1)
+    scores = torch.baddbmm((q_t * k_t.transpose(1, 2).unsqueeze(2)).flatten(1, 2), q_lat.flatten(1, 2),
+                           latent.transpose(1, 2))  # (B, H N, T)
+    scores = scores.baddbmm_(q_pe.flatten(1, 2), k_pe.transpose(1, 2)).unflatten(1, (h, n))
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # (B, H, N, T)
+    time = (weights @ v_t.transpose(1, 2).unsqueeze(-1))  # (B, H, N, 1)
+    space = (weights.flatten(1, 2) @ latent).unflatten(1, (h, n))  # (B, H, N, r1)
+    return torch.cat([time, space], dim=-1)
 
 
 class LatentAttention(nn.Module):
