@@ -401,7 +401,7 @@ class HELMForCausalLM(HELMPreTrainedModel, GenerationMixin):
     def static_step(self, input_ids: Tensor, position_ids: Tensor, cache: StaticModelCache) -> Tensor:
         """Logits ``(B, vocab)`` of the last of the new tokens ``input_ids (B, N)`` at ``position_ids``, attending
         to a :class:`~helmlm.nn.cache.StaticModelCache`: the cached forward with fixed shapes, no input checks and
-        no host reads, which ``torch.compile(fullgraph=True)`` takes whole (``helmlm.generation``'s compiled
+        no host reads, which ``torch.compile`` traces as one graph (``helmlm.generation``'s compiled
         decoding). The caller checks room first and advances the cache after (``check_room``, ``advance``)."""
         mask = cache.attention_mask(torch.ones_like(input_ids))
         hidden = self.model.trunk(input_ids, position_ids, mask, None, cache.layers)
