@@ -79,6 +79,14 @@ class LayerCache:
         return sum(buf[:, : self.length].numel() * buf.element_size() for buf in self._buffers)
 
 
+def visible_keys(real: Tensor, query_positions: Tensor) -> Tensor:
+    """``(B, 1, N, T)``: key ``j`` is visible to the query at position ``i`` if ``j <= i`` and ``j`` is a real token
+    (``real (B, T)``), and every query sees itself (so padding rows are never empty)."""
+    q_pos = query_positions.unsqueeze(-1)
+    k_pos = torch.arange(real.shape[1], device=real.device)
+    return (((k_pos <= q_pos) & real.unsqueeze(1)) | (k_pos == q_pos)).unsqueeze(1)
+
+
 class ModelCache:
     """The caches of all layers of a model and the ``(B, T)`` real-token mask of the cached positions."""
 
@@ -133,10 +141,7 @@ class ModelCache:
         new_real = new_real.bool()
         self.mask = new_real if self.mask is None else torch.cat([self.mask, new_real], dim=1)
         total = self.mask.shape[1]
-        q_pos = torch.arange(total - new_real.shape[1], total, device=self.mask.device).unsqueeze(-1)
-        k_pos = torch.arange(total, device=self.mask.device)
-        visible = ((k_pos <= q_pos) & self.mask.unsqueeze(1)) | (k_pos == q_pos)
-        return visible.unsqueeze(1)
+        return visible_keys(self.mask, torch.arange(total - new_real.shape[1], total, device=self.mask.device))
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -201,10 +206,7 @@ class StaticModelCache:
         new queries (keys after a query's position, unwritten ones included, are never visible)."""
         index = self.cursor + torch.arange(new_real.shape[1], device=self.cursor.device)
         self.mask.index_copy_(1, index, new_real.bool())
-        q_pos = index.unsqueeze(-1)
-        k_pos = torch.arange(self.capacity, device=self.mask.device)
-        visible = ((k_pos <= q_pos) & self.mask.unsqueeze(1)) | (k_pos == q_pos)
-        return visible.unsqueeze(1)
+        return visible_keys(self.mask, index)
 
     def check_room(self, n: int) -> None:
         """Raise ``ValueError`` unless ``n`` more tokens fit (check before a step: it writes without bounds checks)."""

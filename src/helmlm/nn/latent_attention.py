@@ -135,7 +135,7 @@ def _latent_attention_few_queries(query: Tensor, latent: Tensor, k_pe: Tensor, k
     on every step: the shared latent and rotary key enter through one batched matmul each, the per-head times as a
     broadcast product. ``query (B, H, N, 1 + r1 + rope)`` (already ``q~`` times ``2 / tau``), ``latent (B, T, r1)``,
     ``k_pe (B, T, rope)``, ``k_t, v_t (B, T, H)``, ``mask (B, 1, N, T)``; returns ``(B, H, N, 1 + r1)``."""
-    b, h, n, _ = query.shape
+    h, n = query.shape[1:3]
     r1 = latent.shape[-1]
     q_t, q_lat, q_pe = query.split([1, r1, query.shape[-1] - 1 - r1], dim=-1)
     scores = torch.baddbmm((q_t * k_t.transpose(1, 2).unsqueeze(2)).flatten(1, 2), q_lat.flatten(1, 2),
