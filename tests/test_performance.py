@@ -264,3 +264,37 @@ def test_causal_lm_loss_shifts_targets_not_logits():
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0])
+
+
+def test_expert_hidden_matches_its_formula_and_gradcheck():
+    """The MiCE experts' fused hidden layer (``expert_hidden``): ``[silu(g) v, sqrt(|u|^2 + c), 1, 0]`` from the
+    padded up-projection ``[g, 0 | v, 0]``, in fp64 against the plain formula (values and gradients in the
+    up-projection and the per-row curvatures, with the padding's gradients 0); the recorded and the plain paths agree."""
+    from torch.autograd import gradcheck
+
+    from helmlm.nn.mice import _ExpertHidden, expert_hidden
+
+    g = torch.Generator().manual_seed(0)
+    rows, h, width = 7, 5, 8
+    gate_up = torch.zeros(rows, 2 * width, dtype=torch.float64)
+    gate_up[:, :h] = torch.randn(rows, h, dtype=torch.float64, generator=g)
+    gate_up[:, width: width + h] = torch.randn(rows, h, dtype=torch.float64, generator=g)
+    gate_up.requires_grad_()
+    c = (torch.rand(rows, 1, dtype=torch.float64, generator=g) + 0.3).requires_grad_()
+
+    u = F.silu(gate_up[:, :h]) * gate_up[:, width: width + h]
+    time = (u.square().sum(-1, keepdim=True) + c).sqrt()
+    want = torch.cat([u, time, torch.ones_like(time), torch.zeros(rows, width - h - 2, dtype=torch.float64)], -1)
+    got = expert_hidden(gate_up, c, h)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    with torch.no_grad():
+        torch.testing.assert_close(expert_hidden(gate_up, c, h), want, rtol=1e-14, atol=1e-14)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    got_grads = torch.autograd.grad(got, (gate_up, c), upstream)
+    for a, b in zip(got_grads, torch.autograd.grad(want, (gate_up, c), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert got_grads[0][:, h:width].abs().max() == 0 and got_grads[0][:, width + h:].abs().max() == 0
+    # gradcheck perturbs the padding too, where the formula's layout no longer holds: check the real columns only
+    mask = torch.zeros(2 * width, dtype=torch.float64)
+    mask[:h], mask[width: width + h] = 1, 1
+    assert gradcheck(lambda a, cc: _ExpertHidden.apply(a * mask, cc, h), (gate_up, c))
