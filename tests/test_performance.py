@@ -143,7 +143,7 @@ def test_trainer_options_train_like_the_plain_run(tmp_path):
 def test_blocks_compile_without_graph_breaks(kind):
     """``train.compile`` compiles each block: dynamo traces a whole block (the training call: no cache, a document
     mask, padding) as one graph."""
-    model = tiny(kind).float().train()  # routed layers at dispatch "auto": the dense path while compiling on CPU
+    model = tiny(kind).float().train()  # routed layers at dispatch "auto": the grouped kernel, as a custom op
     captured = {}
 
     def grab(module, args):
@@ -161,7 +161,7 @@ def test_blocks_compile_without_graph_breaks(kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["helm_d", "helm_mice"])
+@pytest.mark.parametrize("kind", ["helm_d", "helm_mice", "deepseek"])
 def test_compiled_blocks_give_the_eager_loss_and_gradients(kind):
     """``train.compile``'s per-block ``compile()`` (inductor, a C++ compiler on CPU): the same loss and gradients as
     eager, fp32, to rounding."""

@@ -77,6 +77,24 @@ def test_grouped_dispatch_equals_dense(kind):
             assert layer.tokens_per_expert[1].item() == 0
 
 
+def test_cpu_grouped_mm_custom_op_is_grouped_mm():
+    """The custom op that lets torch.compile trace the fp32 CPU kernel: its fake, autograd and schema registrations
+    pass ``opcheck``, and its value and gradients are ``F.grouped_mm``'s (an empty group included)."""
+    from helmlm.nn.routing import cpu_grouped_mm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 8, generator=g, requires_grad=True)
+    w = torch.randn(3, 8, 16, generator=g, requires_grad=True)
+    offs = torch.tensor([3, 3, 10], dtype=torch.int32)
+    torch.library.opcheck(cpu_grouped_mm, (x, w, offs))
+    upstream = torch.randn(10, 16, generator=g)
+    got = cpu_grouped_mm(x, w, offs)
+    want = torch.nn.functional.grouped_mm(x, w, offs=offs)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (x, w), upstream), torch.autograd.grad(want, (x, w), upstream)):
+        torch.testing.assert_close(a, b)
+
+
 def test_grouped_dispatch_computes_only_routed_rows():
     """The grouped experts see exactly T * k rows (the routed pairs), not E * T."""
     layer = make_layer("paper")

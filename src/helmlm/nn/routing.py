@@ -111,14 +111,14 @@ def grouped_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype in which :func:`grouped_linear` runs for inputs like ``x``, or ``None`` where it cannot
     (no ``grouped_mm`` in this torch, fp64, or a device/dtype without a kernel): callers then use the dense path.
 
-    On CPU the grouped kernel runs in fp32 (its bf16 kernel is much slower; measured: docs/LOG.md), except inside
-    ``torch.compile``, which cannot trace it; on CUDA in bf16, the dtype its kernels support, when the input is bf16
-    or bf16 autocast is on.
+    On CPU the grouped kernel runs in fp32 (its bf16 kernel is much slower; measured: docs/LOG.md), also inside
+    ``torch.compile`` (through :func:`cpu_grouped_mm`); on CUDA in bf16, the dtype its kernels support, when the
+    input is bf16 or bf16 autocast is on.
     """
     if not hasattr(F, "grouped_mm") or x.dtype == torch.float64:
         return None
-    if x.device.type == "cpu":  # torch.compile cannot trace the fp32 kernel (its fake-tensor rule wants bf16)
-        return None if torch.compiler.is_compiling() else torch.float32
+    if x.device.type == "cpu":
+        return torch.float32
     if x.device.type == "cuda":
         autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
         if x.dtype == torch.bfloat16 or autocast_bf16:
@@ -139,8 +139,52 @@ def grouped_linear(x: Tensor, weight: Tensor, route: ExpertRoute) -> Tensor:
         x = F.pad(x, (0, pad_in))
     if pad_in or pad_out:
         weight = F.pad(weight, (0, pad_in, 0, pad_out))
-    y = F.grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=route.offs)
+    weight = weight.to(x.dtype).transpose(1, 2)
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32:
+        y = cpu_grouped_mm(x, weight, route.offs)
+    else:
+        y = F.grouped_mm(x, weight, offs=route.offs)
     return y[:, :out_dim] if pad_out else y
+
+
+# The fp32 CPU kernel of ``grouped_mm`` runs in eager mode, but its fake-tensor rule (what torch.compile traces
+# with) accepts bf16 only. These two custom ops hide the kernel from the tracer, which then sees their shapes (the
+# registered fake functions) and calls them as opaque kernels; the backward is written with the same two ops.
+@torch.library.custom_op("helmlm::cpu_grouped_mm", mutates_args=())
+def cpu_grouped_mm(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    """``F.grouped_mm(x, weight, offs=offs)`` for ``x (rows, in)``, ``weight (E, in, out)``: ``(rows, out)``,
+    traceable by ``torch.compile`` on CPU in fp32."""
+    return F.grouped_mm(x.contiguous(), weight, offs=offs)  # a traced backward may hand in an expanded gradient
+
+
+@cpu_grouped_mm.register_fake
+def _(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[-1])
+
+
+@torch.library.custom_op("helmlm::cpu_grouped_mm_weight_grad", mutates_args=())
+def _cpu_grouped_mm_weight_grad(x: Tensor, grad: Tensor, offs: Tensor) -> Tensor:
+    """Per group ``e``, ``x_e^T grad_e``: the gradient of :func:`cpu_grouped_mm` in its weight, ``(E, in, out)``."""
+    return F.grouped_mm(x.contiguous().t(), grad.contiguous(), offs=offs)
+
+
+@_cpu_grouped_mm_weight_grad.register_fake
+def _(x: Tensor, grad: Tensor, offs: Tensor) -> Tensor:
+    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
+
+
+def _cpu_grouped_mm_backward(ctx, grad: Tensor):
+    x, weight, offs = ctx.saved_tensors
+    grad_x = cpu_grouped_mm(grad, weight.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    grad_w = _cpu_grouped_mm_weight_grad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+def _cpu_grouped_mm_save(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+cpu_grouped_mm.register_autograd(_cpu_grouped_mm_backward, setup_context=_cpu_grouped_mm_save)
 
 
 def with_bias_column(x: Tensor, time: Tensor | None = None) -> Tensor:
