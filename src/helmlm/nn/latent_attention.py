@@ -79,8 +79,7 @@ class LorentzLatentAttention(nn.Module):
         # Fused kernels want one head dim for q, k and v: zero-pad the shorter side. Exact: zero coordinates add
         # nothing to q~.k, and the zero coordinates of v give zero output coordinates, which are dropped.
         head = max(self.qk_head, self.v_dim)
-        q, k = (F.pad(t, (0, head - self.qk_head)) for t in (q, k))
-        v = F.pad(v, (0, head - self.v_dim))
+        q, k, v = (pad_to(t, head) for t in (q, k, v))
         o = lorentz_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.curvature,
                          self.temperature, mask)[..., : self.v_dim]
         return self.wo(o.transpose(1, 2).flatten(-2))
@@ -147,6 +146,11 @@ def _latent_attention_few_queries(query: Tensor, latent: Tensor, k_pe: Tensor, k
     return torch.cat([time, space], dim=-1)
 
 
+def pad_to(x: Tensor, width: int) -> Tensor:
+    """``x`` zero-padded on its last axis to ``width``; ``x`` itself when it has that width (``F.pad`` would copy)."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+
+
 class LatentAttention(nn.Module):
     """Euclidean multi-head latent attention (the DeepSeek-style twin of :class:`LorentzLatentAttention`).
 
@@ -187,8 +191,7 @@ class LatentAttention(nn.Module):
         latent = self.compress(x, cos, sin)
         k, v = self.expand(*(cache.append(*latent) if cache is not None else latent))
         head = max(self.qk_head, self.v_dim)  # one head dim for fused kernels; zero padding is exact
-        q, k = (F.pad(t, (0, head - self.qk_head)) for t in (q, k))
-        v = F.pad(v.to(q.dtype), (0, head - self.v_dim))
+        q, k, v = (pad_to(t, head) for t in (q, k, v.to(q.dtype)))
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
                    scale=1.0 / math.sqrt(self.qk_head))[..., : self.v_dim]
         return self.wo(o.transpose(1, 2).flatten(-2))
