@@ -266,35 +266,38 @@ def test_causal_lm_loss_shifts_targets_not_logits():
         torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0])
 
 
-def test_expert_hidden_matches_its_formula_and_gradcheck():
-    """The MiCE experts' fused hidden layer (``expert_hidden``): ``[silu(g) v, sqrt(|u|^2 + c), 1, 0]`` from the
-    padded up-projection ``[g, 0 | v, 0]``, in fp64 against the plain formula (values and gradients in the
-    up-projection and the per-row curvatures, with the padding's gradients 0); the recorded and the plain paths agree."""
+@pytest.mark.parametrize("layout", ["hffn", "experts"])
+def test_swiglu_lift_matches_its_formula_and_gradcheck(layout):
+    """``swiglu_lift``, the lifted SwiGLU hidden point built in one buffer, in fp64 against the plain formula: the
+    HFFN's layout ``[0, t, u]`` (time in the last front-padding column, a scalar curvature) and the MiCE experts'
+    ``[u, t, 1, 0]`` (per-row curvatures); values and gradients in ``g``, ``v`` and the curvature, the padding's
+    gradients 0; the recorded and the plain (no-grad) paths agree."""
     from torch.autograd import gradcheck
 
-    from helmlm.nn.mice import _ExpertHidden, expert_hidden
+    from helmlm.nn.ffn import _SwiGLULift, swiglu_lift
 
-    g = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     rows, h, width = 7, 5, 8
-    gate_up = torch.zeros(rows, 2 * width, dtype=torch.float64)
-    gate_up[:, :h] = torch.randn(rows, h, dtype=torch.float64, generator=g)
-    gate_up[:, width: width + h] = torch.randn(rows, h, dtype=torch.float64, generator=g)
-    gate_up.requires_grad_()
-    c = (torch.rand(rows, 1, dtype=torch.float64, generator=g) + 0.3).requires_grad_()
+    real = slice(width - h, width) if layout == "hffn" else slice(0, h)
+    time_col, ones_col = (width - h - 1, None) if layout == "hffn" else (h, h + 1)
+    mask = torch.zeros(width, dtype=torch.float64)
+    mask[real] = 1
+    g, v = (torch.randn(rows, width, dtype=torch.float64, generator=gen).mul(mask).requires_grad_() for _ in range(2))
+    c = (torch.rand(rows, 1, dtype=torch.float64, generator=gen) + 0.3 if layout == "experts"
+         else torch.tensor(0.7, dtype=torch.float64)).requires_grad_()
 
-    u = F.silu(gate_up[:, :h]) * gate_up[:, width: width + h]
+    u = F.silu(g[:, real]) * v[:, real]
     time = (u.square().sum(-1, keepdim=True) + c).sqrt()
-    want = torch.cat([u, time, torch.ones_like(time), torch.zeros(rows, width - h - 2, dtype=torch.float64)], -1)
-    got = expert_hidden(gate_up, c, h)
+    parts = [time, u] if layout == "hffn" else [u, time, torch.ones_like(time)]
+    want = F.pad(torch.cat(parts, -1), (width - h - 1, 0) if layout == "hffn" else (0, width - h - 2))
+    got = swiglu_lift(g, v, c, time_col, ones_col)
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
     with torch.no_grad():
-        torch.testing.assert_close(expert_hidden(gate_up, c, h), want, rtol=1e-14, atol=1e-14)
-    upstream = torch.randn(want.shape, dtype=torch.float64, generator=g)
-    got_grads = torch.autograd.grad(got, (gate_up, c), upstream)
-    for a, b in zip(got_grads, torch.autograd.grad(want, (gate_up, c), upstream)):
+        torch.testing.assert_close(swiglu_lift(g, v, c, time_col, ones_col), want, rtol=1e-14, atol=1e-14)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    got_grads = torch.autograd.grad(got, (g, v, c), upstream)
+    for a, b in zip(got_grads, torch.autograd.grad(want, (g, v, c), upstream)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    assert got_grads[0][:, h:width].abs().max() == 0 and got_grads[0][:, width + h:].abs().max() == 0
-    # gradcheck perturbs the padding too, where the formula's layout no longer holds: check the real columns only
-    mask = torch.zeros(2 * width, dtype=torch.float64)
-    mask[:h], mask[width: width + h] = 1, 1
-    assert gradcheck(lambda a, cc: _ExpertHidden.apply(a * mask, cc, h), (gate_up, c))
+    assert got_grads[0].mul(1 - mask).abs().max() == 0 and got_grads[1].mul(1 - mask).abs().max() == 0
+    # gradcheck perturbs the padding too, where the layout's zeros no longer hold: check the real columns only
+    assert gradcheck(lambda a, b, cc: _SwiGLULift.apply(a * mask, b * mask, cc, time_col, ones_col), (g, v, c))

@@ -17,6 +17,7 @@ from helmlm.geometry.lorentz import (
     promote,
     rescale_curvature,
     sq_distance,
+    sum_to_shape,
     time_from_space,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "promote",
     "rescale_curvature",
     "sq_distance",
+    "sum_to_shape",
     "time_from_space",
 ]

@@ -119,11 +119,11 @@ class _Time(torch.autograd.Function):
         space, time = ctx.saved_tensors
         coef = grad / time
         grad_space = space * coef if ctx.needs_input_grad[0] else None
-        grad_c = _sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[1] else None
+        grad_c = sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[1] else None
         return grad_space, grad_c
 
 
-def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
+def sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
     """Reduce a broadcast gradient to ``shape`` (leading axes summed away, size-1 axes summed with keepdim)."""
     while grad.dim() > len(shape):
         grad = grad.sum(0)
@@ -155,7 +155,7 @@ class _Lift(torch.autograd.Function):
         time, space = out[..., :1], out[..., 1:]
         coef = grad[..., :1] / time
         grad_space = torch.addcmul(grad[..., 1:], space, coef) if ctx.needs_input_grad[0] else None
-        grad_c = _sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[1] else None
+        grad_c = sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[1] else None
         return grad_space, grad_c, None
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift, time_from_space
+from helmlm.geometry import as_curvature, lift, sum_to_shape, time_from_space
 from helmlm.nn.linear import UNPADDED_ROWS, LorentzLinear, aligned_linear, gemm_pad
 
 
@@ -30,18 +31,76 @@ class LorentzFeedForward(nn.Module):
         # - W1 and W3 are front-padded with zero rows to an aligned width (gemm_pad: odd widths such as 1039 are slow
         #   in BLAS); the padded columns of u are exactly 0. (One GEMM over W1 and W3 stacked was slower: the
         #   backward then stacks the two gradients into one more copy.)
-        # - W2 acting on the lifted point (t, u) is W2[:, 1:] u + t W2[:, 0]: the time enters as a rank-1 term, so
-        #   the lifted hidden point is never concatenated.
-        # - Decoding (a few rows, UNPADDED_ROWS): no padding, whose weight copies would cost more than the products.
+        # - The lifted hidden point [t, u] is written into u's own buffer (swiglu_lift): t goes into the last zero
+        #   column before u, and W2, front-padded to match, acts on it in one GEMM.
+        # - Decoding (a few rows, UNPADDED_ROWS) runs unpadded, whose weight copies would cost more than the products,
+        #   and so do widths without a spare column and low-precision activations (the time coordinate is kept in
+        #   fp32 there): W2 acting on (t, u) is then W2[:, 1:] u + t W2[:, 0], the time entering as a rank-1 term.
         w1, b1, w3, b3 = self.w1.weight, self.w1.bias, self.w3.weight, self.w3.bias
-        w2_space = self.w2.weight[:, 1:]
         pad = 0 if x[..., 0].numel() <= UNPADDED_ROWS else gemm_pad(self.hidden - 1)
         if pad:
-            w1, w3, w2_space = F.pad(w1, (0, 0, pad, 0)), F.pad(w3, (0, 0, pad, 0)), F.pad(w2_space, (pad, 0))
-            b1, b3 = F.pad(b1, (pad, 0)), F.pad(b3, (pad, 0))
-        u = F.silu(F.linear(x, w1, b1)) * F.linear(x, w3, b3)
+            w1, w3, b1, b3 = F.pad(w1, (0, 0, pad, 0)), F.pad(w3, (0, 0, pad, 0)), F.pad(b1, (pad, 0)), F.pad(b3, (pad, 0))
+        g, v = F.linear(x, w1, b1), F.linear(x, w3, b3)
+        if pad and g.dtype in (torch.float32, torch.float64):
+            hidden = swiglu_lift(g, v, c, time_col=pad - 1)
+            return lift(aligned_linear(hidden, F.pad(self.w2.weight, (pad - 1, 0)), self.w2.bias), c)
+        u = F.silu(g) * v
+        w2_space = F.pad(self.w2.weight[:, 1:], (pad, 0))
         out = aligned_linear(u, w2_space, self.w2.bias) + time_from_space(u, c) * self.w2.weight[:, 0]
         return lift(out, c)
+
+
+def swiglu_lift(g: Tensor, v: Tensor, c: float | Tensor, time_col: int, ones_col: int | None = None) -> Tensor:
+    """A lifted SwiGLU hidden point laid out for the next GEMM, in one buffer: ``u = silu(g) * v`` over the whole
+    (padded) width, ``t = sqrt(|u|^2 + c)`` written into column ``time_col`` and, when given, 1 into ``ones_col``
+    (a bias column).
+
+    The caller gives W1 and W3 zero rows at those columns (and at any other padding), so ``g = v = 0`` and
+    ``u = silu(0) 0 = 0`` there: ``|u|`` is the norm of the real hidden values, and in the backward the gradients
+    of ``g`` and ``v`` are 0 there whatever arrives in those columns. With gradients recorded this is one autograd
+    node (:class:`_SwiGLULift`), which keeps ``g``, ``v`` and its output (which the next GEMM keeps anyway); the
+    autograd graph of the same formula would also keep ``silu(g)`` and ``u`` and copy ``u`` into a concatenation.
+    Elementwise kernels run about twice as fast over an aligned width as over an odd one (docs/LOG.md).
+    """
+    c = as_curvature(c, g)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (g, v, c)) and not torch.compiler.is_compiling():
+        return _SwiGLULift.apply(g, v, c, time_col, ones_col)
+    u = F.silu(g) * v
+    parts = [u[..., :time_col], time_from_space(u, c).to(u.dtype)]
+    end = time_col + 1
+    if ones_col is not None:  # always right after the time column in this project's layouts
+        assert ones_col == end, "swiglu_lift: the ones column must follow the time column"
+        parts.append(torch.ones_like(parts[-1]))
+        end += 1
+    return torch.cat([*parts, u[..., end:]], dim=-1)
+
+
+class _SwiGLULift(torch.autograd.Function):
+    """:func:`swiglu_lift` with a closed-form backward: ``grad_u = grad + (grad_t / t) out`` (only the real columns
+    of ``out`` matter: the others meet ``g = v = 0``), ``grad_g = silu'(g) v grad_u``, ``grad_v = silu(g) grad_u``,
+    ``grad_c = grad_t / 2t``."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, v: Tensor, c: Tensor, time_col: int, ones_col: int | None) -> Tensor:
+        out = torch.mul(F.silu(g), v)
+        norm_sq = torch.linalg.vector_norm(out, dim=-1, keepdim=True).square()
+        out[..., time_col: time_col + 1] = (norm_sq + c).sqrt()
+        if ones_col is not None:
+            out[..., ones_col] = 1
+        ctx.save_for_backward(g, v, out)
+        ctx.time_col, ctx.c_shape = time_col, c.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g, v, out = ctx.saved_tensors
+        col = ctx.time_col
+        coef = grad[..., col: col + 1] / out[..., col: col + 1]
+        grad_u = torch.addcmul(grad, out, coef)
+        grad_g = torch.ops.aten.silu_backward(grad_u * v, g) if ctx.needs_input_grad[0] else None
+        grad_v = grad_u * F.silu(g) if ctx.needs_input_grad[1] else None
+        grad_c = sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[2] else None
+        return grad_g, grad_v, grad_c, None, None
 
 
 class SwiGLU(nn.Module):

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift, lorentz_normalize, origin, promote, time_from_space
-from helmlm.nn.ffn import LorentzFeedForward
+from helmlm.geometry import lift, lorentz_normalize, origin, promote
+from helmlm.nn.ffn import LorentzFeedForward, swiglu_lift
 from helmlm.nn.linear import gemm_pad, lorentz_init_
 from helmlm.nn.residual import LorentzResidual
 from helmlm.nn.routing import (
@@ -103,79 +103,28 @@ class LorentzExperts(nn.Module):
         """Only the routed pairs: ``x (T, ambient)``, rows sorted by expert -> ``(rows, ambient)`` on the input
         manifold.
 
-        The same function as :meth:`forward`, arranged so that almost all work is in two grouped GEMMs:
+        The same function as :meth:`forward`, arranged so that almost all work is in grouped GEMMs:
         - the per-expert scalings fold into the weights: with ``s = sqrt(c_i / c)``,
           ``W1 (s x) + b1 = (s W1) x + b1``, and returning by ``1 / s`` maps ``lift_{c_i}(y)`` to
           ``lift_c(y / s)``, so W2 and b2 are divided by ``s`` and the output is lifted with the base curvature;
         - biases ride in the GEMMs on a ones column (:func:`~helmlm.nn.routing.with_bias_column`);
-        - W1 and W3 each get ``width - (hidden - 1)`` zero rows, so the up-projection's output is ``[g, 0 | v, 0]``
-          with aligned halves, and :func:`expert_hidden` writes the lifted hidden point as ``[u, t, 1, 0]`` in
-          one buffer of that width, on which W2 (its columns reordered to match) acts directly: no slicing
-          copies, no concatenation, no per-row bias or time term gathered.
+        - W1 and W3 get zero rows up to an aligned width with room for two more columns, into which
+          :func:`~helmlm.nn.ffn.swiglu_lift` writes the hidden point's time and a ones column: the lifted hidden
+          point ``[u, t, 1, 0]`` is built in one buffer, on which W2 (its columns reordered to match, the bias
+          last) acts directly: no concatenation, no per-row bias or time term gathered.
         """
         s = (self.curvatures.to(x.dtype) / self.curvature).sqrt()  # (E,)
         c_row = self.curvatures.to(x.dtype).index_select(0, route.expert).unsqueeze(-1)  # (rows, 1)
         # index_select, not x[idx]: its backward is index_add, much faster on CPU than indexing's (docs/LOG.md)
         xs = with_bias_column(x).index_select(0, route.token)
         h = self.hidden - 1
-        width = h + 2 + gemm_pad(h + 2)  # u, time, one; aligned
-        w13 = torch.cat([F.pad(bias_weight(w * s.view(-1, 1, 1), b, xs.shape[-1]), (0, 0, 0, width - h))
-                         for w, b in ((self.w1, self.b1), (self.w3, self.b3))], dim=1)
-        hidden = expert_hidden(grouped_linear(xs, w13, route), c_row, h)
+        width = h + 2 + gemm_pad(h + 2)
+        g, v = (grouped_linear(xs, F.pad(bias_weight(w * s.view(-1, 1, 1), b, xs.shape[-1]), (0, 0, 0, width - h)),
+                               route) for w, b in ((self.w1, self.b1), (self.w3, self.b3)))
+        hidden = swiglu_lift(g, v, c_row, time_col=h, ones_col=h + 1)
         w2 = torch.cat([self.w2[..., 1:], self.w2[..., :1], self.b2.unsqueeze(-1)], dim=-1) / s.view(-1, 1, 1)
         w2 = F.pad(w2, (0, width - w2.shape[-1]))
         return lift(grouped_linear(hidden, w2, route), self.curvature)
-
-
-def expert_hidden(gate_up: Tensor, c: Tensor, h: int) -> Tensor:
-    """The experts' lifted hidden points, laid out for the down-projection: ``[g | v] (rows, 2 width)`` (each half
-    ``h`` values then zeros) and curvatures ``c (rows, 1)`` -> ``[u, sqrt(|u|^2 + c), 1, 0] (rows, width)`` with
-    ``u = silu(g) * v``.
-
-    With gradients recorded this is one autograd node (:class:`_ExpertHidden`): it writes the output in place of a
-    concatenation and keeps only ``[g | v]`` and its output, which the down-projection keeps anyway (autograd's
-    graph would also keep ``silu(g)`` and ``u``, and zero-fill two slice gradients of the input's size).
-    """
-    if torch.is_grad_enabled() and (gate_up.requires_grad or c.requires_grad) and not torch.compiler.is_compiling():
-        return _ExpertHidden.apply(gate_up, c, h)
-    width = gate_up.shape[-1] // 2
-    u = F.silu(gate_up[:, :width]) * gate_up[:, width:]  # zero past column h (see _ExpertHidden)
-    time = time_from_space(u, c)
-    return torch.cat([u[:, :h], time, torch.ones_like(time), u[:, h + 2:]], dim=-1)
-
-
-class _ExpertHidden(torch.autograd.Function):
-    """:func:`expert_hidden` with a closed-form backward: ``grad_u = grad_u' + (grad_t / t) u``,
-    ``grad_g = silu'(g) v grad_u``, ``grad_v = silu(g) grad_u``, ``grad_c = grad_t / 2t``.
-
-    Both passes run over the whole aligned width, padding included: elementwise kernels are about twice as fast
-    on an aligned row as on the ``hidden - 1`` values (measured: docs/LOG.md), and the padding is exact. The zero
-    rows of W1 and W3 make ``g = v = 0`` there, so ``u = silu(0) 0 = 0`` (``|u|`` unchanged; the columns after
-    ``t, 1`` stay 0), and in the backward ``grad_g = grad_v = 0`` there whatever the (finite) ``grad_u``.
-    """
-
-    @staticmethod
-    def forward(ctx, gate_up: Tensor, c: Tensor, h: int) -> Tensor:
-        width = gate_up.shape[-1] // 2
-        out = torch.mul(F.silu(gate_up[:, :width]), gate_up[:, width:])
-        out[:, h: h + 1] = (torch.linalg.vector_norm(out, dim=-1, keepdim=True).square() + c).sqrt()
-        out[:, h + 1] = 1
-        ctx.save_for_backward(gate_up, out)
-        ctx.h = h
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        gate_up, out = ctx.saved_tensors
-        h, width = ctx.h, out.shape[-1]
-        g, v = gate_up[:, :width], gate_up[:, width:]
-        coef = grad[:, h: h + 1] / out[:, h: h + 1]
-        grad_u = torch.addcmul(grad, out, coef)  # columns h and h + 1 are not u: they meet g = v = 0 below
-        grad_gate_up = torch.empty_like(gate_up)
-        torch.ops.aten.silu_backward.grad_input(grad_u * v, g, grad_input=grad_gate_up[:, :width])
-        torch.mul(grad_u, F.silu(g), out=grad_gate_up[:, width:])
-        grad_c = coef / 2 if ctx.needs_input_grad[1] else None
-        return grad_gate_up, grad_c, None
 
 
 class MiCE(RoutedFFN):

@@ -187,14 +187,12 @@ def _cpu_grouped_mm_save(ctx, inputs, output) -> None:
 cpu_grouped_mm.register_autograd(_cpu_grouped_mm_backward, setup_context=_cpu_grouped_mm_save)
 
 
-def with_bias_column(x: Tensor, time: Tensor | None = None) -> Tensor:
-    """``[time, x, 1, 0, ...]`` (``time`` optional), zero-padded to an aligned width (:func:`gemm_pad`), built in
-    one copy: a weight laid out by :func:`bias_weight` then computes ``W [time, x] + b`` in its GEMM."""
-    parts = ([] if time is None else [time]) + [x]
-    width = sum(p.shape[-1] for p in parts) + 1
+def with_bias_column(x: Tensor) -> Tensor:
+    """``[x, 1, 0, ...]``, zero-padded to an aligned width (:func:`gemm_pad`), built in one copy: a weight laid out
+    by :func:`bias_weight` then computes ``W x + b`` in its GEMM."""
     ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
-    pad = torch.zeros(*x.shape[:-1], gemm_pad(width), dtype=x.dtype, device=x.device)
-    return torch.cat([*parts, ones, pad], dim=-1)
+    pad = torch.zeros(*x.shape[:-1], gemm_pad(x.shape[-1] + 1), dtype=x.dtype, device=x.device)
+    return torch.cat([x, ones, pad], dim=-1)
 
 
 def bias_weight(weight: Tensor, bias: Tensor, width: int) -> Tensor:
