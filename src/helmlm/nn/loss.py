@@ -32,20 +32,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h, weight)  # the autocast dtype when autocast is on, as the plain head
             matmul_dtype = logits.dtype
             logits = logits.to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            keep = t != IGNORE_INDEX
+            keep = (t != IGNORE_INDEX).to(acc)
             safe = t.clamp(min=0)
             picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+            # In place on the chunk's own logits: shift by the row max, exponentiate, sum; the same buffer then
+            # becomes the softmax, i.e. the gradient. Five passes over (chunk, vocab) and no second buffer of that
+            # size (logsumexp and softmax would allocate one each and read the logits eight times).
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            row_sum = probs.sum(dim=-1, keepdim=True)
+            lse = (row_max + row_sum.log()).squeeze(1)
             total += ((lse - picked) * keep).sum()
             if need_hidden or need_weight:
-                grad = torch.softmax(logits, dim=-1)  # d(sum of losses) / d logits = softmax - one_hot, per kept row
+                grad = probs.div_(row_sum)  # d(sum of losses) / d logits = softmax - one_hot, per kept row
                 grad[torch.arange(len(t), device=t.device), safe] -= 1
-                grad *= keep.unsqueeze(1)
                 grad = grad.to(matmul_dtype)
+                # Ignored rows are zeroed on the (chunk, hidden) side of the products, not on the logits' side.
                 if need_hidden:
-                    grad_hidden[start:start + chunk] = (grad @ weight.to(matmul_dtype)).to(hidden.dtype)
+                    grad_hidden[start:start + chunk] = ((grad @ weight.to(matmul_dtype)) * keep.unsqueeze(1)).to(
+                        hidden.dtype)
                 if need_weight:
-                    grad_weight += grad.t() @ h.to(matmul_dtype)
+                    grad_weight += grad.t() @ (h * keep.unsqueeze(1).to(h.dtype)).to(matmul_dtype)
         scale = (1.0 / count.clamp(min=1).to(acc) if reduction == "mean"
                  else torch.ones((), dtype=acc, device=hidden.device))
         ctx.save_for_backward(grad_hidden if need_hidden else None,
