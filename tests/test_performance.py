@@ -177,18 +177,26 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(kind):
 # ---------------------------------------------------------------------------------------------------------------
 # fused elementwise paths: each equals the autograd graph of its formula (fp64), gradients included
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["documents", "interleaved"])
 @pytest.mark.parametrize("n", [300, 512, 700])
-def test_masked_attention_in_query_blocks_equals_one_call(n):
-    """``attend`` with a packed-document mask longer than QUERY_BLOCK runs in query blocks over the allowed key span;
-    output and gradients equal one SDPA call on the whole mask (fp64), for lengths that are and are not multiples."""
-    from helmlm.nn.attention import QUERY_BLOCK, attend, document_causal_mask
+def test_masked_attention_per_document_or_in_query_blocks_equals_one_call(n, layout):
+    """``attend`` with a mask longer than QUERY_BLOCK: packed contiguous documents run one causal call per document
+    and row, other masks (documents interleaved) in query blocks over the allowed key span; output and gradients
+    equal one SDPA call on the whole mask (fp64), for lengths that are and are not multiples of the block."""
+    from helmlm.nn.attention import QUERY_BLOCK, attend, document_causal_mask, document_segments
 
     assert n > QUERY_BLOCK
     g = torch.Generator().manual_seed(n)
-    starts = torch.zeros(3, n, dtype=torch.long)
-    starts.scatter_(1, torch.rand(3, n, generator=g).argsort(-1)[:, :4], 1)
-    starts[:, 0] = 0
-    mask = document_causal_mask(starts.cumsum(-1))
+    if layout == "documents":
+        starts = torch.zeros(3, n, dtype=torch.long)
+        starts.scatter_(1, torch.rand(3, n, generator=g).argsort(-1)[:, :4], 1)
+        starts[:, 0] = 0
+        mask = document_causal_mask(starts.cumsum(-1))
+        bounds = document_segments(mask)
+        assert [b[1:-1] for b in bounds] == [row.nonzero().flatten().tolist() for row in starts]
+    else:
+        mask = document_causal_mask(torch.randint(0, 3, (3, n), generator=g))
+        assert document_segments(mask) is None
     q, k, v = (torch.randn(3, 2, n, 9, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
     upstream = torch.randn(3, 2, n, 9, dtype=torch.float64, generator=g)
     got = attend(q, k, v, mask, scale=0.3)
@@ -196,6 +204,24 @@ def test_masked_attention_in_query_blocks_equals_one_call(n):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), upstream), torch.autograd.grad(want, (q, k, v), upstream)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_document_segments_refuses_what_is_not_contiguous_documents():
+    """Refused: too many documents per row (padding makes each pad token a document), a mask edited in place after
+    its segments were found (the kept answer is dropped), a mask without the head axis. One document per row is
+    one segment."""
+    from helmlm.nn.attention import MAX_SEGMENTS, document_causal_mask, document_segments
+
+    n = 300
+    assert document_segments(document_causal_mask(torch.arange(n).unsqueeze(0))) is None  # n one-token documents
+    ids = torch.zeros(2, n, dtype=torch.long)
+    ids[:, n - MAX_SEGMENTS:] = torch.arange(1, MAX_SEGMENTS + 1)  # 1 + MAX_SEGMENTS documents
+    assert document_segments(document_causal_mask(ids)) is None
+    mask = document_causal_mask(torch.zeros(2, n, dtype=torch.long))
+    assert document_segments(mask) == [[0, n], [0, n]]
+    mask[1, 0, 200, :100] = False  # now row 1 is not one causal document, nor contiguous documents
+    assert document_segments(mask) is None
+    assert document_segments(mask.squeeze(1)) is None  # not (B, 1, N, N)
 
 
 def test_scaled_residual_matches_its_formula_and_gradcheck():

@@ -37,6 +37,7 @@ def document_causal_mask(document_ids: Tensor) -> Tensor:
 
 
 QUERY_BLOCK = 256  # masked attention on CPU runs over blocks of this many queries (see attend)
+MAX_SEGMENTS = 64  # ...or per document, for masks of at most this many documents per row
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
@@ -44,17 +45,30 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | 
     attend). The one attention kernel call of every attention layer, hyperbolic and Euclidean.
 
     With a mask, SDPA computes every query-key pair (a mask is not known to be causal), twice the work of the causal
-    kernel. On CPU, eager, the queries then go in blocks of :data:`QUERY_BLOCK`, each against the span of keys its
-    mask rows allow (with packed documents: from the earliest document start in the block to the block's end); the
-    result is the same up to summation order, for about two thirds of the time at 1,024 tokens
-    (docs/benchmarks.md). Finding the span reads the mask, a device synchronisation, so CUDA keeps one call (and
-    the FlexAttention path of benchmarks/gpu.py is the way to skip blocks there).
+    kernel and far more than packed documents need. On CPU, eager, longer than :data:`QUERY_BLOCK`:
+    - a document-causal mask (each row a sequence of contiguous documents, each causal within itself; what
+      training on packed documents gives) runs as one causal SDPA call per document and row
+      (:func:`document_segments`);
+    - any other mask goes in blocks of :data:`QUERY_BLOCK` queries, each against the span of keys its mask rows
+      allow.
+    Both give the one-call result up to summation order (docs/benchmarks.md has the times). Both read the mask on
+    the host, a device synchronisation, so CUDA keeps one call (the FlexAttention path of benchmarks/gpu.py is the
+    way to skip masked blocks there).
     """
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     n = q.shape[-2]
     if n <= QUERY_BLOCK or q.device.type != "cpu" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    segments = document_segments(mask) if q.shape[0] == mask.shape[0] and k.shape[-2] == n else None
+    if segments is not None:  # unbind and split: their backward is one stack / cat, not a zero-fill per slice
+        rows = []
+        for bounds, *qkv in zip(segments, q.unbind(0), k.unbind(0), v.unbind(0)):
+            sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+            pieces = zip(*(t.unsqueeze(0).split(sizes, dim=-2) for t in qkv))  # 4-d: the flash kernel's layout
+            rows.append(torch.cat([F.scaled_dot_product_attention(*p, is_causal=True, scale=scale) for p in pieces],
+                                  dim=-2))
+        return torch.cat(rows)
     blocks = []
     for start in range(0, n, QUERY_BLOCK):
         rows = mask[..., start:start + QUERY_BLOCK, :]
@@ -63,6 +77,31 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | 
         blocks.append(F.scaled_dot_product_attention(q[..., start:start + QUERY_BLOCK, :], k[..., lo:hi, :],
                                                      v[..., lo:hi, :], attn_mask=rows[..., lo:hi], scale=scale))
     return torch.cat(blocks, dim=-2)
+
+
+def document_segments(mask: Tensor) -> list[list[int]] | None:
+    """The documents of a document-causal mask ``(B, 1, N, N)``: per row, the boundaries ``[0, ..., N]`` of its
+    contiguous documents, or ``None`` when the mask is not exactly that (or a row has more than
+    :data:`MAX_SEGMENTS` documents, where one call per document would cost more than it saves).
+
+    A document starts at query ``i`` where ``i`` may not attend key ``i - 1``; the mask those boundaries imply is
+    built and compared with the given one, so any other mask (non-contiguous documents, padding conventions, a
+    cache) is refused. Every attention layer of a forward pass gets the same mask tensor: the answer is kept on the
+    tensor (with its version, so an in-place change invalidates it), and the check runs once per forward pass.
+    """
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2] or mask.dtype != torch.bool:
+        return None
+    version, segments = getattr(mask, "_helmlm_segments", (None, None))
+    if version == mask._version:
+        return segments
+    n = mask.shape[-1]
+    starts = torch.ones(mask.shape[0], n, dtype=torch.bool, device=mask.device)
+    starts[:, 1:] = ~mask[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)
+    segments = None
+    if int(starts.sum(-1).max()) <= MAX_SEGMENTS and torch.equal(document_causal_mask(starts.cumsum(-1)), mask):
+        segments = [[*row.nonzero().flatten().tolist(), n] for row in starts]
+    mask._helmlm_segments = (mask._version, segments)
+    return segments
 
 
 def lorentz_sdpa(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, temperature: Tensor,
