@@ -219,6 +219,9 @@ def test_document_segments_refuses_what_is_not_contiguous_documents():
     assert document_segments(document_causal_mask(ids)) is None
     mask = document_causal_mask(torch.zeros(2, n, dtype=torch.long))
     assert document_segments(mask) == [[0, n], [0, n]]
+    ids = torch.tensor([0] * 100 + [1] * 150 + [2] * 50).expand(2, -1)
+    found = document_segments(document_causal_mask(ids).clone())  # a mask without the ids' answer: the O(N^2) check
+    assert found == document_segments(document_causal_mask(ids)) == [[0, 100, 250, n]] * 2
     mask[1, 0, 200, :100] = False  # now row 1 is not one causal document, nor contiguous documents
     assert document_segments(mask) is None
     assert document_segments(mask.squeeze(1)) is None  # not (B, 1, N, N)

@@ -28,12 +28,25 @@ def document_causal_mask(document_ids: Tensor) -> Tensor:
     """Boolean mask ``(B, 1, N, N)``, True where query ``i`` may attend key ``j``: ``j <= i`` and same document.
 
     ``document_ids`` (``(B, N)`` integers) label the packed documents of each row (padding may use its own label).
-    The diagonal is always allowed, so no row is fully masked.
+    The diagonal is always allowed, so no row is fully masked. On CPU the mask carries its documents' boundaries
+    for :func:`attend` when each row's documents are contiguous runs (each id in one run; the O(N) check on the ids
+    spares :func:`document_segments` its O(N^2) one).
     """
     n = document_ids.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool, device=document_ids.device).tril()
     same_doc = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
-    return (same_doc & causal).unsqueeze(1)
+    mask = (same_doc & causal).unsqueeze(1)
+    if mask.device.type == "cpu" and mask.dim() == 4 and not torch.compiler.is_compiling():
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+        ids = document_ids.sort(dim=-1).values
+        distinct = (ids[..., 1:] != ids[..., :-1]).sum(-1) + 1
+        runs = starts.sum(-1)
+        segments = None
+        if torch.equal(runs, distinct) and int(runs.max()) <= MAX_SEGMENTS:
+            segments = [[*row.nonzero().flatten().tolist(), n] for row in starts]
+        mask._helmlm_segments = (mask._version, segments)
+    return mask
 
 
 QUERY_BLOCK = 256  # masked attention on CPU runs over blocks of this many queries (see attend)
@@ -84,10 +97,11 @@ def document_segments(mask: Tensor) -> list[list[int]] | None:
     contiguous documents, or ``None`` when the mask is not exactly that (or a row has more than
     :data:`MAX_SEGMENTS` documents, where one call per document would cost more than it saves).
 
-    A document starts at query ``i`` where ``i`` may not attend key ``i - 1``; the mask those boundaries imply is
-    built and compared with the given one, so any other mask (non-contiguous documents, padding conventions, a
-    cache) is refused. Every attention layer of a forward pass gets the same mask tensor: the answer is kept on the
-    tensor (with its version, so an in-place change invalidates it), and the check runs once per forward pass.
+    A mask from :func:`document_causal_mask` brings the answer along. For any other, a document starts at query
+    ``i`` where ``i`` may not attend key ``i - 1``; the mask those boundaries imply is built and compared with the
+    given one, so any other mask (non-contiguous documents, padding conventions, a cache) is refused. Every
+    attention layer of a forward pass gets the same mask tensor: the answer is kept on the tensor (with its version,
+    so an in-place change invalidates it), and the check runs once per forward pass.
     """
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2] or mask.dtype != torch.bool:
         return None

@@ -27,9 +27,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)  # fp32, or fp64
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        # Without autocast, every chunk's logits go into one buffer: a fresh (chunk, vocab) tensor per chunk pays
+        # its page faults again on CPU (the logits GEMM then took 79 instead of 53 ms, docs/LOG.md).
+        reuse = not torch.is_autocast_enabled(hidden.device.type) and hidden.dtype == weight.dtype == acc
+        buffer = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0]) if reuse else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(h, weight)  # the autocast dtype when autocast is on, as the plain head
+            if reuse:
+                logits = torch.mm(h, weight.t(), out=buffer[: h.shape[0]])
+            else:
+                logits = F.linear(h, weight)  # the autocast dtype when autocast is on, as the plain head
             matmul_dtype = logits.dtype
             logits = logits.to(acc)
             keep = (t != IGNORE_INDEX).to(acc)
@@ -51,8 +58,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_hidden:
                     grad_hidden[start:start + chunk] = ((grad @ weight.to(matmul_dtype)) * keep.unsqueeze(1)).to(
                         hidden.dtype)
-                if need_weight:
-                    grad_weight += grad.t() @ (h * keep.unsqueeze(1).to(h.dtype)).to(matmul_dtype)
+                if need_weight:  # computed as (h^T grad)^T: the faster of the two layouts (docs/LOG.md)
+                    grad_weight += ((h * keep.unsqueeze(1).to(h.dtype)).to(matmul_dtype).t() @ grad).t()
         scale = (1.0 / count.clamp(min=1).to(acc) if reduction == "mean"
                  else torch.ones((), dtype=acc, device=hidden.device))
         ctx.save_for_backward(grad_hidden if need_hidden else None,
