@@ -88,7 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mode", nargs="+", choices=("train", "eval"), default=["train", "eval"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps before timing (default: 1, or 3 with --compile, whose first steps after "
+                             "compiling are still slow)")
     parser.add_argument("--threads", type=int, default=_available_cores(),
                         help="torch.set_num_threads (default: all cores available to this process)")
     parser.add_argument("--bf16", action="store_true", help="run under CPU autocast to bfloat16")
@@ -112,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "steps", "threads", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup is None:
+        args.warmup = 3 if args.compile else 1
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.loss_chunk < 0:

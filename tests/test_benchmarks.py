@@ -134,3 +134,15 @@ def test_gpu_script_cpu_smoke():
     assert experts["max_abs_diff_out"] < 1e-4 and experts["max_abs_diff_grad"] < 1e-4
     attention = next(r for r in rows if r["section"] == "document_attention")
     assert "flex_error" in attention or attention["max_abs_diff"] < 1e-4
+
+
+def test_throughput_warmup_defaults_to_three_steps_when_compiling():
+    """Compiled measurements skip the slow first steps after compiling unless told otherwise; eager keeps one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput_script", SCRIPT)
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    assert throughput.parse_args([]).warmup == 1
+    assert throughput.parse_args(["--compile"]).warmup == 3
+    assert throughput.parse_args(["--compile", "--warmup", "0"]).warmup == 0
