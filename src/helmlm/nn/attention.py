@@ -13,6 +13,7 @@ exactly. Running on ``scaled_dot_product_attention`` gives flash / memory-effici
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +37,7 @@ def document_causal_mask(document_ids: Tensor) -> Tensor:
     causal = torch.ones(n, n, dtype=torch.bool, device=document_ids.device).tril()
     same_doc = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
     mask = (same_doc & causal).unsqueeze(1)
-    if mask.device.type == "cpu" and mask.dim() == 4 and not torch.compiler.is_compiling():
+    if mask.device.type == "cpu" and mask.dim() == 4 and mask.numel() and not torch.compiler.is_compiling():
         starts = torch.ones_like(document_ids, dtype=torch.bool)
         starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
         ids = document_ids.sort(dim=-1).values
@@ -77,7 +78,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | 
     if segments is not None:  # unbind and split: their backward is one stack / cat, not a zero-fill per slice
         rows = []
         for bounds, *qkv in zip(segments, q.unbind(0), k.unbind(0), v.unbind(0)):
-            sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+            sizes = [e - s for s, e in pairwise(bounds)]
             pieces = zip(*(t.unsqueeze(0).split(sizes, dim=-2) for t in qkv))  # 4-d: the flash kernel's layout
             rows.append(torch.cat([F.scaled_dot_product_attention(*p, is_causal=True, scale=scale) for p in pieces],
                                   dim=-2))
@@ -103,7 +104,8 @@ def document_segments(mask: Tensor) -> list[list[int]] | None:
     attention layer of a forward pass gets the same mask tensor: the answer is kept on the tensor (with its version,
     so an in-place change invalidates it), and the check runs once per forward pass.
     """
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2] or mask.dtype != torch.bool:
+    if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2] or mask.dtype != torch.bool
+            or not mask.numel()):
         return None
     version, segments = getattr(mask, "_helmlm_segments", (None, None))
     if version == mask._version:
