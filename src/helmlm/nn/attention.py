@@ -105,17 +105,18 @@ def document_segments(mask: Tensor) -> list[list[int]] | None:
     so an in-place change invalidates it), and the check runs once per forward pass.
     """
     if (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2] or mask.dtype != torch.bool
-            or not mask.numel()):
+            or not mask.numel() or mask.device.type != "cpu"):  # a CPU path: reading boundaries syncs a device
         return None
     version, segments = getattr(mask, "_helmlm_segments", (None, None))
     if version == mask._version:
         return segments
-    n = mask.shape[-1]
-    starts = torch.ones(mask.shape[0], n, dtype=torch.bool, device=mask.device)
+    starts = torch.ones(mask.shape[0], mask.shape[-1], dtype=torch.bool, device=mask.device)
     starts[:, 1:] = ~mask[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)
     segments = None
-    if int(starts.sum(-1).max()) <= MAX_SEGMENTS and torch.equal(document_causal_mask(starts.cumsum(-1)), mask):
-        segments = [[*row.nonzero().flatten().tolist(), n] for row in starts]
+    if int(starts.sum(-1).max()) <= MAX_SEGMENTS:
+        implied = document_causal_mask(starts.cumsum(-1))  # contiguous by construction: it carries its boundaries
+        if torch.equal(implied, mask):
+            segments = document_segments(implied)
     mask._helmlm_segments = (mask._version, segments)
     return segments
 

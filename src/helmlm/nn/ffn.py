@@ -39,7 +39,8 @@ class LorentzFeedForward(nn.Module):
         w1, b1, w3, b3 = self.w1.weight, self.w1.bias, self.w3.weight, self.w3.bias
         pad = 0 if x[..., 0].numel() <= UNPADDED_ROWS else gemm_pad(self.hidden - 1)
         if pad:
-            w1, w3, b1, b3 = F.pad(w1, (0, 0, pad, 0)), F.pad(w3, (0, 0, pad, 0)), F.pad(b1, (pad, 0)), F.pad(b3, (pad, 0))
+            w1, w3 = F.pad(w1, (0, 0, pad, 0)), F.pad(w3, (0, 0, pad, 0))
+            b1, b3 = F.pad(b1, (pad, 0)), F.pad(b3, (pad, 0))
         g, v = F.linear(x, w1, b1), F.linear(x, w3, b3)
         if pad and g.dtype in (torch.float32, torch.float64):
             hidden = swiglu_lift(g, v, c, time_col=pad - 1)

@@ -120,7 +120,7 @@ class LorentzLatentAttention(nn.Module):
                 keys = torch.cat([k_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1),
                                   k_pe.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1).transpose(1, 2)
                 values = torch.cat([v_t.unsqueeze(-1), latent.unsqueeze(2).expand(-1, -1, heads, -1)], dim=-1)
-                values = F.pad(values, (0, query.shape[-1] - values.shape[-1])).transpose(1, 2)
+                values = pad_to(values, query.shape[-1]).transpose(1, 2)
                 mixed = attend(query, keys, values, mask, scale=1.0)[..., : 1 + r1]  # (B, H, N, 1 + kv_rank + 1)
             space = torch.einsum("bhnr,hvr->bhnv", mixed[..., 1:], w_v) + bias[:, n_nope:].to(q.dtype)[:, None]
             o = lorentz_normalize(torch.cat([mixed[..., :1], space], dim=-1), self.curvature)
