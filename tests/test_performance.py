@@ -32,6 +32,27 @@ def test_linear_cross_entropy_equals_the_full_logits_loss(chunk, reduction):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_linear_cross_entropy_under_bf16_autocast():
+    """Under CPU bf16 autocast the head's products run in bf16 (as the plain head's would) and the softmax and the
+    weight's gradient accumulate in fp32: loss and gradients match the plain head under autocast to bf16's
+    rounding, and the gradients come back in the parameters' dtype."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = torch.randn(24, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 24, (40,), generator=g)
+    targets[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100)
+        got_loss = linear_cross_entropy(hidden, weight, targets, 16)
+    want = torch.autograd.grad(expected, (hidden, weight))
+    got = torch.autograd.grad(got_loss, (hidden, weight))
+    assert got_loss.dtype == torch.float32
+    torch.testing.assert_close(got_loss, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
 def test_linear_cross_entropy_all_ignored_and_bad_arguments():
     hidden = torch.randn(4, 3, requires_grad=True)
     weight = torch.randn(5, 3, requires_grad=True)
@@ -330,3 +351,37 @@ def test_swiglu_lift_matches_its_formula_and_gradcheck(layout):
     assert got_grads[0].mul(1 - mask).abs().max() == 0 and got_grads[1].mul(1 - mask).abs().max() == 0
     # gradcheck perturbs the padding too, where the layout's zeros no longer hold: check the real columns only
     assert gradcheck(lambda a, b, cc: _SwiGLULift.apply(a * mask, b * mask, cc, time_col, ones_col), (g, v, c))
+
+
+@pytest.mark.parametrize("space_only", [False, True])
+def test_fused_lorentz_rmsnorm_matches_the_plain_graph(space_only):
+    """``LorentzRMSNorm``'s training path (one autograd node reading the space part in place) against the plain
+    formula in fp64: values, gradients in the input, the weight and a learned curvature; the input's time column
+    gets exactly 0; gradcheck; the no-grad path gives the same values."""
+    from torch.autograd import gradcheck
+
+    from helmlm.geometry import lift
+    from helmlm.nn.norm import LorentzRMSNorm, _LorentzRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    space, eps = 6, 1e-6
+    x = (torch.randn(3, 4, space + (0 if space_only else 1), dtype=torch.float64, generator=gen) * 5).requires_grad_()
+    c = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    norm = LorentzRMSNorm(space, eps=eps, curvature=c).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(space, dtype=torch.float64, generator=gen) + 0.5)
+    x_s = x if space_only else x[..., 1:]
+    want = lift(norm.weight * x_s / (x_s.square().mean(-1, keepdim=True) + eps).sqrt(), c)
+    got = norm(x, space_only=space_only)
+    assert got.grad_fn.name().startswith("_LorentzRMSNorm")
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x, space_only=space_only), want, rtol=1e-14, atol=1e-14)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    got_grads = torch.autograd.grad(got, (x, norm.weight, c), upstream)
+    for a, b in zip(got_grads, torch.autograd.grad(want, (x, norm.weight, c), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    if not space_only:
+        assert got_grads[0][..., 0].abs().max() == 0
+    offset = 0 if space_only else 1
+    assert gradcheck(lambda a, w, cc: _LorentzRMSNorm.apply(a, w, cc, eps, offset), (x, norm.weight, c))

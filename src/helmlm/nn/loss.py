@@ -25,7 +25,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         acc = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)  # fp32, or fp64
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        # The weight's gradient accumulates as (D, V), h^T grad: the faster of the two GEMM layouts, and the chunks
+        # add into it inside the GEMM (beta = 1) rather than through a separate pass over it per chunk.
+        grad_weight_t = weight.new_zeros(weight.shape[::-1], dtype=acc) if need_weight else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         # Without autocast, every chunk's logits go into one buffer: a fresh (chunk, vocab) tensor per chunk pays
         # its page faults again on CPU (the logits GEMM then took 79 instead of 53 ms, docs/LOG.md).
@@ -58,12 +60,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_hidden:
                     grad_hidden[start:start + chunk] = ((grad @ weight.to(matmul_dtype)) * keep.unsqueeze(1)).to(
                         hidden.dtype)
-                if need_weight:  # computed as (h^T grad)^T: the faster of the two layouts (docs/LOG.md)
-                    grad_weight += ((h * keep.unsqueeze(1).to(h.dtype)).to(matmul_dtype).t() @ grad).t()
+                if need_weight:
+                    h_kept = (h * keep.unsqueeze(1).to(h.dtype)).to(matmul_dtype).t()
+                    if grad.dtype == acc:
+                        grad_weight_t.addmm_(h_kept, grad)
+                    else:  # a low-precision product is accumulated in fp32
+                        grad_weight_t += h_kept @ grad
         scale = (1.0 / count.clamp(min=1).to(acc) if reduction == "mean"
                  else torch.ones((), dtype=acc, device=hidden.device))
         ctx.save_for_backward(grad_hidden if need_hidden else None,
-                              grad_weight.to(weight.dtype) if need_weight else None, scale)
+                              grad_weight_t.t().contiguous().to(weight.dtype) if need_weight else None, scale)
         return total * scale
 
     @staticmethod
