@@ -9,7 +9,9 @@ is built with its own initialisation and a seed; helmlm's model is loaded from t
 Both train on the same random packed batch (documents of random lengths, attention within each document), with
 the reference's optimiser split (AdamW, and geoopt's RiemannianAdam for the embedding table) and the reference
 training loop's loss (``CrossEntropyLoss`` on the full logits). helmlm runs as its trainer does (labels into the
-model, summed loss), with ``--loss-chunk`` for the chunked loss.
+model, summed loss, glibc malloc keeping freed memory as ``train.cpu_malloc: keep`` sets it), with ``--loss-chunk``
+for the chunked loss; the reference runs with the C library's defaults (``--reference-cpu-malloc keep`` gives it the
+same setting).
 
 Each measurement runs in a forked process of its own; one JSON line per side and a summary line with the ratios.
 The reference package imports many libraries its decoder never calls (torch_geometric, torchvision, ...); those
@@ -53,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="helmlm: recompute each block in backward (train.activation_checkpointing)")
     p.add_argument("--compile", action="store_true", help="helmlm: torch.compile per block (train.compile)")
+    p.add_argument("--cpu-malloc", choices=("keep", "system"), default="keep",
+                   help="helmlm: glibc malloc policy, as train.cpu_malloc (default: %(default)s, the trainer's)")
+    p.add_argument("--reference-cpu-malloc", choices=("keep", "system"), default="system",
+                   help="the reference side's malloc policy (default: %(default)s, as its own training loop runs)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not (args.reference_dir / "helm" / "modules" / "helm_d.py").is_file():
@@ -214,6 +220,11 @@ def first_losses(args: argparse.Namespace) -> dict:
 
 
 def measure(side: str, args: argparse.Namespace) -> dict:
+    from helmlm.training.allocator import apply_cpu_malloc
+
+    malloc = args.cpu_malloc if side == "helmlm" else args.reference_cpu_malloc
+    if not apply_cpu_malloc(malloc) and malloc == "keep":
+        malloc = "system (no glibc)"
     torch.set_num_threads(args.threads)
     step, _, n_params = make_step(side, args)
     gc.collect()
@@ -235,7 +246,7 @@ def measure(side: str, args: argparse.Namespace) -> dict:
             "baseline_rss_mb": round(baseline, 1), "activation_mb": round(peak - baseline, 1), "loss": round(loss, 4),
             "loss_chunk_tokens": args.loss_chunk if side == "helmlm" else None,
             "activation_checkpointing": args.activation_checkpointing if side == "helmlm" else None,
-            "compile": args.compile if side == "helmlm" else None}
+            "compile": args.compile if side == "helmlm" else None, "cpu_malloc": malloc}
 
 
 def in_fork(fn, *fn_args) -> dict:

@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(train.loss_chunk_tokens)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="train: recompute each block in backward (train.activation_checkpointing=true)")
+    parser.add_argument("--cpu-malloc", choices=("keep", "system"), default="keep",
+                        help="glibc malloc policy of each measurement, as train.cpu_malloc (default: %(default)s, "
+                             "the trainer's: freed memory kept for the next step)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; the best tokens/s is reported")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the random tokens")
     parser.add_argument("--moe-dispatch", choices=("auto", "grouped", "dense"), default=None,
@@ -179,6 +182,7 @@ def _option_flags(args: argparse.Namespace) -> list[str]:
     cmd = ["--bf16"] * args.bf16 + ["--compile"] * args.compile
     cmd += ["--loss-chunk", str(args.loss_chunk)] if args.loss_chunk else []
     cmd += ["--activation-checkpointing"] * args.activation_checkpointing
+    cmd += ["--cpu-malloc", args.cpu_malloc] if args.cpu_malloc != "keep" else []
     return cmd + (["--moe-dispatch", args.moe_dispatch] if args.moe_dispatch else [])
 
 
@@ -247,7 +251,9 @@ def run_single(args: argparse.Namespace) -> dict:
 
     from helmlm.models import HELMConfig, HELMForCausalLM
     from helmlm.models.params import count_parameters
+    from helmlm.training.allocator import apply_cpu_malloc
 
+    malloc_set = apply_cpu_malloc(args.cpu_malloc)  # before the model is built, as the trainer does
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     path, seq_len, mode = args.config[0], args.seq_len[0], args.mode[0]
@@ -336,6 +342,7 @@ def run_single(args: argparse.Namespace) -> dict:
         "grad_optimizer_mb": round(3 * param_bytes / 2**20, 1) if train else 0.0,
         "peak_rss_source": "VmHWM (reset after build)" if reset else "ru_maxrss (process lifetime)",
         "malloc_trim": trimmed,
+        "cpu_malloc": args.cpu_malloc if malloc_set or args.cpu_malloc == "system" else "system (no glibc)",
         "isolation": args.isolation,
         "threads": torch.get_num_threads(),
         "dtype": "float32",

@@ -52,6 +52,7 @@ def test_throughput_script_tiny_presets():
         assert isinstance(r["params"], int) and r["params"] > 1_000_000
         assert (r["batch"], r["steps"], r["warmup"], r["threads"]) == (2, 2, 1, 1)
         assert r["dtype"] == "float32" and r["autocast"] is None
+        assert r["cpu_malloc"] == ("keep" if sys.platform.startswith("linux") else "system (no glibc)")
         assert r["tokens_per_s"] > 0
         assert r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
         assert r["activation_mb"] == pytest.approx(r["peak_rss_mb"] - r["baseline_rss_mb"], abs=0.11)

@@ -4,6 +4,9 @@ break."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -385,3 +388,33 @@ def test_fused_lorentz_rmsnorm_matches_the_plain_graph(space_only):
         assert got_grads[0][..., 0].abs().max() == 0
     offset = 0 if space_only else 1
     assert gradcheck(lambda a, w, cc: _LorentzRMSNorm.apply(a, w, cc, eps, offset), (x, norm.weight, c))
+
+
+_MALLOC_PROBE = """
+import sys, torch
+from helmlm.training.allocator import apply_cpu_malloc
+changed = apply_cpu_malloc(sys.argv[1])
+def rss_mb():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) // 1024
+base = rss_mb()
+blocks = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MiB, written
+del blocks
+print(changed, rss_mb() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_cpu_malloc_keep_keeps_freed_memory_for_reuse():
+    """``train.cpu_malloc: keep`` (a fresh process each way, the setting is process-wide): 256 MiB of 4 MiB tensors
+    freed stay in the process for the next allocations; with the C library's defaults they go back to the system."""
+    from helmlm.training.allocator import apply_cpu_malloc
+
+    results = {}
+    for policy in ("keep", "system"):
+        out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, policy], capture_output=True, text=True,
+                             check=True).stdout.split()
+        results[policy] = (out[0] == "True", int(out[1]))
+    assert results["keep"][0] and results["keep"][1] > 200, results
+    assert not results["system"][0] and results["system"][1] < 64, results
+    with pytest.raises(ValueError, match="cpu_malloc must be one of keep, system"):
+        apply_cpu_malloc("tcmalloc")

@@ -91,6 +91,7 @@ def test_shipped_recipe_loads_and_overrides_apply():
     ("train.precision=fp8", "train.precision must be one of auto, fp32, bf16"),
     ("train.min_lr_ratio=1.5", "train.min_lr_ratio must be in [0, 1]"),
     ("train.table_dtype=float16", "train.table_dtype must be float32 or float64, got 'float16'"),
+    ("train.cpu_malloc=jemalloc", "train.cpu_malloc must be one of keep, system; got 'jemalloc'"),
     ("data.source=web", "data.source must be one of builtin, local, hf"),
     ("train.lr", "not of the form key=value"),
 ])
@@ -114,6 +115,17 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- training works
+
+
+@pytest.mark.parametrize("policy", ["keep", "system"])
+def test_trainer_sets_the_cpu_malloc_policy(corpus, tmp_path, monkeypatch, policy):
+    """Training on CPU applies ``train.cpu_malloc`` once, at construction (its effect: test_performance.py)."""
+    import helmlm.training.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "apply_cpu_malloc", calls.append)
+    Trainer(load_train_config(None, overrides(corpus, tmp_path, "train.device=cpu", f"train.cpu_malloc={policy}")))
+    assert calls == [policy]
 
 
 @pytest.mark.parametrize("model", ["helm_d_tiny", "llama_tiny", "helm_mice_tiny"])

@@ -31,6 +31,7 @@ SOURCES = ("builtin", "local", "hf")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")
+CPU_MALLOC_POLICIES = ("keep", "system")  # helmlm.training.allocator
 RIEMANNIAN_LR_SCALINGS = ("sqrt_dim", "none")  # helmlm.training.optim.riemannian_lr
 
 
@@ -106,7 +107,9 @@ class TrainSettings:
     Memory and speed (docs/benchmarks.md): ``loss_chunk_tokens`` > 0 computes the loss over that many tokens at a
     time without holding the full logits (:func:`helmlm.nn.loss.linear_cross_entropy`); ``activation_checkpointing``
     keeps only each block's input and recomputes the block in backward; ``compile`` compiles each block with
-    ``torch.compile`` (the first steps pay the compilation)."""
+    ``torch.compile`` (the first steps pay the compilation); ``cpu_malloc: keep`` (training on CPU) sets glibc's
+    malloc to keep freed memory for the next step instead of returning it and faulting it back in
+    (:mod:`helmlm.training.allocator`; ``system`` leaves the C library's defaults)."""
 
     seq_len: int = 256
     micro_batch: int = 8
@@ -136,6 +139,7 @@ class TrainSettings:
     loss_chunk_tokens: int = 0
     activation_checkpointing: bool = False
     compile: bool = False
+    cpu_malloc: str = "keep"
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * self.steps)
@@ -211,7 +215,8 @@ class TrainConfig:
         for name in ("weight_decay", "clip", "balance_speed", "threads", "loss_chunk_tokens"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
-        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("strategy", STRATEGIES)):
+        for name, allowed in (("precision", PRECISIONS), ("device", DEVICES), ("strategy", STRATEGIES),
+                              ("cpu_malloc", CPU_MALLOC_POLICIES)):
             if getattr(t, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(t, name)!r}")
         for section, name in (("eval", "every"), ("log", "every"), ("log", "health_every"),

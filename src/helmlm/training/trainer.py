@@ -60,6 +60,7 @@ from helmlm.training.distributed import (
     shard_euclidean_parts,
     wrap_model,
 )
+from helmlm.training.allocator import apply_cpu_malloc
 from helmlm.training.metrics import MetricsLog, manifold_health
 from helmlm.training.optim import build_optimizer, lr_multiplier
 from helmlm.training.resume import read_initial_weights, resume_point
@@ -74,6 +75,8 @@ class Trainer:
         self.env = dist_env or init_distributed(t.device)
         if t.threads:
             torch.set_num_threads(t.threads)
+        if self.env.device.type == "cpu":
+            apply_cpu_malloc(t.cpu_malloc)
         self.out_dir = Path(config.out_dir)
         self.log_fn = (lambda msg: print(msg, file=sys.stderr, flush=True)) if self.env.is_main else (lambda msg: None)
 
