@@ -418,3 +418,29 @@ def test_cpu_malloc_keep_keeps_freed_memory_for_reuse():
     assert not results["system"][0] and results["system"][1] < 64, results
     with pytest.raises(ValueError, match="cpu_malloc must be one of keep, system"):
         apply_cpu_malloc("tcmalloc")
+
+
+def test_lorentz_normalize_closed_form_matches_the_plain_graph():
+    """``lorentz_normalize``'s training path (one autograd node) against the formula's autograd graph in fp64, for
+    time-like and space-like vectors (the sign of ``<a, a>_L``) and a learned curvature; gradcheck; the no-grad path
+    gives the same values."""
+    from torch.autograd import gradcheck
+
+    from helmlm.geometry.lorentz import _LorentzNormalize, lorentz_normalize, minkowski_inner
+
+    gen = torch.Generator().manual_seed(0)
+    timelike = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen)
+    timelike[..., 0] = timelike[..., 1:].norm(dim=-1) * 1.5 + 0.3
+    spacelike = torch.randn(5, 6, dtype=torch.float64, generator=gen)
+    c = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    for a in (timelike.requires_grad_(), spacelike.requires_grad_()):
+        want = a * (c.sqrt() / minkowski_inner(a, a, keepdim=True).abs().clamp_min(1e-8).sqrt())
+        got = lorentz_normalize(a, c)
+        assert got.grad_fn.name().startswith("_LorentzNormalize")
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+        with torch.no_grad():
+            torch.testing.assert_close(lorentz_normalize(a, c), want, rtol=1e-14, atol=1e-14)
+        upstream = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+        for x, y in zip(torch.autograd.grad(got, (a, c), upstream), torch.autograd.grad(want, (a, c), upstream)):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+        assert gradcheck(lambda x, cc: _LorentzNormalize.apply(x, cc, 1e-8), (a, c))

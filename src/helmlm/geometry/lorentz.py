@@ -279,8 +279,42 @@ def lorentz_normalize(a: Tensor, c: float | Tensor, eps: float = 1e-8) -> Tensor
     bounds the denominator away from 0.
     """
     a = promote(a)
+    c = as_curvature(c, a)
+    if c.dim() == 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
+            a.requires_grad or c.requires_grad):
+        return _LorentzNormalize.apply(a, c, eps)
     denom = minkowski_inner(a, a, keepdim=True).abs().clamp_min(eps).sqrt()
-    return a * (as_curvature(c, a).sqrt() / denom)  # one pass over `a`; the factor is per point
+    return a * (c.sqrt() / denom)  # one pass over `a`; the factor is per point
+
+
+class _LorentzNormalize(torch.autograd.Function):
+    """:func:`lorentz_normalize` with a closed-form backward. With ``out = f a``, ``f = sqrt(c / m)``,
+    ``m = |<a, a>_L|`` and ``s = sign <a, a>_L`` (0 where ``m`` is clamped at ``eps``):
+    ``dL/da = f g - (s / (m f)) (g . out) J out`` (``J = diag(-1, 1, ..., 1)``) and ``dL/dc = sum (g . out) / 2c``.
+    Forward reads ``a`` once and writes ``out``; backward makes three passes and keeps ``out`` and per-point
+    scalars, where autograd's graph of the formula keeps ``a`` and ``a^2`` and takes about eight passes."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, c: Tensor, eps: float) -> Tensor:
+        space = a[..., 1:]
+        inner = torch.linalg.vecdot(space, space).unsqueeze(-1) - a[..., :1].square()
+        m = inner.abs().clamp_min(eps)
+        factor = (c / m).sqrt()
+        out = a * factor
+        ctx.save_for_backward(out, factor, inner.sign() * (inner.abs() > eps) / m, c)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out, factor, sign_over_m, c = ctx.saved_tensors
+        dot = torch.linalg.vecdot(grad, out).unsqueeze(-1)  # g . out
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            coef = sign_over_m * dot / factor
+            grad_a = torch.mul(grad, factor).addcmul_(out, coef, value=-1)
+            grad_a[..., :1].addcmul_(out[..., :1], coef, value=2)  # J flips the time coordinate's sign
+        grad_c = (dot / (2 * c)).sum().reshape(c.shape) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_c, None
 
 
 def centroid(x: Tensor, c: float | Tensor, weights: Tensor | None = None, eps: float = 1e-8) -> Tensor:
