@@ -82,10 +82,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 4096,
                          reduction: str = "mean") -> Tensor:
-    """``cross_entropy(hidden @ weight.T, targets)`` in fp32 (fp64 for fp64 inputs), ``-100`` ignored, without holding the logits of more
-    than ``chunk`` rows (module docstring). ``hidden (T, D)``, ``weight (V, D)``, ``targets (T,)``; ``reduction``:
-    ``mean`` over the kept targets or ``sum``. Differentiable once (its backward reuses gradients computed in
-    forward, so it cannot be differentiated twice)."""
+    """``cross_entropy(hidden @ weight.T, targets)`` in fp32 (fp64 for fp64 inputs), ``-100`` ignored, without
+    holding the logits of more than ``chunk`` rows (module docstring). ``hidden (T, D)``, ``weight (V, D)``,
+    ``targets (T,)``; ``reduction``: ``mean`` over the kept targets or ``sum``. Differentiable once (its backward
+    reuses gradients computed in forward, so it cannot be differentiated twice)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if chunk < 1:

@@ -4,12 +4,12 @@ PyTorch's CPU tensors come from the C library's ``malloc``. By default glibc ser
 it moves at run time, at most 32 MiB) from fresh ``mmap`` regions that ``free`` unmaps again, and returns the top of
 the heap to the system once enough of it is free (``M_TRIM_THRESHOLD``). A training step frees and reallocates the
 same activations every step, so the next step touches fresh pages again, and each first touch of a 4 KiB page is a
-page fault: ~45,000-100,000 per step of the small presets at 8 x 256 tokens, mostly the logits-sized buffers, and
-the profiler charges elementwise ops such as a SwiGLU product twice their usual time (docs/LOG.md, 2026-12-01).
-With ``mmap`` off for the heap's blocks (``M_MMAP_MAX = 0``) and the trim threshold at 2 GiB, freed blocks stay in
-the heap and the next step reuses them: no page faults after the first steps, 8-15 % faster steps on this project's
-CPU machine, and the same peak RSS (the heap already grows to it). The process keeps that memory between steps
-instead of giving part of it back.
+page fault: 81,000-101,000 per step of the small presets at 8 x 256 tokens, mostly the logits-sized buffers
+(docs/LOG.md, 2026-12-01). With ``mmap`` off (``M_MMAP_MAX = 0``) and the trim threshold at 2 GiB, freed blocks stay
+in the heap and the next step reuses them: almost no page faults after the first steps and 8-24 % faster steps on
+this project's CPU machine. The process keeps that memory between steps instead of giving part of it back; its
+peak RSS stays about where it was when the step's large buffers are reused, and grows where blocks of changing
+sizes fragment the heap (the full logits without the chunked loss; docs/benchmarks.md).
 
 This is the trade-off PyTorch's CPU performance guide makes when it recommends jemalloc or tcmalloc, without
 preloading a library. It is process-wide and only touches glibc on Linux; elsewhere it does nothing.

@@ -47,6 +47,7 @@ from helmlm.models.modeling import lm_targets, padded_document_ids
 from helmlm.models.params import count_parameters
 from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.routing import balance_step, routed_layers, routing_stats
+from helmlm.training.allocator import apply_cpu_malloc
 from helmlm.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from helmlm.training.distributed import (
     Distributed,
@@ -60,7 +61,6 @@ from helmlm.training.distributed import (
     shard_euclidean_parts,
     wrap_model,
 )
-from helmlm.training.allocator import apply_cpu_malloc
 from helmlm.training.metrics import MetricsLog, manifold_health
 from helmlm.training.optim import build_optimizer, lr_multiplier
 from helmlm.training.resume import read_initial_weights, resume_point
