@@ -33,6 +33,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # its page faults again on CPU (the logits GEMM then took 79 instead of 53 ms, docs/LOG.md).
         reuse = not torch.is_autocast_enabled(hidden.device.type) and hidden.dtype == weight.dtype == acc
         buffer = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0]) if reuse else None
+        weight_mm = None  # the weight in the products' dtype (a cast under autocast), made once for all chunks
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             if reuse:
@@ -40,6 +41,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 logits = F.linear(h, weight)  # the autocast dtype when autocast is on, as the plain head
             matmul_dtype = logits.dtype
+            if weight_mm is None:
+                weight_mm = weight.to(matmul_dtype)
             logits = logits.to(acc)
             keep = (t != IGNORE_INDEX).to(acc)
             safe = t.clamp(min=0)
@@ -58,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.to(matmul_dtype)
                 # Ignored rows are zeroed on the (chunk, hidden) side of the products, not on the logits' side.
                 if need_hidden:
-                    grad_hidden[start:start + chunk] = ((grad @ weight.to(matmul_dtype)) * keep.unsqueeze(1)).to(
+                    grad_hidden[start:start + chunk] = ((grad @ weight_mm) * keep.unsqueeze(1)).to(
                         hidden.dtype)
                 if need_weight:
                     h_kept = (h * keep.unsqueeze(1).to(h.dtype)).to(matmul_dtype).t()
