@@ -356,6 +356,56 @@ def test_swiglu_lift_matches_its_formula_and_gradcheck(layout):
     assert gradcheck(lambda a, b, cc: _SwiGLULift.apply(a * mask, b * mask, cc, time_col, ones_col), (g, v, c))
 
 
+def test_swiglu_lift_linear_keeps_only_g_and_v_and_matches_the_plain_product(monkeypatch):
+    """The HFFN's lifted hidden point and ``W2`` product as one autograd node, in fp64 against ``F.linear`` of
+    :func:`swiglu_lift`: values and every gradient (``g``, ``v``, the curvature, weight, bias) agree, gradcheck
+    passes, and the node keeps ``g`` and ``v`` but not the (wider) hidden point; in an fp32 HFFN it gives the same
+    bits as the two-node graph."""
+    from torch.autograd import gradcheck
+
+    from helmlm.nn import ffn
+    from helmlm.nn.ffn import LorentzFeedForward, _SwiGLULiftLinear, swiglu_lift, swiglu_lift_linear
+
+    gen = torch.Generator().manual_seed(0)
+    width, h, out = 8, 5, 4
+    time_col = width - h - 1
+    mask = torch.zeros(width, dtype=torch.float64)
+    mask[width - h:] = 1
+    g, v = (torch.randn(2, 3, width, dtype=torch.float64, generator=gen).mul(mask).requires_grad_() for _ in range(2))
+    c = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, width, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(out, dtype=torch.float64, generator=gen, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        got = swiglu_lift_linear(g, v, c, time_col, w, b)
+    assert got.grad_fn.name().startswith("_SwiGLULiftLinear") and saved.count(g.shape) == 2
+    want = F.linear(swiglu_lift(g, v, c, time_col), w, b)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    inputs = (g, v, c, w, b)
+    for x, y in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    assert gradcheck(lambda a, bb, cc, ww, b2: _SwiGLULiftLinear.apply(a * mask, bb * mask, cc, time_col, ww, b2),
+                     inputs)
+
+    torch.manual_seed(0)
+    layer = LorentzFeedForward(37, 61)
+    x = torch.randn(2, 24, 37, requires_grad=True)
+    fused = layer(x)
+    nodes, stack = set(), [fused.grad_fn]
+    while stack:
+        node = stack.pop()
+        nodes.add(node.name())
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    assert "_SwiGLULiftLinearBackward" in nodes
+    grads = torch.autograd.grad(fused.square().sum(), [x, *layer.parameters()])
+    monkeypatch.setattr(ffn, "swiglu_lift_linear", lambda g_, v_, c_, col, w_, b_: F.linear(
+        swiglu_lift(g_, v_, c_, col), w_, b_))
+    two_nodes = layer(x)
+    grads_two = torch.autograd.grad(two_nodes.square().sum(), [x, *layer.parameters()])
+    assert torch.equal(fused, two_nodes) and all(torch.equal(p, q) for p, q in zip(grads, grads_two))
+
+
 @pytest.mark.parametrize("space_only", [False, True])
 def test_fused_lorentz_rmsnorm_matches_the_plain_graph(space_only):
     """``LorentzRMSNorm``'s training path (one autograd node reading the space part in place) against the plain
@@ -444,3 +494,12 @@ def test_lorentz_normalize_closed_form_matches_the_plain_graph():
         for x, y in zip(torch.autograd.grad(got, (a, c), upstream), torch.autograd.grad(want, (a, c), upstream)):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
         assert gradcheck(lambda x, cc: _LorentzNormalize.apply(x, cc, 1e-8), (a, c))
+    # laid out in another axis order (attention's heads-last output): the same values and gradients
+    a = torch.randn(2, 3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    got = lorentz_normalize(a, c, memory_order=(0, 2, 1, 3))
+    assert got.shape == a.shape and got.transpose(1, 2).is_contiguous()
+    want = lorentz_normalize(a, c)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    for x, y in zip(torch.autograd.grad(got, (a, c), upstream), torch.autograd.grad(want, (a, c), upstream)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)

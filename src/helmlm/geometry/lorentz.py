@@ -272,17 +272,21 @@ def rescale_curvature(x: Tensor, c_from: float | Tensor, c_to: float | Tensor) -
     return x * (as_curvature(c_to, x) / as_curvature(c_from, x)).sqrt()
 
 
-def lorentz_normalize(a: Tensor, c: float | Tensor, eps: float = 1e-8) -> Tensor:
+def lorentz_normalize(a: Tensor, c: float | Tensor, eps: float = 1e-8, *,
+                      memory_order: tuple[int, ...] | None = None) -> Tensor:
     """Rescale a time-like vector onto the hyperboloid: ``sqrt(c) a / sqrt(|<a, a>_L|)``.
 
     For ``a`` a positive combination of hyperboloid points this is their weighted Lorentzian centroid. ``eps``
-    bounds the denominator away from 0.
+    bounds the denominator away from 0. ``memory_order`` (a permutation of the axes, training path only): the
+    result's axes in the order they are laid out in memory, e.g. ``(0, 2, 1, 3)`` writes attention's ``(B, H, N,
+    D)`` output as ``(B, N, H, D)``, so that the heads are then merged by a view and not by a copy that the next
+    product would keep as well.
     """
     a = promote(a)
     c = as_curvature(c, a)
     if c.dim() == 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
             a.requires_grad or c.requires_grad):
-        return _LorentzNormalize.apply(a, c, eps)
+        return _LorentzNormalize.apply(a, c, eps, memory_order)
     denom = minkowski_inner(a, a, keepdim=True).abs().clamp_min(eps).sqrt()
     return a * (c.sqrt() / denom)  # one pass over `a`; the factor is per point
 
@@ -295,12 +299,16 @@ class _LorentzNormalize(torch.autograd.Function):
     scalars, where autograd's graph of the formula keeps ``a`` and ``a^2`` and takes about eight passes."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, c: Tensor, eps: float) -> Tensor:
+    def forward(ctx, a: Tensor, c: Tensor, eps: float, memory_order: tuple[int, ...] | None = None) -> Tensor:
         space = a[..., 1:]
         inner = torch.linalg.vecdot(space, space).unsqueeze(-1) - a[..., :1].square()
         m = inner.abs().clamp_min(eps)
         factor = (c / m).sqrt()
-        out = a * factor
+        if memory_order is None:
+            out = a * factor
+        else:  # an empty buffer laid out in that order, viewed back in a's axis order
+            inverse = sorted(range(a.dim()), key=memory_order.__getitem__)
+            out = torch.mul(a, factor, out=a.new_empty([a.shape[i] for i in memory_order]).permute(inverse))
         ctx.save_for_backward(out, factor, inner.sign() * (inner.abs() > eps) / m, c)
         return out
 
@@ -314,7 +322,7 @@ class _LorentzNormalize(torch.autograd.Function):
             grad_a = torch.mul(grad, factor).addcmul_(out, coef, value=-1)
             grad_a[..., :1].addcmul_(out[..., :1], coef, value=2)  # J flips the time coordinate's sign
         grad_c = (dot / (2 * c)).sum().reshape(c.shape) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_c, None
+        return grad_a, grad_c, None, None
 
 
 def centroid(x: Tensor, c: float | Tensor, weights: Tensor | None = None, eps: float = 1e-8) -> Tensor:

@@ -122,8 +122,12 @@ def document_segments(mask: Tensor) -> list[list[int]] | None:
 
 
 def lorentz_sdpa(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, temperature: Tensor,
-                 mask: Tensor | None = None) -> Tensor:
+                 mask: Tensor | None = None, value_dim: int | None = None) -> Tensor:
     """Hyperbolic attention of Lorentz points ``q, k, v`` (``(B, H, N, D)``, time first) through SDPA.
+
+    ``value_dim``: only the values' first ``value_dim`` coordinates are real, the rest zero padding (the kernel
+    wants one head dim for ``q``, ``k`` and ``v``); the output keeps those. When training, the output is laid out as
+    ``(B, N, H, D)`` in memory, so that ``o.transpose(1, 2).flatten(-2)`` (merging the heads) is a view.
 
     Runs in fp32 or higher even under autocast: the output's Lorentz norm ``o_t^2 - |o_s|^2`` is a cancellation
     of large terms, and bf16 values (8-bit mantissa) would not even satisfy the constraint individually.
@@ -131,7 +135,10 @@ def lorentz_sdpa(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, tem
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = promote(q), promote(k), promote(v)
         q_tilde = q * (minkowski_sign(q) * (2.0 / temperature.to(q.dtype)))
-        return lorentz_normalize(attend(q_tilde, k, v, mask, scale=1.0), curvature)
+        mixed = attend(q_tilde, k, v, mask, scale=1.0)
+        if value_dim is not None:
+            mixed = mixed[..., :value_dim]
+        return lorentz_normalize(mixed, curvature, memory_order=(0, 2, 1, 3) if mixed.dim() == 4 else None)
 
 
 def naive_lorentz_attention(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, temperature: Tensor,

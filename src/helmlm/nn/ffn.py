@@ -43,8 +43,11 @@ class LorentzFeedForward(nn.Module):
             b1, b3 = F.pad(b1, (pad, 0)), F.pad(b3, (pad, 0))
         g, v = F.linear(x, w1, b1), F.linear(x, w3, b3)
         if pad and g.dtype in (torch.float32, torch.float64):
-            hidden = swiglu_lift(g, v, c, time_col=pad - 1)
-            return lift(aligned_linear(hidden, F.pad(self.w2.weight, (pad - 1, 0)), self.w2.bias), c)
+            w2, b2, out_pad = F.pad(self.w2.weight, (pad - 1, 0)), self.w2.bias, gemm_pad(self.ambient - 1)
+            if out_pad:  # aligned_linear's rule for the output width, inside the fused product
+                w2, b2 = F.pad(w2, (0, 0, 0, out_pad)), F.pad(b2, (0, out_pad))
+            out = swiglu_lift_linear(g, v, c, pad - 1, w2, b2)
+            return lift(out[..., : -out_pad] if out_pad else out, c)
         u = F.silu(g) * v
         w2_space = F.pad(self.w2.weight[:, 1:], (pad, 0))
         out = aligned_linear(u, w2_space, self.w2.bias) + time_from_space(u, c) * self.w2.weight[:, 0]
@@ -76,6 +79,65 @@ def swiglu_lift(g: Tensor, v: Tensor, c: float | Tensor, time_col: int, ones_col
     return torch.cat([*parts, u[..., end:]], dim=-1)
 
 
+def swiglu_lift_linear(g: Tensor, v: Tensor, c: float | Tensor, time_col: int, weight: Tensor,
+                       bias: Tensor | None = None) -> Tensor:
+    """``F.linear(swiglu_lift(g, v, c, time_col), weight, bias)``, keeping only ``g`` and ``v`` for the backward.
+
+    The lifted hidden point is the widest activation of a block and the product's backward needs it only for the
+    weight's gradient: the recorded path (:class:`_SwiGLULiftLinear`) rebuilds it there from ``g`` and ``v`` (one
+    elementwise pass, which the backward of ``silu(g) * v`` reads anyway) instead of holding it from the forward to
+    the backward: one ``(tokens, hidden)`` activation less per HFFN, and fewer temporaries in the backward.
+    """
+    c = as_curvature(c, g)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (g, v, c, weight, bias)) \
+            and not torch.compiler.is_compiling():
+        return _SwiGLULiftLinear.apply(g, v, c, time_col, weight, bias)
+    return F.linear(swiglu_lift(g, v, c, time_col), weight, bias)
+
+
+def _swiglu_hidden(g: Tensor, v: Tensor, c: Tensor, time_col: int, ones_col: int | None = None,
+                   silu_g: Tensor | None = None) -> Tensor:
+    """The forward of :func:`swiglu_lift` into a fresh buffer (``silu_g``: ``silu(g)`` when the caller has it)."""
+    out = torch.mul(F.silu(g) if silu_g is None else silu_g, v)
+    norm_sq = torch.linalg.vector_norm(out, dim=-1, keepdim=True).square()
+    out[..., time_col: time_col + 1] = (norm_sq + c).sqrt()
+    if ones_col is not None:
+        out[..., ones_col] = 1
+    return out
+
+
+class _SwiGLULiftLinear(torch.autograd.Function):
+    """:func:`swiglu_lift_linear`: the backward recomputes the hidden point ``h``, then ``grad_W = grad^T h``,
+    ``grad_b = sum(grad)``, ``grad_h = grad W`` and :class:`_SwiGLULift`'s formulas, in place in three buffers."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, v: Tensor, c: Tensor, time_col: int, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(g, v, c, weight)
+        ctx.time_col, ctx.has_bias = time_col, bias is not None
+        return F.linear(_swiglu_hidden(g, v, c, time_col), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g, v, c, weight = ctx.saved_tensors
+        col = ctx.time_col
+        need_g, need_v, need_c, _, need_w, need_b = ctx.needs_input_grad
+        silu_g = F.silu(g)
+        hidden = _swiglu_hidden(g, v, c, col, silu_g=silu_g)
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_w = rows.t().mm(hidden.reshape(-1, hidden.shape[-1])) if need_w else None
+        grad_b = rows.sum(0) if need_b and ctx.has_bias else None
+        grad_u = grad.matmul(weight)  # the hidden point's gradient, then (in place) u's
+        coef = grad_u[..., col: col + 1] / hidden[..., col: col + 1]
+        grad_u.addcmul_(hidden, coef)
+        grad_g = grad_v = None
+        if need_g:  # silu'(g) v grad_u, written over the no longer needed hidden point
+            grad_g = torch.ops.aten.silu_backward.grad_input(torch.mul(grad_u, v, out=hidden), g, grad_input=hidden)
+        if need_v:
+            grad_v = silu_g.mul_(grad_u)
+        grad_c = sum_to_shape(coef / 2, c.shape) if need_c else None
+        return grad_g, grad_v, grad_c, None, grad_w, grad_b
+
+
 class _SwiGLULift(torch.autograd.Function):
     """:func:`swiglu_lift` with a closed-form backward: ``grad_u = grad + (grad_t / t) out`` (only the real columns
     of ``out`` matter: the others meet ``g = v = 0``), ``grad_g = silu'(g) v grad_u``, ``grad_v = silu(g) grad_u``,
@@ -83,11 +145,7 @@ class _SwiGLULift(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g: Tensor, v: Tensor, c: Tensor, time_col: int, ones_col: int | None) -> Tensor:
-        out = torch.mul(F.silu(g), v)
-        norm_sq = torch.linalg.vector_norm(out, dim=-1, keepdim=True).square()
-        out[..., time_col: time_col + 1] = (norm_sq + c).sqrt()
-        if ones_col is not None:
-            out[..., ones_col] = 1
+        out = _swiglu_hidden(g, v, c, time_col, ones_col)
         ctx.save_for_backward(g, v, out)
         ctx.time_col, ctx.c_shape = time_col, c.shape
         return out

@@ -81,7 +81,7 @@ class LorentzLatentAttention(nn.Module):
         head = max(self.qk_head, self.v_dim)
         q, k, v = (pad_to(t, head) for t in (q, k, v))
         o = lorentz_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.curvature,
-                         self.temperature, mask)[..., : self.v_dim]
+                         self.temperature, mask, value_dim=self.v_dim)
         return self.wo(o.transpose(1, 2).flatten(-2))
 
     def forward_absorbed(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
