@@ -32,7 +32,8 @@ class LorentzFeedForward(nn.Module):
         #   in BLAS); the padded columns of u are exactly 0. (One GEMM over W1 and W3 stacked was slower: the
         #   backward then stacks the two gradients into one more copy.)
         # - The lifted hidden point [t, u] is written into u's own buffer (swiglu_lift): t goes into the last zero
-        #   column before u, and W2, front-padded to match, acts on it in one GEMM.
+        #   column before u, and W2, front-padded to match, acts on it in one GEMM; the three products and the
+        #   hidden point are one autograd node (swiglu_ffn) that keeps x, g and v only.
         # - Decoding (a few rows, UNPADDED_ROWS) runs unpadded, whose weight copies would cost more than the products,
         #   and so do widths without a spare column and low-precision activations (the time coordinate is kept in
         #   fp32 there): W2 acting on (t, u) is then W2[:, 1:] u + t W2[:, 0], the time entering as a rank-1 term.
@@ -41,13 +42,15 @@ class LorentzFeedForward(nn.Module):
         if pad:
             w1, w3 = F.pad(w1, (0, 0, pad, 0)), F.pad(w3, (0, 0, pad, 0))
             b1, b3 = F.pad(b1, (pad, 0)), F.pad(b3, (pad, 0))
-        g, v = F.linear(x, w1, b1), F.linear(x, w3, b3)
-        if pad and g.dtype in (torch.float32, torch.float64):
+        c_tensor = as_curvature(c, x)
+        if (pad and x.dtype in (torch.float32, torch.float64) and c_tensor.dim() == 0
+                and not torch.is_autocast_enabled(x.device.type)):
             w2, b2, out_pad = F.pad(self.w2.weight, (pad - 1, 0)), self.w2.bias, gemm_pad(self.ambient - 1)
-            if out_pad:  # aligned_linear's rule for the output width, inside the fused product
+            if out_pad:  # aligned_linear's rule for the output width, inside the fused products
                 w2, b2 = F.pad(w2, (0, 0, 0, out_pad)), F.pad(b2, (0, out_pad))
-            out = swiglu_lift_linear(g, v, c, pad - 1, w2, b2)
+            out = swiglu_ffn(x, w1, b1, w3, b3, w2, b2, c_tensor, time_col=pad - 1)
             return lift(out[..., : -out_pad] if out_pad else out, c)
+        g, v = F.linear(x, w1, b1), F.linear(x, w3, b3)
         u = F.silu(g) * v
         w2_space = F.pad(self.w2.weight[:, 1:], (pad, 0))
         out = aligned_linear(u, w2_space, self.w2.bias) + time_from_space(u, c) * self.w2.weight[:, 0]
@@ -79,22 +82,6 @@ def swiglu_lift(g: Tensor, v: Tensor, c: float | Tensor, time_col: int, ones_col
     return torch.cat([*parts, u[..., end:]], dim=-1)
 
 
-def swiglu_lift_linear(g: Tensor, v: Tensor, c: float | Tensor, time_col: int, weight: Tensor,
-                       bias: Tensor | None = None) -> Tensor:
-    """``F.linear(swiglu_lift(g, v, c, time_col), weight, bias)``, keeping only ``g`` and ``v`` for the backward.
-
-    The lifted hidden point is the widest activation of a block and the product's backward needs it only for the
-    weight's gradient: the recorded path (:class:`_SwiGLULiftLinear`) rebuilds it there from ``g`` and ``v`` (one
-    elementwise pass, which the backward of ``silu(g) * v`` reads anyway) instead of holding it from the forward to
-    the backward: one ``(tokens, hidden)`` activation less per HFFN, and fewer temporaries in the backward.
-    """
-    c = as_curvature(c, g)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (g, v, c, weight, bias)) \
-            and not torch.compiler.is_compiling():
-        return _SwiGLULiftLinear.apply(g, v, c, time_col, weight, bias)
-    return F.linear(swiglu_lift(g, v, c, time_col), weight, bias)
-
-
 def _swiglu_hidden(g: Tensor, v: Tensor, c: Tensor, time_col: int, ones_col: int | None = None,
                    silu_g: Tensor | None = None) -> Tensor:
     """The forward of :func:`swiglu_lift` into a fresh buffer (``silu_g``: ``silu(g)`` when the caller has it)."""
@@ -106,36 +93,99 @@ def _swiglu_hidden(g: Tensor, v: Tensor, c: Tensor, time_col: int, ones_col: int
     return out
 
 
-class _SwiGLULiftLinear(torch.autograd.Function):
-    """:func:`swiglu_lift_linear`: the backward recomputes the hidden point ``h``, then ``grad_W = grad^T h``,
-    ``grad_b = sum(grad)``, ``grad_h = grad W`` and :class:`_SwiGLULift`'s formulas, in place in three buffers."""
+FFN_CHUNK_ROWS = 2048  # swiglu_ffn works on blocks of this many tokens past its two first products
+
+
+def swiglu_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor, b3: Tensor | None, w2: Tensor,
+               b2: Tensor | None, c: Tensor, time_col: int) -> Tensor:
+    """The HFFN's three products around :func:`swiglu_lift`: ``F.linear(swiglu_lift(g, v, c, time_col), w2, b2)``
+    with ``g = F.linear(x, w1, b1)``, ``v = F.linear(x, w3, b3)`` (weights already padded to the layout's widths, a
+    scalar curvature ``c``).
+
+    Past ``g`` and ``v``, the work goes in blocks of :data:`FFN_CHUNK_ROWS` tokens, so the hidden-sized
+    temporaries are block-sized. With gradients recorded it is one autograd node (:class:`_SwiGLUFFN`) that keeps
+    ``x``, ``g`` and ``v`` only: the backward rebuilds each block's lifted hidden point from ``g`` and ``v`` (one
+    elementwise pass, which the backward of ``silu(g) * v`` needed anyway) and accumulates the weight gradients
+    block by block. The forward keeps one ``(tokens, hidden)`` activation less than the graph of the same ops, and
+    the backward's five hidden-sized temporaries become block-sized: on CPU, blocks of changing sizes that large
+    are what fragments the heap (docs/LOG.md, 2026-12-01).
+    """
+    if torch.compiler.is_compiling():  # the plain ops: the compiler fuses them itself
+        return F.linear(swiglu_lift(F.linear(x, w1, b1), F.linear(x, w3, b3), c, time_col), w2, b2)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w3, b3, w2, b2, c)):
+        return _SwiGLUFFN.apply(x, w1, b1, w3, b3, w2, b2, c, time_col)
+    return _swiglu_ffn_forward(x, w1, b1, w3, b3, w2, b2, c, time_col)[0]
+
+
+def _blocks(rows: int) -> list[slice]:
+    return [slice(r, min(r + FFN_CHUNK_ROWS, rows)) for r in range(0, rows, FFN_CHUNK_ROWS)]
+
+
+def _swiglu_ffn_forward(x: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor, b3: Tensor | None, w2: Tensor,
+                        b2: Tensor | None, c: Tensor, time_col: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`swiglu_ffn`'s values: ``(out, g, v)`` with ``g`` and ``v`` as ``(tokens, hidden)``."""
+    rows = x.reshape(-1, x.shape[-1])
+    g, v = F.linear(rows, w1, b1), F.linear(rows, w3, b3)
+    out = rows.new_empty(rows.shape[0], w2.shape[0])
+    for r in _blocks(rows.shape[0]):
+        hidden = _swiglu_hidden(g[r], v[r], c, time_col)
+        if b2 is None:
+            torch.mm(hidden, w2.t(), out=out[r])
+        else:
+            torch.addmm(b2, hidden, w2.t(), out=out[r])
+    return out.view(*x.shape[:-1], w2.shape[0]), g, v
+
+
+class _SwiGLUFFN(torch.autograd.Function):
+    """:func:`swiglu_ffn`. Backward, per block of tokens: rebuild the hidden point ``h``; ``grad_W2 += grad^T h``;
+    ``grad_h = grad W2``, then :class:`_SwiGLULift`'s formulas for ``grad_g`` and ``grad_v`` (in place, in the
+    block's two buffers); ``grad_x = grad_g W1 + grad_v W3``, ``grad_W1 += grad_g^T x``, ``grad_W3 += grad_v^T x``."""
 
     @staticmethod
-    def forward(ctx, g: Tensor, v: Tensor, c: Tensor, time_col: int, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(g, v, c, weight)
-        ctx.time_col, ctx.has_bias = time_col, bias is not None
-        return F.linear(_swiglu_hidden(g, v, c, time_col), weight, bias)
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor, b3: Tensor | None, w2: Tensor,
+                b2: Tensor | None, c: Tensor, time_col: int) -> Tensor:
+        out, g, v = _swiglu_ffn_forward(x, w1, b1, w3, b3, w2, b2, c, time_col)
+        ctx.save_for_backward(x, g, v, c, w1, w3, w2)
+        ctx.time_col, ctx.biases = time_col, (b1 is not None, b3 is not None, b2 is not None)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        g, v, c, weight = ctx.saved_tensors
+        x, g, v, c, w1, w3, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w3, need_b3, need_w2, need_b2, need_c, _ = ctx.needs_input_grad
         col = ctx.time_col
-        need_g, need_v, need_c, _, need_w, need_b = ctx.needs_input_grad
-        silu_g = F.silu(g)
-        hidden = _swiglu_hidden(g, v, c, col, silu_g=silu_g)
-        rows = grad.reshape(-1, grad.shape[-1])
-        grad_w = rows.t().mm(hidden.reshape(-1, hidden.shape[-1])) if need_w else None
-        grad_b = rows.sum(0) if need_b and ctx.has_bias else None
-        grad_u = grad.matmul(weight)  # the hidden point's gradient, then (in place) u's
-        coef = grad_u[..., col: col + 1] / hidden[..., col: col + 1]
-        grad_u.addcmul_(hidden, coef)
-        grad_g = grad_v = None
-        if need_g:  # silu'(g) v grad_u, written over the no longer needed hidden point
-            grad_g = torch.ops.aten.silu_backward.grad_input(torch.mul(grad_u, v, out=hidden), g, grad_input=hidden)
-        if need_v:
+        rows, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_x = torch.empty_like(rows) if need_x else None
+        grad_w1, grad_w3, grad_w2 = (torch.zeros_like(w) if need else None
+                                     for w, need in ((w1, need_w1), (w3, need_w3), (w2, need_w2)))
+        grad_b1 = g.new_zeros(g.shape[-1]) if need_b1 and ctx.biases[0] else None
+        grad_b3 = v.new_zeros(v.shape[-1]) if need_b3 and ctx.biases[1] else None
+        grad_c = c.new_zeros(()) if need_c else None
+        for r in _blocks(rows.shape[0]):
+            silu_g = F.silu(g[r])
+            hidden = _swiglu_hidden(g[r], v[r], c, col, silu_g=silu_g)
+            if grad_w2 is not None:
+                grad_w2.addmm_(grads[r].t(), hidden)
+            grad_u = grads[r].mm(w2)  # the hidden point's gradient, then (in place) u's
+            coef = grad_u[:, col: col + 1] / hidden[:, col: col + 1]
+            grad_u.addcmul_(hidden, coef)
+            if grad_c is not None:
+                grad_c += coef.sum() / 2
+            # silu'(g) v grad_u, written over the hidden point; silu(g) grad_u, over silu(g)
+            grad_g = torch.ops.aten.silu_backward.grad_input(torch.mul(grad_u, v[r], out=hidden), g[r],
+                                                             grad_input=hidden)
             grad_v = silu_g.mul_(grad_u)
-        grad_c = sum_to_shape(coef / 2, c.shape) if need_c else None
-        return grad_g, grad_v, grad_c, None, grad_w, grad_b
+            if grad_x is not None:
+                torch.mm(grad_g, w1, out=grad_x[r]).addmm_(grad_v, w3)
+            for acc, block_grad in ((grad_w1, grad_g), (grad_w3, grad_v)):
+                if acc is not None:
+                    acc.addmm_(block_grad.t(), rows[r])
+            for acc, block_grad in ((grad_b1, grad_g), (grad_b3, grad_v)):
+                if acc is not None:
+                    acc += block_grad.sum(0)
+        grad_b2 = grads.sum(0) if need_b2 and ctx.biases[2] else None
+        grad_x = grad_x.view(x.shape) if grad_x is not None else None
+        return grad_x, grad_w1, grad_b1, grad_w3, grad_b3, grad_w2, grad_b2, grad_c, None
 
 
 class _SwiGLULift(torch.autograd.Function):
