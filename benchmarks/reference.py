@@ -8,10 +8,11 @@ is built with its own initialisation and a seed; helmlm's model is loaded from t
 ``helmlm.compat.load_reference``, and the script checks that both give the same first loss before timing anything.
 Both train on the same random packed batch (documents of random lengths, attention within each document), with
 the reference's optimiser split (AdamW, and geoopt's RiemannianAdam for the embedding table) and the reference
-training loop's loss (``CrossEntropyLoss`` on the full logits). helmlm runs as its trainer does (labels into the
-model, summed loss, glibc malloc keeping freed memory as ``train.cpu_malloc: keep`` sets it), with ``--loss-chunk``
-for the chunked loss; the reference runs with the C library's defaults (``--reference-cpu-malloc keep`` gives it the
-same setting).
+training loop's loss (``CrossEntropyLoss`` on the full logits). helmlm runs as its trainer does on CPU (labels into
+the model, summed loss, glibc malloc keeping freed memory as ``train.cpu_malloc: keep`` sets it, the optimizer state
+created before the first step by ``allocate_state``), with ``--loss-chunk`` for the chunked loss; the reference runs
+as its own loop does: the C library's defaults and state created at the first step (``--reference-cpu-malloc keep``
+gives it both of helmlm's settings).
 
 Each measurement runs in a forked process of its own; one JSON line per side and a summary line with the ratios.
 The reference package imports many libraries its decoder never calls (torch_geometric, torchvision, ...); those
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-malloc", choices=("keep", "system"), default="keep",
                    help="helmlm: glibc malloc policy, as train.cpu_malloc (default: %(default)s, the trainer's)")
     p.add_argument("--reference-cpu-malloc", choices=("keep", "system"), default="system",
-                   help="the reference side's malloc policy (default: %(default)s, as its own training loop runs)")
+                   help="the reference side's malloc policy; keep also creates its optimizer state before the first "
+                        "step, as helmlm's trainer does (default: %(default)s, as its own training loop runs)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not (args.reference_dir / "helm" / "modules" / "helm_d.py").is_file():
@@ -191,6 +193,11 @@ def make_step(side: str, args: argparse.Namespace):
     # timed as they run; the loss check below compares like with like.
     model.train()
     opts = optimizers(model)
+    if side == "helmlm" or args.reference_cpu_malloc == "keep":  # the trainer's CPU set-up (see the docstring)
+        from helmlm.training.optim import allocate_state
+
+        for opt in opts:
+            allocate_state(opt)
 
     def step() -> float:
         loss = forward()

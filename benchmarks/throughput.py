@@ -22,8 +22,9 @@ What is measured
       high-water mark (``VmHWM``) is then reset (``/proc/self/clear_refs``), so ``peak_rss_mb`` is the peak over
       the warm-up and timed steps only (where the reset is not possible, the process-lifetime ``ru_maxrss`` is
       used; ``peak_rss_source`` says which). ``activation_mb = peak - baseline``.
-      In ``train`` mode it also contains the gradients and AdamW's two moment buffers, allocated on the first
-      step; ``grad_optimizer_mb`` is their analytic size (3 x parameter bytes) for reference. With ``--compile``
+      In ``train`` mode it also contains AdamW's two moment buffers, created before the first step as the trainer
+      does on CPU (``allocate_state``), but not the gradients, allocated in each step's backward;
+      ``grad_optimizer_mb`` is their analytic size together (3 x parameter bytes) for reference. With ``--compile``
       the compilation runs in the first warm-up step, so its memory is counted too.
     * Configs are interleaved (for each seq_len, for each mode, for each repeat, for each config), so that load
       from other processes affects the compared models alike; with ``--repeat N`` the line reports the run with
@@ -252,6 +253,7 @@ def run_single(args: argparse.Namespace) -> dict:
     from helmlm.models import HELMConfig, HELMForCausalLM
     from helmlm.models.params import count_parameters
     from helmlm.training.allocator import apply_cpu_malloc
+    from helmlm.training.optim import allocate_state
 
     malloc_set = apply_cpu_malloc(args.cpu_malloc)  # before the model is built, as the trainer does
     torch.set_num_threads(args.threads)
@@ -270,6 +272,8 @@ def run_single(args: argparse.Namespace) -> dict:
     if args.compile:  # per block, as the trainer does
         model.model.compile_blocks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+    if train:  # as the trainer does on CPU: the moment buffers exist before the first step
+        allocate_state(optimizer)
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()

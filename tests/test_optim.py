@@ -109,6 +109,46 @@ def test_riemannian_step_keeps_embeddings_on_the_manifold_and_adamw_trains_the_r
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.1)
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_allocated_state_trains_bit_for_bit_like_lazy_state(amsgrad):
+    """``allocate_state`` before the first step (what the trainer does on CPU): the parameters and gradients are
+    untouched, every parameter has state, and three steps of AdamW (weight decay, lr schedule) and Riemannian
+    Adam (the Lorentz table, re-projected each step) give the same parameters and state, bit for bit, as the
+    lazily created state; a second call creates nothing."""
+    from helmlm.training.optim import allocate_state
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for eager in (False, True):
+        model = tiny().train()
+        opt = build_optimizer(model, lr=1e-2, weight_decay=0.3)
+        assert isinstance(opt.optimizers[1], geoopt.optim.RiemannianAdam)
+        for inner in opt.optimizers:
+            for group in inner.param_groups:
+                group["amsgrad"] = amsgrad
+        if eager:
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            assert allocate_state(opt) == len(before)
+            assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+            assert allocate_state(opt) == 0
+            assert all(inner.state[p] for inner in opt.optimizers for g in inner.param_groups for p in g["params"])
+        for step in range(3):
+            opt.set_lr(lr_multiplier(step, 3, 1, 0.1))
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((model.state_dict(), opt.state_dict()))
+    (weights_lazy, state_lazy), (weights_eager, state_eager) = runs
+    assert all(torch.equal(weights_lazy[k], weights_eager[k]) for k in weights_lazy)
+    for lazy, eager in zip(state_lazy["optimizers"], state_eager["optimizers"]):
+        assert lazy["state"].keys() == eager["state"].keys()
+        for i in lazy["state"]:
+            for key, value in lazy["state"][i].items():
+                other = eager["state"][i][key]
+                assert type(value) is type(other) and (torch.equal(value, other) if torch.is_tensor(value)
+                                                       else value == other), (i, key)
+
+
 def test_state_dict_round_trip_and_mismatch_error():
     model = tiny()
     opt = build_optimizer(model, lr=1e-3)

@@ -62,7 +62,7 @@ from helmlm.training.distributed import (
     wrap_model,
 )
 from helmlm.training.metrics import MetricsLog, manifold_health
-from helmlm.training.optim import build_optimizer, lr_multiplier
+from helmlm.training.optim import allocate_state, build_optimizer, lr_multiplier
 from helmlm.training.resume import read_initial_weights, resume_point
 
 
@@ -94,6 +94,8 @@ class Trainer:
             self.stream.position = state["data_position"]
             self.last_metrics = state.get("metrics", {})
             self.log_fn(f"resumed from {self.checkpoint} (step {self.step}, {self.tokens_seen:,} tokens)")
+        if self.env.device.type == "cpu":  # before the first step's activations: see allocate_state
+            allocate_state(self.optimizer)
         self.wrapped = wrap_model(self.model, self.env, self.fsdp)
         self.autocast = autocast_dtype(t.precision, self.env.device)
 
