@@ -356,6 +356,43 @@ def test_swiglu_lift_matches_its_formula_and_gradcheck(layout):
     assert gradcheck(lambda a, b, cc: _SwiGLULift.apply(a * mask, b * mask, cc, time_col, ones_col), (g, v, c))
 
 
+def test_lorentz_query_is_the_lifted_scaled_query_in_one_node():
+    """``lorentz_query`` (attention's ``q~ = (2 / tau) (-q_t, q_s)`` of ``q = lift(space)``) against the plain ops:
+    fp64 values and gradients in the space part, a learned curvature and the temperature, gradcheck; in fp32 the
+    recorded path gives the plain path's bits (so cached decoding, which records nothing, sees the same queries);
+    the node keeps one tensor of the query's size, not two."""
+    from torch.autograd import gradcheck
+
+    from helmlm.geometry import lift, minkowski_sign
+    from helmlm.nn.attention import _LorentzQuery, lorentz_query
+
+    gen = torch.Generator().manual_seed(0)
+    space = torch.randn(2, 5, 3, 6, dtype=torch.float64, generator=gen).mul(4).requires_grad_()
+    c = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+
+    def plain(s_, c_, tau_):
+        q = lift(s_, c_)
+        return q * (minkowski_sign(q) * (2.0 / tau_))
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        got = lorentz_query(space, c, tau)
+    assert got.grad_fn.name().startswith("_LorentzQuery") and saved.count(got.numel()) == 1
+    want = plain(space, c, tau)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, (space, c, tau), upstream),
+                    torch.autograd.grad(want, (space, c, tau), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert gradcheck(lambda s_, c_, a: _LorentzQuery.apply(s_, c_, a), (space, c, 2.0 / tau))
+    space32 = space.detach().float().requires_grad_()
+    recorded = lorentz_query(space32, 0.6, tau.detach().float())
+    with torch.no_grad():
+        assert torch.equal(recorded, lorentz_query(space32, 0.6, tau.detach().float()))
+        assert torch.equal(recorded, plain(space32, 0.6, tau.detach().float()))
+
+
 @pytest.mark.parametrize("block_rows", [5, 2048])
 def test_swiglu_ffn_matches_the_plain_products_and_keeps_no_hidden_point(monkeypatch, block_rows):
     """The HFFN's three products around ``swiglu_lift`` as one autograd node working in blocks of tokens (5: three

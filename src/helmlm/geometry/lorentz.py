@@ -14,10 +14,14 @@ bf16 mantissa loses ``c`` entirely. fp32 and fp64 inputs are computed in their o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 __all__ = [
+    "lift_concat",
     "promote",
     "minkowski_sign",
     "as_curvature",
@@ -171,6 +175,60 @@ def lift(space: Tensor, c: float | Tensor, accurate: bool = False) -> Tensor:
     if c.dim() > space.dim() or not (torch.is_grad_enabled() and (space.requires_grad or c.requires_grad)):
         return torch.cat([time_from_space(space, c, accurate), space], dim=-1)
     return _Lift.apply(space, c, accurate)
+
+
+def lift_concat(parts: Sequence[Tensor], c: float | Tensor, width: int | None = None) -> Tensor:
+    """``lift(torch.cat(parts, -1), c)``, zero-padded on the right to ``width`` coordinates when given, written into
+    one buffer (the same values, bit for bit).
+
+    Attention builds its keys and values this way: the concatenation, the lift and the padding to the kernel's head
+    dim were three copies, each with its own backward. Recording gradients it is one autograd node
+    (:class:`_LiftConcat`) that keeps only its output; parts may be broadcast views (``expand``).
+    """
+    parts = [promote(p) for p in parts]
+    space = sum(p.shape[-1] for p in parts)
+    width = 1 + space if width is None else width
+    if width < 1 + space:
+        raise ValueError(f"lift_concat: width {width} is less than the lifted point's {1 + space} coordinates")
+    c = as_curvature(c, parts[0])
+    if torch.compiler.is_compiling() or c.dim() > 0:
+        out = lift(torch.cat(parts, dim=-1), c)
+        return F.pad(out, (0, width - 1 - space)) if width > 1 + space else out
+    if torch.is_grad_enabled() and (c.requires_grad or any(p.requires_grad for p in parts)):
+        return _LiftConcat.apply(c, width, *parts)
+    return _lift_concat(parts, c, width)
+
+
+def _lift_concat(parts: list[Tensor], c: Tensor, width: int) -> Tensor:
+    lead = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+    out = parts[0].new_empty(*lead, width)
+    start = 1
+    for part in parts:
+        out[..., start: start + part.shape[-1]].copy_(part)
+        start += part.shape[-1]
+    out[..., start:].zero_()
+    torch.sqrt(out[..., 1:start].square().sum(-1, keepdim=True) + c, out=out[..., :1])
+    return out
+
+
+class _LiftConcat(torch.autograd.Function):
+    """:func:`lift_concat`; backward as :class:`_Lift`'s, ``d/ds = g_s + (g_t / t) s``, split back into the parts."""
+
+    @staticmethod
+    def forward(ctx, c: Tensor, width: int, *parts: Tensor) -> Tensor:
+        out = _lift_concat(list(parts), c, width)
+        ctx.save_for_backward(out)
+        ctx.c_shape, ctx.sizes = c.shape, [p.shape[-1] for p in parts]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (out,) = ctx.saved_tensors
+        end = 1 + sum(ctx.sizes)
+        coef = grad[..., :1] / out[..., :1]
+        grad_c = sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[0] else None
+        grad_space = torch.addcmul(grad[..., 1:end], out[..., 1:end], coef)
+        return grad_c, None, *grad_space.split(ctx.sizes, dim=-1)
 
 
 def origin(space_dim: int, c: float | Tensor, *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:

@@ -19,7 +19,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift, lorentz_normalize, minkowski_inner, minkowski_sign, promote
+from helmlm.geometry import (
+    as_curvature,
+    lift,
+    lorentz_normalize,
+    minkowski_inner,
+    minkowski_sign,
+    promote,
+    sum_to_shape,
+    time_from_space,
+)
 from helmlm.nn.cache import LayerCache
 from helmlm.nn.linear import aligned_linear
 from helmlm.nn.rotary import apply_rotary
@@ -131,10 +140,62 @@ def lorentz_sdpa(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, tem
 
     Runs in fp32 or higher even under autocast: the output's Lorentz norm ``o_t^2 - |o_s|^2`` is a cancellation
     of large terms, and bf16 values (8-bit mantissa) would not even satisfy the constraint individually.
+    The layers give the query as its space part to :func:`lorentz_query` and call :func:`lorentz_attend`, the
+    same two steps.
     """
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v = promote(q), promote(k), promote(v)
+        q = promote(q)
         q_tilde = q * (minkowski_sign(q) * (2.0 / temperature.to(q.dtype)))
+    return lorentz_attend(q_tilde, k, v, curvature, mask, value_dim)
+
+
+def lorentz_query(space: Tensor, curvature: float | Tensor, temperature: Tensor) -> Tensor:
+    """The query as SDPA takes it, ``q~ = (2 / tau) (-q_t, q_s)`` with ``q = lift(space)``, in fp32 or higher.
+
+    Recording gradients, one autograd node (:class:`_LorentzQuery`) writes it in one pass and keeps only ``q~``
+    (which the attention kernel keeps anyway) instead of the lifted query and its scaled copy; the same values, bit
+    for bit.
+    """
+    with torch.autocast(space.device.type, enabled=False):
+        space = promote(space)
+        c = as_curvature(curvature, space)
+        scale = 2.0 / temperature.to(space.dtype)
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and c.dim() == 0
+                and any(t.requires_grad for t in (space, c, scale))):
+            return _LorentzQuery.apply(space, c, scale)
+        q = lift(space, c)
+        return q * (minkowski_sign(q) * scale)
+
+
+class _LorentzQuery(torch.autograd.Function):
+    """:func:`lorentz_query`. With ``out = a (-t, s)``, ``a = 2 / tau``, ``t = sqrt(|s|^2 + c)``:
+    ``dL/ds = a (g_s + (g_t / out_t) out_s)``, ``dL/dc = a^2 g_t / (2 out_t)``, ``dL/da = (g . out) / a``."""
+
+    @staticmethod
+    def forward(ctx, space: Tensor, c: Tensor, scale: Tensor) -> Tensor:
+        out = space.new_empty(*space.shape[:-1], space.shape[-1] + 1)
+        torch.mul(time_from_space(space, c), -scale, out=out[..., :1])
+        torch.mul(space, scale, out=out[..., 1:])
+        ctx.save_for_backward(out, scale)
+        ctx.c_shape = c.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out, scale = ctx.saved_tensors
+        coef = grad[..., :1] / out[..., :1]
+        grad_space = torch.addcmul(grad[..., 1:], out[..., 1:], coef).mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_c = sum_to_shape(coef * (scale * scale / 2), ctx.c_shape) if ctx.needs_input_grad[1] else None
+        grad_scale = (torch.linalg.vecdot(grad.flatten(), out.flatten()) / scale) if ctx.needs_input_grad[2] else None
+        return grad_space, grad_c, grad_scale
+
+
+def lorentz_attend(q_tilde: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, mask: Tensor | None = None,
+                   value_dim: int | None = None) -> Tensor:
+    """:func:`lorentz_sdpa` from the scaled query ``q~`` (:func:`lorentz_query`): SDPA at scale 1, then the
+    Lorentzian centroid of the values."""
+    with torch.autocast(q_tilde.device.type, enabled=False):
+        q_tilde, k, v = promote(q_tilde), promote(k), promote(v)
         mixed = attend(q_tilde, k, v, mask, scale=1.0)
         if value_dim is not None:
             mixed = mixed[..., :value_dim]
@@ -187,11 +248,13 @@ class LorentzSelfAttention(nn.Module):
                 cache: LayerCache | None = None) -> Tensor:
         """``cache``: keys and values (Lorentz points) of earlier tokens, extended by this call's; ``mask`` must
         then cover all cached keys (``(B, 1, N, T)``)."""
-        q, k, v = (lift(t, self.curvature) for t in self.project_qkv(x, cos, sin))
+        q, k, v = self.project_qkv(x, cos, sin)
+        q = lorentz_query(q, self.curvature, self.temperature)
+        k, v = lift(k, self.curvature), lift(v, self.curvature)
         if cache is not None:
             k, v = cache.append(k, v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        o = lorentz_sdpa(q, k, v, self.curvature, self.temperature, mask)  # (B, H, N, head_ambient)
+        o = lorentz_attend(q, k, v, self.curvature, mask)  # (B, H, N, head_ambient)
         return lift(aligned_linear(o.transpose(1, 2).flatten(-2), self.out.weight, self.out.bias), self.curvature)
 
 

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import lift, lorentz_normalize, promote
-from helmlm.nn.attention import attend, lorentz_sdpa
+from helmlm.geometry import lift, lift_concat, lorentz_normalize, promote
+from helmlm.nn.attention import attend, lorentz_attend, lorentz_query
 from helmlm.nn.cache import LayerCache
 from helmlm.nn.linear import UNPADDED_ROWS, LorentzLinear
 from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
@@ -57,31 +57,36 @@ class LorentzLatentAttention(nn.Module):
         c_kv, k_pe = self.wkv_a(x, return_space=True).split([self.kv_rank, self.rope_dim - 1], dim=-1)
         return c_kv, apply_rotary(k_pe.unsqueeze(-2), cos, sin).squeeze(-2)
 
-    def expand(self, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values (Lorentz points, ``(B, N, H, qk_head)`` and ``(B, N, H, v_dim)``) from the latent."""
+    def expand(self, c_kv: Tensor, k_pe: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+        """Keys and values (Lorentz points, ``(B, N, H, qk_head)`` and ``(B, N, H, v_dim)``) from the latent;
+        ``width``: both zero-padded to that many coordinates (the attention kernel's one head dim)."""
         kv = self.wkv_b(self.kv_norm(c_kv, space_only=True), return_space=True)
         k_nope, v = kv.unflatten(-1, (self.heads, -1)).split([self.nope_dim, self.v_dim - 1], dim=-1)
         k_pe = k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], -1)
-        return lift(torch.cat([k_nope, k_pe], dim=-1), self.curvature), lift(v, self.curvature)
+        return lift_concat([k_nope, k_pe], self.curvature, width), lift_concat([v], self.curvature, width)
 
-    def query(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def query_space(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The queries' space parts ``[q_nope, q_pe]`` (``(B, N, H, qk_head - 1)``, ``q_pe`` rotated)."""
         q = self.wq(x, return_space=True).unflatten(-1, (self.heads, self.qk_head - 1))
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim - 1], dim=-1)
-        return lift(torch.cat([q_nope, apply_rotary(q_pe, cos, sin)], dim=-1), self.curvature)
+        return torch.cat([q_nope, apply_rotary(q_pe, cos, sin)], dim=-1)
+
+    def query(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The queries as Lorentz points (``(B, N, H, qk_head)``)."""
+        return lift(self.query_space(x, cos, sin), self.curvature)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
                 cache: LayerCache | None = None) -> Tensor:
         """With a ``cache``, attention runs absorbed in latent space (:meth:`forward_absorbed`)."""
         if cache is not None:
             return self.forward_absorbed(x, cos, sin, mask, cache)
-        q = self.query(x, cos, sin)
-        k, v = self.expand(*self.compress(x, cos, sin))
         # Fused kernels want one head dim for q, k and v: zero-pad the shorter side. Exact: zero coordinates add
         # nothing to q~.k, and the zero coordinates of v give zero output coordinates, which are dropped.
         head = max(self.qk_head, self.v_dim)
-        q, k, v = (pad_to(t, head) for t in (q, k, v))
-        o = lorentz_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.curvature,
-                         self.temperature, mask, value_dim=self.v_dim)
+        q = pad_to(lorentz_query(self.query_space(x, cos, sin), self.curvature, self.temperature), head)
+        k, v = self.expand(*self.compress(x, cos, sin), width=head)
+        o = lorentz_attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.curvature, mask,
+                           value_dim=self.v_dim)
         return self.wo(o.transpose(1, 2).flatten(-2))
 
     def forward_absorbed(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
