@@ -112,7 +112,7 @@ def test_extend_continues_a_finished_run_on_the_replanned_schedule(corpus, tmp_p
 
 
 def test_init_from_a_checkpoint_and_from_an_exported_model(corpus, tmp_path):
-    """``train.init_from`` starts a new run (step 0, empty optimizer state, its own seed) with exactly the source's
+    """``train.init_from`` starts a new run (step 0, fresh optimizer state, its own seed) with exactly the source's
     weights, from a run directory and from a ``helmlm export`` directory; another architecture, another tokenizer
     or a missing path are refused with what to do."""
     train(load_train_config(None, overrides(corpus, tmp_path / "src", "train.steps=4")))
@@ -122,7 +122,10 @@ def test_init_from_a_checkpoint_and_from_an_exported_model(corpus, tmp_path):
     for name, origin in (("a", tmp_path / "src"), ("b", tmp_path / "model")):
         trainer = Trainer(load_train_config(None, overrides(corpus, tmp_path / name, f"train.init_from={origin}",
                                                             "train.seed=99", "train.steps=2")))
-        assert trainer.step == 0 and not any(o["state"] for o in trainer.optimizer.state_dict()["optimizers"])
+        assert trainer.step == 0
+        for opt_state in trainer.optimizer.state_dict()["optimizers"]:  # created up front on CPU, as at step 0
+            for state in opt_state["state"].values():
+                assert all(not torch.is_tensor(v) or not v.any() for v in state.values()) and state["step"] == 0
         assert weights_equal({k: v for k, v in trainer.model.state_dict().items()}, source)
         result = trainer.fit()
         assert result["val_loss"] < 5.8  # it starts trained: a fresh tiny model is at ln(400) ~ 6.0 after 2 steps
