@@ -109,7 +109,9 @@ class TrainSettings:
     keeps only each block's input and recomputes the block in backward; ``compile`` compiles each block with
     ``torch.compile`` (the first steps pay the compilation); ``cpu_malloc: keep`` (training on CPU) sets glibc's
     malloc to keep freed memory for the next step instead of returning it and faulting it back in
-    (:mod:`helmlm.training.allocator`; ``system`` leaves the C library's defaults)."""
+    (:mod:`helmlm.training.allocator`; ``system`` leaves the C library's defaults). On CPU the trainer also creates
+    the optimizer state before the first step (:func:`helmlm.training.optim.allocate_state`), which keeps the heap
+    from fragmenting."""
 
     seq_len: int = 256
     micro_batch: int = 8

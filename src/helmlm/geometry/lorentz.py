@@ -28,6 +28,7 @@ __all__ = [
     "minkowski_inner",
     "time_from_space",
     "lift",
+    "lift_concat",
     "origin",
     "sq_distance",
     "distance",

@@ -9,7 +9,9 @@ page fault: 81,000-101,000 per step of the small presets at 8 x 256 tokens, most
 in the heap and the next step reuses them: almost no page faults after the first steps and 8-24 % faster steps on
 this project's CPU machine. The process keeps that memory between steps instead of giving part of it back; its
 peak RSS stays about where it was when the step's large buffers are reused, and grows where blocks of changing
-sizes fragment the heap (the full logits without the chunked loss; docs/benchmarks.md).
+sizes fragment the heap (the full logits without the chunked loss; docs/benchmarks.md) or where long-lived blocks
+land among the step's freed ones (the optimizer state, which the trainer therefore creates before the first step:
+:func:`helmlm.training.optim.allocate_state`).
 
 This is the trade-off PyTorch's CPU performance guide makes when it recommends jemalloc or tcmalloc, without
 preloading a library. It is process-wide and only touches glibc on Linux; elsewhere it does nothing.

@@ -124,8 +124,8 @@ def allocate_state(optimizer: torch.optim.Optimizer | HybridOptimizer) -> int:
     step they land in the holes the step's freed activations left all over the heap, and with freed memory kept
     (``train.cpu_malloc=keep``) they split those holes for good: the next steps' activations no longer fit and the
     heap grows. Created before the first forward they sit next to the parameters. Measured on the reference
-    comparison's step (HELM-D L2_W132, 8 x 1024, 1 thread): the heap above the baseline 370-470 -> 250-275 MB, peak
-    RSS ~110 MB lower (docs/LOG.md, 2026-12-01, third session).
+    comparison's step (HELM-D L2_W132, 8 x 1024, 1 thread): the heap above the baseline 370-470 -> 226-275 MB, the
+    process's peak RSS 943-974 -> 834-859 MB (docs/LOG.md, 2026-12-01, third session).
 
     How: one step of the optimizer's own code with zero gradients at learning rate 0 (so the state has the types,
     shapes and devices its code gives it), then every state tensor is zeroed, integer step counters set to 0, and
