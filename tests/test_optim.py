@@ -131,6 +131,22 @@ def test_allocated_state_trains_bit_for_bit_like_lazy_state(amsgrad):
             assert allocate_state(opt) == len(before)
             assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
             assert allocate_state(opt) == 0
+            # a parameter without state among ones with state and gradients: only it is touched
+            first = next(iter(opt.optimizers[0].state))
+            saved = {k: v.clone() for k, v in opt.optimizers[0].state[first].items()}
+            del opt.optimizers[0].state[first]
+            others = [p for p in model.parameters() if p is not first]
+            for p in others:
+                p.grad = torch.ones_like(p)
+            def other_states():
+                return [v.clone() for inner in opt.optimizers for p, st in inner.state.items() if p is not first
+                        for v in st.values() if torch.is_tensor(v)]
+
+            snapshot = other_states()
+            assert allocate_state(opt) == 1 and all(p.grad is not None and p.grad.eq(1).all() for p in others)
+            assert len(snapshot) > 10 and all(torch.equal(a, b) for a, b in zip(snapshot, other_states()))
+            assert all(torch.equal(v, saved[k]) for k, v in opt.optimizers[0].state[first].items())
+            opt.zero_grad()
             assert all(inner.state[p] for inner in opt.optimizers for g in inner.param_groups for p in g["params"])
         for step in range(3):
             opt.set_lr(lr_multiplier(step, 3, 1, 0.1))

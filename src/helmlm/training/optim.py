@@ -140,19 +140,26 @@ def allocate_state(optimizer: torch.optim.Optimizer | HybridOptimizer) -> int:
               if p.requires_grad and not optimizer.state.get(p)]
     if not params:
         return 0
+    fresh = set(params)
     kept = [(p, p.detach().clone(), p.grad) for p in params]
+    # parameters that already have state sit this step out (no gradient), so their state is not touched
+    others = [(p, p.grad) for group in optimizer.param_groups for p in group["params"] if p not in fresh]
     lrs = [group["lr"] for group in optimizer.param_groups]
     try:
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         for p in params:
             p.grad = torch.zeros_like(p)
+        for p, _ in others:
+            p.grad = None
         optimizer.step()
     finally:
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
         for p, value, grad in kept:
             p.copy_(value)
+            p.grad = grad
+        for p, grad in others:
             p.grad = grad
     for p in params:
         state = optimizer.state[p]
