@@ -288,6 +288,42 @@ def _adam_ratio_bound(beta1: float, beta2: float, steps: int) -> float:
     return max(at(t) for t in range(1, steps + 1))
 
 
+def test_close_drops_the_ddp_wrapper_before_leaving_the_group(tmp_path, monkeypatch):
+    """``Trainer.close()`` (the end of every ``train``) destroys DDP's wrapper, and with it its ``Reducer``, while
+    the process group is still registered, so the group's last reference goes from Python, whose destructor
+    releases the GIL (a gloo worker thread waiting for the GIL hung a torchrun job at exit otherwise)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from helmlm.training.distributed import Distributed
+
+    destroy = dist.destroy_process_group
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        trainer = object.__new__(Trainer)  # only what close() touches
+        trainer.env = Distributed(rank=0, world_size=2)  # 'active', as on several ranks
+        trainer.model = torch.nn.Linear(3, 2)
+        trainer.wrapped = DistributedDataParallel(trainer.model)
+        wrapper, seen = weakref.ref(trainer.wrapped), {}
+
+        def watched_destroy(*args, **kwargs):
+            seen.update(wrapper_alive=wrapper() is not None, group_registered=dist.is_initialized())
+            destroy(*args, **kwargs)
+
+        monkeypatch.setattr(dist, "destroy_process_group", watched_destroy)
+        trainer.close()
+        assert seen == {"wrapper_alive": False, "group_registered": True}
+        assert not dist.is_initialized() and trainer.wrapped is trainer.model
+        trainer.close()  # a second call (nothing left to leave) is a no-op
+    finally:
+        if dist.is_initialized():
+            destroy()
+        gc.collect()
+
+
 @pytest.mark.parametrize("model, strategy", [("helm_d_tiny", "ddp"), ("helm_mice_tiny", "ddp"), ("helm_d_tiny", "fsdp"),
                                              pytest.param("helm_mice_tiny", "fsdp", marks=pytest.mark.slow)])
 def test_two_processes_match_one(corpus, tmp_path, model, strategy):

@@ -26,6 +26,7 @@ uninterrupted one (model and optimizer state, data position and RNG are all rest
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import sys
@@ -304,6 +305,18 @@ class Trainer:
         self.log_fn(self._summary(result, time.perf_counter() - start, ran=self.tokens_seen > start_tokens))
         return result
 
+    def close(self) -> None:
+        """Leave the process group (a no-op on one process). The DDP wrapper goes first, while the group is still
+        registered: otherwise its ``Reducer``, destroyed later with the trainer, holds the group's last reference,
+        and gloo's destructor then joins its worker threads while this thread holds the GIL, which a worker may be
+        waiting for to release a tensor of the last collective: a rare hang at exit (docs/LOG.md, 2026-12-01).
+        Dropped from Python, the group's destructor releases the GIL first."""
+        if not (self.env.active and dist.is_initialized()):
+            return
+        self.wrapped = self.model
+        gc.collect()  # the wrapper may sit in reference cycles (its hooks): destroy its Reducer now
+        dist.destroy_process_group()
+
     def _on_schedule(self, metrics: dict[str, Any], log: MetricsLog | None, bar) -> None:
         """After a step: the training record, manifold health, validation and the checkpoint, each on its own
         schedule and all after the last step."""
@@ -360,5 +373,4 @@ def train(config: TrainConfig, resume: bool | str | Path = False, extend: bool =
     try:
         return trainer.fit()
     finally:
-        if trainer.env.active and dist.is_initialized():
-            dist.destroy_process_group()
+        trainer.close()
