@@ -551,3 +551,37 @@ def test_lorentz_normalize_closed_form_matches_the_plain_graph():
     upstream = torch.randn(want.shape, dtype=torch.float64, generator=gen)
     for x, y in zip(torch.autograd.grad(got, (a, c), upstream), torch.autograd.grad(want, (a, c), upstream)):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_decoding_ffn_multiplies_by_its_weights_in_place():
+    """For a few rows (decoding steps), the HFFN reads its weights where they lie: no padding op (eager returns a
+    zero-width pad as is, but a compiled step copies it: W2's copy took a tenth of helm_d_small's compiled decoding
+    step) and no op that writes a weight-sized tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from helmlm.geometry import lift
+    from helmlm.nn.ffn import LorentzFeedForward
+
+    sizes, names = [], []
+
+    class RecordSizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            names.append(str(func))
+            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            sizes.extend((str(func), t.numel()) for t in torch.utils._pytree.tree_leaves(out)  # new tensors only
+                         if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs)
+            return out
+
+    torch.manual_seed(0)
+    ffn = LorentzFeedForward(33, 72)  # 71 hidden space coordinates: padded to 72 for many rows
+    x = lift(torch.randn(2, 1, 32), 1.0)
+    with torch.no_grad(), RecordSizes():
+        out = ffn(x)
+    smallest_weight = min(p.numel() for p in ffn.parameters() if p.dim() == 2)
+    assert sizes and max(n for _, n in sizes) < smallest_weight, sorted(sizes, key=lambda s: -s[1])[:3]
+    assert not [name for name in names if "pad" in name], names
+    with torch.no_grad():  # and the same values as the padded path of many rows
+        many = ffn(torch.cat([x, lift(torch.randn(2, 16, 32), 1.0)], dim=1))
+    torch.testing.assert_close(out, many[:, :1], rtol=1e-5, atol=1e-5)

@@ -52,7 +52,9 @@ class LorentzFeedForward(nn.Module):
             return lift(out[..., : -out_pad] if out_pad else out, c)
         g, v = F.linear(x, w1, b1), F.linear(x, w3, b3)
         u = F.silu(g) * v
-        w2_space = F.pad(self.w2.weight[:, 1:], (pad, 0))
+        # Unpadded (decoding), a strided view that BLAS reads in place: F.pad would copy the weight on every step
+        # (helm_d_small's compiled decoding step: 1.70 -> 1.52 ms; docs/LOG.md, 2026-12-01, fourth session).
+        w2_space = F.pad(self.w2.weight[:, 1:], (pad, 0)) if pad else self.w2.weight[:, 1:]
         out = aligned_linear(u, w2_space, self.w2.bias) + time_from_space(u, c) * self.w2.weight[:, 0]
         return lift(out, c)
 
