@@ -585,3 +585,33 @@ def test_decoding_ffn_multiplies_by_its_weights_in_place():
     with torch.no_grad():  # and the same values as the padded path of many rows
         many = ffn(torch.cat([x, lift(torch.randn(2, 16, 32), 1.0)], dim=1))
     torch.testing.assert_close(out, many[:, :1], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_hffn_runs_its_fused_node_as_one_op():
+    """Compiled training on CPU calls the HFFN's fused node as one opaque op (``helmlm::swiglu_ffn``, whose
+    registrations pass ``opcheck``): the traced graph holds it, and values and gradients are the eager node's."""
+    from helmlm.geometry import lift
+    from helmlm.nn.ffn import LorentzFeedForward, _swiglu_ffn_op
+
+    torch.manual_seed(0)
+    ffn = LorentzFeedForward(33, 72)
+    x = lift(torch.randn(2, 40, 32), 1.0).requires_grad_()
+    w1, w3 = (F.pad(w, (0, 0, 1, 0)) for w in (ffn.w1.weight, ffn.w3.weight))
+    b1, b3 = (F.pad(b, (1, 0)) for b in (ffn.w1.bias, ffn.w3.bias))
+    w2, b2 = F.pad(ffn.w2.weight, (0, 0, 0, 0)), ffn.w2.bias
+    torch.library.opcheck(_swiglu_ffn_op, (x, w1, b1, w3, b3, w2, b2, torch.tensor(1.0), 0))
+
+    upstream = torch.randn(2, 40, 33)
+    want = torch.autograd.grad(ffn(x), (x, *ffn.parameters()), upstream)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ffn, backend=backend, fullgraph=True)
+    got = torch.autograd.grad(compiled(x), (x, *ffn.parameters()), upstream)
+    assert any(node.target is torch.ops.helmlm.swiglu_ffn.default for gm in graphs for node in gm.graph.nodes)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

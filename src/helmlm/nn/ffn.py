@@ -113,7 +113,13 @@ def swiglu_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor, b3: Tensor 
     8 x 1024 tokens) keeps 33 MB less and its live tensors peak about 80 MB lower, at the same speed (docs/LOG.md,
     2026-12-01, third session).
     """
-    if torch.compiler.is_compiling():  # the plain ops: the compiler fuses them itself
+    if torch.compiler.is_compiling():
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and None not in (b1, b3, b2)
+                and any(t.requires_grad for t in (x, w1, b1, w3, b3, w2, b2))):
+            # Training on CPU: this node as one opaque op. Inductor's own kernels for it were slower than the node
+            # (8,192 tokens, fwd + bwd: 211 ms against 185; its backward sums the bias gradients column by column)
+            # and keep more (docs/LOG.md, 2026-12-01, fourth session).
+            return _swiglu_ffn_op(x, w1, b1, w3, b3, w2, b2, c, time_col)[0]
         return F.linear(swiglu_lift(F.linear(x, w1, b1), F.linear(x, w3, b3), c, time_col), w2, b2)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w3, b3, w2, b2, c)):
         return _SwiGLUFFN.apply(x, w1, b1, w3, b3, w2, b2, c, time_col)
@@ -155,40 +161,89 @@ class _SwiGLUFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, g, v, c, w1, w3, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w3, need_b3, need_w2, need_b2, need_c, _ = ctx.needs_input_grad
-        col = ctx.time_col
-        rows, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        grad_x = torch.empty_like(rows) if need_x else None
-        grad_w1, grad_w3, grad_w2 = (torch.zeros_like(w) if need else None
-                                     for w, need in ((w1, need_w1), (w3, need_w3), (w2, need_w2)))
-        grad_b1 = g.new_zeros(g.shape[-1]) if need_b1 and ctx.biases[0] else None
-        grad_b3 = v.new_zeros(v.shape[-1]) if need_b3 and ctx.biases[1] else None
-        grad_c = c.new_zeros(()) if need_c else None
-        for r in _blocks(rows.shape[0]):
-            silu_g = F.silu(g[r])
-            hidden = _swiglu_hidden(g[r], v[r], c, col, silu_g=silu_g)
-            if grad_w2 is not None:
-                grad_w2.addmm_(grads[r].t(), hidden)
-            grad_u = grads[r].mm(w2)  # the hidden point's gradient, then (in place) u's
-            coef = grad_u[:, col: col + 1] / hidden[:, col: col + 1]
-            grad_u.addcmul_(hidden, coef)
-            if grad_c is not None:
-                grad_c += coef.sum() / 2
-            # silu'(g) v grad_u, written over the hidden point; silu(g) grad_u, over silu(g)
-            grad_g = torch.ops.aten.silu_backward.grad_input(torch.mul(grad_u, v[r], out=hidden), g[r],
-                                                             grad_input=hidden)
-            grad_v = silu_g.mul_(grad_u)
-            if grad_x is not None:
-                torch.mm(grad_g, w1, out=grad_x[r]).addmm_(grad_v, w3)
-            for acc, block_grad in ((grad_w1, grad_g), (grad_w3, grad_v)):
-                if acc is not None:
-                    acc.addmm_(block_grad.t(), rows[r])
-            for acc, block_grad in ((grad_b1, grad_g), (grad_b3, grad_v)):
-                if acc is not None:
-                    acc += block_grad.sum(0)
-        grad_b2 = grads.sum(0) if need_b2 and ctx.biases[2] else None
-        grad_x = grad_x.view(x.shape) if grad_x is not None else None
-        return grad_x, grad_w1, grad_b1, grad_w3, grad_b3, grad_w2, grad_b2, grad_c, None
+        return (*_swiglu_ffn_backward(grad, x, g, v, c, w1, w3, w2, ctx.time_col, ctx.needs_input_grad[:8],
+                                      ctx.biases), None)
+
+
+def _swiglu_ffn_backward(grad: Tensor, x: Tensor, g: Tensor, v: Tensor, c: Tensor, w1: Tensor, w3: Tensor,
+                         w2: Tensor, col: int, needs: tuple[bool, ...], biases: tuple[bool, bool, bool]) -> tuple:
+    """:class:`_SwiGLUFFN`'s gradients ``(x, w1, b1, w3, b3, w2, b2, c)``, ``None`` where ``needs`` says so."""
+    need_x, need_w1, need_b1, need_w3, need_b3, need_w2, need_b2, need_c = needs
+    rows, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    grad_x = torch.empty_like(rows) if need_x else None
+    grad_w1, grad_w3, grad_w2 = (torch.zeros_like(w) if need else None
+                                 for w, need in ((w1, need_w1), (w3, need_w3), (w2, need_w2)))
+    grad_b1 = g.new_zeros(g.shape[-1]) if need_b1 and biases[0] else None
+    grad_b3 = v.new_zeros(v.shape[-1]) if need_b3 and biases[1] else None
+    grad_c = c.new_zeros(()) if need_c else None
+    for r in _blocks(rows.shape[0]):
+        silu_g = F.silu(g[r])
+        hidden = _swiglu_hidden(g[r], v[r], c, col, silu_g=silu_g)
+        if grad_w2 is not None:
+            grad_w2.addmm_(grads[r].t(), hidden)
+        grad_u = grads[r].mm(w2)  # the hidden point's gradient, then (in place) u's
+        coef = grad_u[:, col: col + 1] / hidden[:, col: col + 1]
+        grad_u.addcmul_(hidden, coef)
+        if grad_c is not None:
+            grad_c += coef.sum() / 2
+        # silu'(g) v grad_u, written over the hidden point; silu(g) grad_u, over silu(g)
+        grad_g = torch.ops.aten.silu_backward.grad_input(torch.mul(grad_u, v[r], out=hidden), g[r],
+                                                         grad_input=hidden)
+        grad_v = silu_g.mul_(grad_u)
+        if grad_x is not None:
+            torch.mm(grad_g, w1, out=grad_x[r]).addmm_(grad_v, w3)
+        for acc, block_grad in ((grad_w1, grad_g), (grad_w3, grad_v)):
+            if acc is not None:
+                acc.addmm_(block_grad.t(), rows[r])
+        for acc, block_grad in ((grad_b1, grad_g), (grad_b3, grad_v)):
+            if acc is not None:
+                acc += block_grad.sum(0)
+    grad_b2 = grads.sum(0) if need_b2 and biases[2] else None
+    grad_x = grad_x.view(x.shape) if grad_x is not None else None
+    return grad_x, grad_w1, grad_b1, grad_w3, grad_b3, grad_w2, grad_b2, grad_c
+
+
+# swiglu_ffn inside torch.compile on CPU, training: the node above as a custom op, which the compiler calls as an
+# opaque kernel. The forward also returns g and v, which its autograd rule keeps for the backward op.
+@torch.library.custom_op("helmlm::swiglu_ffn", mutates_args=())
+def _swiglu_ffn_op(x: Tensor, w1: Tensor, b1: Tensor, w3: Tensor, b3: Tensor, w2: Tensor, b2: Tensor, c: Tensor,
+                   time_col: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _swiglu_ffn_forward(x, w1, b1, w3, b3, w2, b2, c, time_col)
+
+
+@_swiglu_ffn_op.register_fake
+def _(x, w1, b1, w3, b3, w2, b2, c, time_col):
+    rows = x.reshape(-1, x.shape[-1]).shape[0]
+    return x.new_empty(*x.shape[:-1], w2.shape[0]), x.new_empty(rows, w1.shape[0]), x.new_empty(rows, w3.shape[0])
+
+
+@torch.library.custom_op("helmlm::swiglu_ffn_backward", mutates_args=())
+def _swiglu_ffn_backward_op(grad: Tensor, x: Tensor, g: Tensor, v: Tensor, c: Tensor, w1: Tensor, w3: Tensor,
+                            w2: Tensor, time_col: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of ``x, w1, b1, w3, b3, w2, b2`` (all of them: the op's autograd rule drops the unneeded)."""
+    return _swiglu_ffn_backward(grad.contiguous(), x, g, v, c, w1, w3, w2, time_col, (True,) * 7 + (False,),
+                                (True, True, True))[:7]
+
+
+@_swiglu_ffn_backward_op.register_fake
+def _(grad, x, g, v, c, w1, w3, w2, time_col):
+    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w3),
+            w3.new_empty(w3.shape[0]), torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
+
+def _swiglu_ffn_op_save(ctx, inputs, output) -> None:
+    x, w1, _, w3, _, w2, _, c, time_col = inputs
+    ctx.save_for_backward(x, output[1], output[2], c, w1, w3, w2)
+    ctx.time_col = time_col
+
+
+def _swiglu_ffn_op_backward(ctx, grad: Tensor, _grad_g, _grad_v):  # g and v feed nothing but the backward
+    x, g, v, c, w1, w3, w2 = ctx.saved_tensors
+    grads = _swiglu_ffn_backward_op(grad, x, g, v, c, w1, w3, w2, ctx.time_col)
+    return (*(t if need else None for t, need in zip(grads, ctx.needs_input_grad)), None, None)
+
+
+_swiglu_ffn_op.register_autograd(_swiglu_ffn_op_backward, setup_context=_swiglu_ffn_op_save)
 
 
 class _SwiGLULift(torch.autograd.Function):
