@@ -615,3 +615,11 @@ def test_compiled_hffn_runs_its_fused_node_as_one_op():
     assert any(node.target is torch.ops.helmlm.swiglu_ffn.default for gm in graphs for node in gm.graph.nodes)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    # A learned curvature (the op has no gradient for it) takes the plain ops: its gradient is the eager one.
+    c = torch.tensor(1.3, requires_grad=True)
+    want_c = torch.autograd.grad(ffn(x, curvature=c), c, upstream)[0]
+    torch._dynamo.reset()
+    got_c = torch.autograd.grad(torch.compile(lambda x, c: ffn(x, curvature=c), backend="aot_eager")(x, c), c,
+                                upstream)[0]
+    torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-5)

@@ -114,8 +114,8 @@ def swiglu_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor, b3: Tensor 
     2026-12-01, third session).
     """
     if torch.compiler.is_compiling():
-        if (x.device.type == "cpu" and torch.is_grad_enabled() and None not in (b1, b3, b2)
-                and any(t.requires_grad for t in (x, w1, b1, w3, b3, w2, b2))):
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and None not in (b1, b3, b2) and not c.requires_grad
+                and any(t.requires_grad for t in (x, w1, b1, w3, b3, w2, b2))):  # (the op has no curvature gradient)
             # Training on CPU: this node as one opaque op, so that the compiled graph keeps x, g and v as the eager
             # node does; inductor's graph of the plain ops kept more (helm_d_small, 8 x 1,024: peak 3,037-3,287 ->
             # 2,565-3,079 MB) at the same step time (in-process A/B 0.99 / 1.00 at 256 / 1,024 tokens per row;
