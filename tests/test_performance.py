@@ -385,12 +385,56 @@ def test_lorentz_query_is_the_lifted_scaled_query_in_one_node():
     for a, b in zip(torch.autograd.grad(got, (space, c, tau), upstream),
                     torch.autograd.grad(want, (space, c, tau), upstream)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
-    assert gradcheck(lambda s_, c_, a: _LorentzQuery.apply(s_, c_, a), (space, c, 2.0 / tau))
+    assert gradcheck(lambda s_, c_, a: _LorentzQuery.apply(s_, c_, a, None, None), (space, c, 2.0 / tau))
     space32 = space.detach().float().requires_grad_()
     recorded = lorentz_query(space32, 0.6, tau.detach().float())
     with torch.no_grad():
         assert torch.equal(recorded, lorentz_query(space32, 0.6, tau.detach().float()))
         assert torch.equal(recorded, plain(space32, 0.6, tau.detach().float()))
+
+
+@pytest.mark.parametrize("batch_tables", [False, True])
+def test_hope_query_and_keys_rotate_inside_their_nodes(batch_tables):
+    """HoPE folded into the query and key nodes (``lorentz_query(..., rotary=)``, ``hope_lift``) against the plain
+    ops ``lift(apply_rotary(.))``: fp64 values and gradients (space, learned curvature, temperature), gradcheck, one
+    saved tensor of the output's size; the same with per-row tables (packed documents restart positions); and in
+    fp32 without recorded gradients (decoding, compiled graphs) the plain path itself."""
+    from torch.autograd import gradcheck
+
+    from helmlm.geometry import lift, minkowski_sign
+    from helmlm.nn.attention import hope_lift, lorentz_query
+    from helmlm.nn.rotary import apply_rotary, rotary_tables
+
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 50, (2, 5), generator=gen) if batch_tables else torch.arange(5).unsqueeze(0)
+    cos, sin = rotary_tables(positions, 6, 10000.0, torch.float64)
+    space = torch.randn(2, 5, 3, 6, dtype=torch.float64, generator=gen).mul(4).requires_grad_()
+    c = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+
+    def plain_query(s_, c_, tau_):
+        q = lift(apply_rotary(s_, cos, sin), c_)
+        return q * (minkowski_sign(q) * (2.0 / tau_))
+
+    cases = [(lambda s_, c_, tau_: lorentz_query(s_, c_, tau_, rotary=(cos, sin)), plain_query, (space, c, tau)),
+             (lambda s_, c_: hope_lift(s_, cos, sin, c_), lambda s_, c_: lift(apply_rotary(s_, cos, sin), c_),
+              (space, c))]
+    for (fused, plain, inputs), node in zip(cases, ("_LorentzQuery", "_HoPELift")):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            got = fused(*inputs)
+        want = plain(*inputs)
+        assert got.grad_fn.name().startswith(node) and saved.count(got.numel()) == 1
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+        upstream = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+        for a, b in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert gradcheck(fused, inputs)
+    cos, sin = rotary_tables(positions, 6, 10000.0, torch.float32)  # the tables in the model's dtype, as in use
+    space32, tau32 = space.detach().float(), tau.detach().float()
+    with torch.no_grad():
+        assert torch.equal(lorentz_query(space32, 0.6, tau32, rotary=(cos, sin)), plain_query(space32, 0.6, tau32))
+        assert torch.equal(hope_lift(space32, cos, sin, 0.6), lift(apply_rotary(space32, cos, sin), 0.6))
 
 
 @pytest.mark.parametrize("block_rows", [5, 2048])

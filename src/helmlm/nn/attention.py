@@ -31,7 +31,7 @@ from helmlm.geometry import (
 )
 from helmlm.nn.cache import LayerCache
 from helmlm.nn.linear import aligned_linear
-from helmlm.nn.rotary import apply_rotary
+from helmlm.nn.rotary import apply_rotary, rotate_pairs
 
 
 def document_causal_mask(document_ids: Tensor) -> Tensor:
@@ -149,12 +149,16 @@ def lorentz_sdpa(q: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, tem
     return lorentz_attend(q_tilde, k, v, curvature, mask, value_dim)
 
 
-def lorentz_query(space: Tensor, curvature: float | Tensor, temperature: Tensor) -> Tensor:
-    """The query as SDPA takes it, ``q~ = (2 / tau) (-q_t, q_s)`` with ``q = lift(space)``, in fp32 or higher.
+def lorentz_query(space: Tensor, curvature: float | Tensor, temperature: Tensor,
+                  rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The query as SDPA takes it, ``q~ = (2 / tau) (-q_t, q_s)`` with ``q = lift(space)``, in fp32 or higher;
+    ``rotary = (cos, sin)``: HoPE first, ``q = lift(apply_rotary(space, cos, sin))``.
 
     Recording gradients, one autograd node (:class:`_LorentzQuery`) writes it in one pass and keeps only ``q~``
-    (which the attention kernel keeps anyway) instead of the lifted query and its scaled copy; the same values, bit
-    for bit.
+    (which the attention kernel keeps anyway) instead of the lifted query and its scaled copy; without ``rotary``
+    the same values, bit for bit. With it, the node also rotates, using that a rotation keeps ``|s|``: the time
+    comes from the unrotated space part and the backward is the unrotated one followed by the inverse rotation
+    (equal to rounding).
     """
     with torch.autocast(space.device.type, enabled=False):
         space = promote(space)
@@ -162,32 +166,91 @@ def lorentz_query(space: Tensor, curvature: float | Tensor, temperature: Tensor)
         scale = 2.0 / temperature.to(space.dtype)
         if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and c.dim() == 0
                 and any(t.requires_grad for t in (space, c, scale))):
-            return _LorentzQuery.apply(space, c, scale)
+            cos, sin = (None, None) if rotary is None else _head_tables(*rotary, space.dtype)
+            return _LorentzQuery.apply(space, c, scale, cos, sin)
+        if rotary is not None:
+            space = apply_rotary(space, *rotary)
         q = lift(space, c)
         return q * (minkowski_sign(q) * scale)
 
 
+def _head_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``cos``/``sin`` of :func:`~helmlm.nn.rotary.rotary_tables` with a head axis, for ``(B, N, H, d)`` points."""
+    return cos.to(dtype).unsqueeze(-2), sin.to(dtype).unsqueeze(-2)
+
+
 class _LorentzQuery(torch.autograd.Function):
-    """:func:`lorentz_query`. With ``out = a (-t, s)``, ``a = 2 / tau``, ``t = sqrt(|s|^2 + c)``:
-    ``dL/ds = a (g_s + (g_t / out_t) out_s)``, ``dL/dc = a^2 g_t / (2 out_t)``, ``dL/da = (g . out) / a``."""
+    """:func:`lorentz_query`. With ``out = a (-t, R s)``, ``a = 2 / tau``, ``t = sqrt(|s|^2 + c)``, ``R`` the HoPE
+    rotation (the identity without one): ``dL/ds = a R^T (g_s + (g_t / out_t) out_s)``, ``dL/dc = a^2 g_t /
+    (2 out_t)``, ``dL/da = (g . out) / a``. The rotation's tables are scaled by ``a``: it scales as it rotates."""
 
     @staticmethod
-    def forward(ctx, space: Tensor, c: Tensor, scale: Tensor) -> Tensor:
+    def forward(ctx, space: Tensor, c: Tensor, scale: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
         out = space.new_empty(*space.shape[:-1], space.shape[-1] + 1)
         torch.mul(time_from_space(space, c), -scale, out=out[..., :1])
-        torch.mul(space, scale, out=out[..., 1:])
-        ctx.save_for_backward(out, scale)
+        if cos is None:
+            torch.mul(space, scale, out=out[..., 1:])
+            ctx.save_for_backward(out, scale)
+        else:
+            cos, sin = cos * scale, sin * scale
+            rotate_pairs(space, cos, sin, out[..., 1:])
+            ctx.save_for_backward(out, scale, cos, sin)
         ctx.c_shape = c.shape
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        out, scale = ctx.saved_tensors
+        out, scale, *tables = ctx.saved_tensors
         coef = grad[..., :1] / out[..., :1]
-        grad_space = torch.addcmul(grad[..., 1:], out[..., 1:], coef).mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_space = None
+        if ctx.needs_input_grad[0]:
+            grad_space = torch.addcmul(grad[..., 1:], out[..., 1:], coef)
+            if tables:  # a R^T, through the scaled tables
+                grad_space = rotate_pairs(grad_space, *tables, torch.empty_like(grad_space), inverse=True)
+            else:
+                grad_space.mul_(scale)
         grad_c = sum_to_shape(coef * (scale * scale / 2), ctx.c_shape) if ctx.needs_input_grad[1] else None
         grad_scale = (torch.linalg.vecdot(grad.flatten(), out.flatten()) / scale) if ctx.needs_input_grad[2] else None
-        return grad_space, grad_c, grad_scale
+        return grad_space, grad_c, grad_scale, None, None
+
+
+def hope_lift(space: Tensor, cos: Tensor, sin: Tensor, curvature: float | Tensor) -> Tensor:
+    """``lift(apply_rotary(space, cos, sin), c)``: HoPE keys as Lorentz points (``space`` ``(B, N, H, d)``).
+
+    Recording gradients, one autograd node (:class:`_HoPELift`) that keeps only its output: the rotation writes
+    straight into the point's space part and the time comes from the unrotated space part (a rotation keeps
+    ``|s|``), where the two steps would write the rotated copy (through temporaries) and then the point."""
+    space = promote(space)
+    c = as_curvature(curvature, space)
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and c.dim() == 0
+            and (space.requires_grad or c.requires_grad)):
+        return _HoPELift.apply(space, c, *_head_tables(cos, sin, space.dtype))
+    return lift(apply_rotary(space, cos, sin), c)
+
+
+class _HoPELift(torch.autograd.Function):
+    """:func:`hope_lift`: ``out = (t, R s)``, ``t = sqrt(|s|^2 + c)``; ``dL/ds = R^T (g_s + (g_t / t) out_s)``,
+    ``dL/dc = sum(g_t / 2t)``."""
+
+    @staticmethod
+    def forward(ctx, space: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        out = space.new_empty(*space.shape[:-1], space.shape[-1] + 1)
+        rotate_pairs(space, cos, sin, out[..., 1:])
+        torch.sqrt(torch.linalg.vector_norm(space, dim=-1, keepdim=True).square_().add_(c), out=out[..., :1])
+        ctx.save_for_backward(out, cos, sin)
+        ctx.c_shape = c.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out, cos, sin = ctx.saved_tensors
+        coef = grad[..., :1] / out[..., :1]
+        grad_space = None
+        if ctx.needs_input_grad[0]:
+            rotated = torch.addcmul(grad[..., 1:], out[..., 1:], coef)
+            grad_space = rotate_pairs(rotated, cos, sin, torch.empty_like(rotated), inverse=True)
+        grad_c = sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[1] else None
+        return grad_space, grad_c, None, None
 
 
 def lorentz_attend(q_tilde: Tensor, k: Tensor, v: Tensor, curvature: float | Tensor, mask: Tensor | None = None,
@@ -239,18 +302,13 @@ class LorentzSelfAttention(nn.Module):
         self.out.reset_parameters()
         nn.init.constant_(self.temperature, self.init_temperature)
 
-    def project_qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Space parts of q, k (rotated) and v, each ``(B, N, H, head_space)``."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_space)).unbind(-3)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
                 cache: LayerCache | None = None) -> Tensor:
         """``cache``: keys and values (Lorentz points) of earlier tokens, extended by this call's; ``mask`` must
         then cover all cached keys (``(B, 1, N, T)``)."""
-        q, k, v = self.project_qkv(x, cos, sin)
-        q = lorentz_query(q, self.curvature, self.temperature)
-        k, v = lift(k, self.curvature), lift(v, self.curvature)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_space)).unbind(-3)  # space parts
+        q = lorentz_query(q, self.curvature, self.temperature, rotary=(cos, sin))  # HoPE inside
+        k, v = hope_lift(k, cos, sin, self.curvature), lift(v, self.curvature)
         if cache is not None:
             k, v = cache.append(k, v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

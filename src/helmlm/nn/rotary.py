@@ -34,3 +34,19 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, inverse: bool = False) -> Tensor:
+    """:func:`apply_rotary`'s rotation written into ``out`` (which may be a strided view, e.g. the space part of a
+    Lorentz point being built; it must not overlap ``x``), or with ``inverse`` its transpose (the rotation by the
+    negative angles: what a gradient goes through). ``cos``/``sin`` broadcast against ``x``'s pairs as given (the
+    caller adds the head axis). Four products over half of ``x`` each, no temporaries."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    o1, o2 = out[..., 0::2], out[..., 1::2]
+    if inverse:
+        torch.mul(x1, cos, out=o1).addcmul_(x2, sin)
+        torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=-1)
+    else:
+        torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+        torch.mul(x1, sin, out=o2).addcmul_(x2, cos)
+    return out
