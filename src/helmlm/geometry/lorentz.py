@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "lift_concat",
+    "lift_chain_rule",
     "promote",
     "minkowski_sign",
     "as_curvature",
@@ -138,6 +139,14 @@ def sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad
 
 
+def lift_chain_rule(grad: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradient through a lift, from the lifted point ``out = (t, s)`` and the gradient ``grad`` at it:
+    ``(coef, G)`` with ``coef = g_t / t`` and ``G = g_s + coef s`` (the space part's gradient; the curvature's is
+    ``coef / 2``). Every fused node that ends in a lift starts its backward here."""
+    coef = grad[..., :1] / out[..., :1]
+    return coef, torch.addcmul(grad[..., 1:], out[..., 1:], coef)
+
+
 class _Lift(torch.autograd.Function):
     """``lift`` with a one-pass backward: ``d/ds = g_s + (g_t / t) s``, ``d/dc = sum(g_t / 2t)``.
 
@@ -157,11 +166,9 @@ class _Lift(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (out,) = ctx.saved_tensors
-        time, space = out[..., :1], out[..., 1:]
-        coef = grad[..., :1] / time
-        grad_space = torch.addcmul(grad[..., 1:], space, coef) if ctx.needs_input_grad[0] else None
+        coef, grad_space = lift_chain_rule(grad, out)
         grad_c = sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[1] else None
-        return grad_space, grad_c, None
+        return grad_space if ctx.needs_input_grad[0] else None, grad_c, None
 
 
 def lift(space: Tensor, c: float | Tensor, accurate: bool = False) -> Tensor:
@@ -225,10 +232,9 @@ class _LiftConcat(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (out,) = ctx.saved_tensors
-        end = 1 + sum(ctx.sizes)
-        coef = grad[..., :1] / out[..., :1]
+        end = 1 + sum(ctx.sizes)  # the padding past it has no gradient
+        coef, grad_space = lift_chain_rule(grad[..., :end], out[..., :end])
         grad_c = sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[0] else None
-        grad_space = torch.addcmul(grad[..., 1:end], out[..., 1:end], coef)
         return grad_c, None, *grad_space.split(ctx.sizes, dim=-1)
 
 

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from helmlm.geometry import (
     as_curvature,
     lift,
+    lift_chain_rule,
     lorentz_normalize,
     minkowski_inner,
     minkowski_sign,
@@ -201,14 +202,13 @@ class _LorentzQuery(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         out, scale, *tables = ctx.saved_tensors
-        coef = grad[..., :1] / out[..., :1]
-        grad_space = None
-        if ctx.needs_input_grad[0]:
-            grad_space = torch.addcmul(grad[..., 1:], out[..., 1:], coef)
-            if tables:  # a R^T, through the scaled tables
-                grad_space = rotate_pairs(grad_space, *tables, torch.empty_like(grad_space), inverse=True)
-            else:
-                grad_space.mul_(scale)
+        coef, grad_space = lift_chain_rule(grad, out)  # on q~ itself: dL/ds = a R^T G (the class docstring)
+        if not ctx.needs_input_grad[0]:
+            grad_space = None
+        elif tables:  # a R^T, through the scaled tables
+            grad_space = rotate_pairs(grad_space, *tables, torch.empty_like(grad_space), inverse=True)
+        else:
+            grad_space.mul_(scale)
         grad_c = sum_to_shape(coef * (scale * scale / 2), ctx.c_shape) if ctx.needs_input_grad[1] else None
         grad_scale = (torch.linalg.vecdot(grad.flatten(), out.flatten()) / scale) if ctx.needs_input_grad[2] else None
         return grad_space, grad_c, grad_scale, None, None
@@ -244,11 +244,9 @@ class _HoPELift(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         out, cos, sin = ctx.saved_tensors
-        coef = grad[..., :1] / out[..., :1]
-        grad_space = None
-        if ctx.needs_input_grad[0]:
-            rotated = torch.addcmul(grad[..., 1:], out[..., 1:], coef)
-            grad_space = rotate_pairs(rotated, cos, sin, torch.empty_like(rotated), inverse=True)
+        coef, rotated = lift_chain_rule(grad, out)
+        grad_space = rotate_pairs(rotated, cos, sin, torch.empty_like(rotated), inverse=True) \
+            if ctx.needs_input_grad[0] else None
         grad_c = sum_to_shape(coef / 2, ctx.c_shape) if ctx.needs_input_grad[1] else None
         return grad_space, grad_c, None, None
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from helmlm.geometry import as_curvature, lift, promote, sum_to_shape
+from helmlm.geometry import as_curvature, lift, lift_chain_rule, promote, sum_to_shape
 
 
 class LorentzRMSNorm(nn.Module):
@@ -68,8 +68,7 @@ class _LorentzRMSNorm(torch.autograd.Function):
         x, r, out, weight = ctx.saved_tensors
         offset = ctx.offset
         space = x[..., offset:]
-        coef = grad[..., :1] / out[..., :1]
-        g = torch.addcmul(grad[..., 1:], out[..., 1:], coef)  # G
+        coef, g = lift_chain_rule(grad, out)  # G
         y = space * r
         needs = ctx.needs_input_grad
         grad_w = (g * y).flatten(0, -2).sum(0) if needs[1] else None

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from helmlm.geometry import as_curvature, lorentz_normalize, promote
+from helmlm.geometry import as_curvature, lift_chain_rule, lorentz_normalize, promote
 
 
 class LorentzResidual(nn.Module):
@@ -108,8 +108,8 @@ class _ScaledResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         z, y, weight, scale, a_t, factor, sign_over_m = ctx.saved_tensors
-        z_t, z_s = z[..., :1], z[..., 1:]
-        g = torch.addcmul(grad[..., 1:], z_s, grad[..., :1] / z_t)  # G
+        z_s = z[..., 1:]
+        g = lift_chain_rule(grad, z)[1]  # G
         g_dot_z = torch.linalg.vecdot(g, z_s).unsqueeze(-1)  # G . z_s = f (G . a_s)
         coef = g_dot_z * sign_over_m  # f s (G . a_s) / m
         grad_a = z * (-coef / factor)  # dL/da_s = f G - coef a_s = f G - (coef / f) z_s
