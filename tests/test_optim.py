@@ -87,6 +87,33 @@ def test_optimizer_split_and_weight_decay_groups():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(roles)
 
 
+def test_adamw_runs_fused_on_one_device_and_steps_like_the_default():
+    """The trainer's AdamW takes the fused kernel for plain CPU parameters; its steps match the default
+    (single-tensor) AdamW to rounding, weight-decay groups included. Mixed devices or non-float tensors keep the
+    default."""
+    from helmlm.training.optim import can_fuse_adamw
+
+    models = [tiny(), tiny()]
+    fused = build_optimizer(models[0], lr=1e-2, weight_decay=0.3)
+    assert fused.optimizers[0].defaults["fused"] is True
+    plain = build_optimizer(models[1], lr=1e-2, weight_decay=0.3)
+    plain.optimizers[0] = torch.optim.AdamW(plain.optimizers[0].param_groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    assert not plain.optimizers[0].defaults["fused"]
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    before = {name: p.detach().clone() for name, p in models[0].named_parameters()}
+    for _ in range(3):
+        for model, opt in zip(models, (fused, plain)):
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(before["model.layers.0.attn.wq.weight"], models[0].model.layers[0].attn.wq.weight)
+    assert not can_fuse_adamw([torch.zeros(2), torch.zeros(2, device="meta")])
+    assert not can_fuse_adamw([torch.zeros(2), torch.zeros(2, dtype=torch.int64)])
+    assert can_fuse_adamw([torch.zeros(2), torch.zeros(3, dtype=torch.float64)])
+
+
 def test_riemannian_step_keeps_embeddings_on_the_manifold_and_adamw_trains_the_rest():
     """100 steps at lr 1e-2: the Lorentz table moves, stays on the hyperboloid (geoopt re-projects), the loss
     falls; expert curvatures change but feel no weight decay (with lr * wd large, decay would shrink them)."""
