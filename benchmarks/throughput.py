@@ -10,7 +10,8 @@ largest sequence length.
 
 What is measured
     * ``train``: forward + next-token loss (labels = inputs) + backward + ``torch.optim.AdamW`` step (fused where
-      the trainer's is, ``helmlm.training.optim.can_fuse_adamw``), on random tokens; ``eval``: forward only (logits), under ``torch.inference_mode``.
+      the trainer's is: ``helmlm.training.optim.can_fuse_adamw``), on random tokens; ``eval``: forward only
+      (logits), under ``torch.inference_mode``.
     * ``tokens_per_s = batch * seq_len * steps / elapsed``, timed over ``--steps`` steps after ``--warmup``
       untimed ones (``step_ms_median`` is the median step time, less sensitive to a busy machine).
     * Memory: every measurement runs in its own process, because the peak RSS is a process-wide high-water mark.
@@ -255,7 +256,7 @@ def run_single(args: argparse.Namespace) -> dict:
     from helmlm.models import HELMConfig, HELMForCausalLM
     from helmlm.models.params import count_parameters
     from helmlm.training.allocator import apply_cpu_malloc
-    from helmlm.training.optim import can_fuse_adamw, allocate_state
+    from helmlm.training.optim import allocate_state, can_fuse_adamw
 
     malloc_set = apply_cpu_malloc(args.cpu_malloc)  # before the model is built, as the trainer does
     torch.set_num_threads(args.threads)

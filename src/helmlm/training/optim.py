@@ -217,9 +217,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, bet
     if "embedding" in by_role:
         groups.append({"params": by_role["embedding"], "weight_decay": 0.0, "role": "embedding", "lr": embedding_lr})
     groups = [g for g in groups if g["params"]]
-    optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=can_fuse_adamw([p for g in groups for p in g["params"]])
-                          or None)]
+    fused = can_fuse_adamw([p for g in groups for p in g["params"]]) or None
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)]
     if by_role["manifold"]:
         table_lr = riemannian_lr if riemannian_lr is not None else \
             _table_lr(by_role["manifold"], embedding_lr, riemannian_lr_scaling)
