@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,37 @@ def test_throughput_warmup_defaults_to_three_steps_when_compiling():
     assert throughput.parse_args([]).warmup == 1
     assert throughput.parse_args(["--compile"]).warmup == 3
     assert throughput.parse_args(["--compile", "--warmup", "0"]).warmup == 0
+
+
+def test_breakdown_times_every_part_of_both_models_and_their_ops():
+    """benchmarks/breakdown.py: a line per part with both models' medians and their ratio (HELM alone for the
+    Lorentz residuals, which the Euclidean block adds inline), the step and the optimizer, the ops that differ most,
+    a summary; a layer that does not exist is refused with the reason and a non-zero exit."""
+    script = ROOT / "benchmarks" / "breakdown.py"
+    cmd = [sys.executable, str(script), "--config", "configs/helm_mice_tiny.yaml", "configs/deepseek_tiny.yaml",
+           "--batch", "2", "--seq-len", "16", "--repeat", "2", "--warmup", "1", "--threads", "1",
+           "--profile-ops", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    parts = {r["part"]: r for r in lines if "part" in r}
+    assert list(parts) == ["attn_norm", "attn", "attn_residual", "ffn_norm", "ffn", "ffn_residual", "block", "step",
+                           "optimizer"]
+    for name, r in parts.items():
+        models = ["helm_mice_tiny"] if name.endswith("_residual") else ["helm_mice_tiny", "deepseek_tiny"]
+        assert list(r["ms"]) == models and all(len(r["runs"][m]) == 2 for m in models), name
+        assert all(r["ms"][m] == pytest.approx(statistics.median(r["runs"][m]), abs=1e-3) for m in models), name
+        assert all(r["ms"][m] > 0 for m in models), name
+        if len(models) == 2:
+            assert r["ratio"] == pytest.approx(r["ms"][models[0]] / r["ms"][models[1]], abs=1e-3)
+        else:
+            assert "ratio" not in r
+    assert parts["block"]["ms"]["helm_mice_tiny"] > parts["ffn"]["ms"]["helm_mice_tiny"]  # the block holds the FFN
+    ops = [r for r in lines if "op" in r]
+    assert len(ops) == 4 and all(set(r["self_ms"]) == {"helm_mice_tiny", "deepseek_tiny"} for r in ops)
+    assert any(r["calls"]["deepseek_tiny"] == 0 < r["calls"]["helm_mice_tiny"] for r in ops)  # a Lorentz-only op
+    assert lines[-1]["summary"] is True and set(lines[-1]["ratios"]) == {p for p in parts if "_residual" not in p}
+
+    bad = subprocess.run([*cmd[:2], "--config", "configs/helm_d_tiny.yaml", "--layer", "7"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--layer 7 does not exist" in bad.stderr and not bad.stdout
