@@ -92,15 +92,15 @@ def minkowski_inner(x: Tensor, y: Tensor, keepdim: bool = False) -> Tensor:
 def time_from_space(space: Tensor, c: float | Tensor, accurate: bool = False) -> Tensor:
     """Time coordinate of the point with space part ``s``: ``sqrt(|s|^2 + c)`` (shape ``(..., 1)``).
 
-    ``accurate=True`` accumulates ``|s|^2`` of an fp32 input in fp64 and rounds once. Use it where points have
-    large norms and must sit on the hyperboloid to fp32's limit (the residual stream, |s| ~ 50-100): there fp32
+    ``accurate=True`` squares and accumulates ``|s|^2`` of an fp32 input in fp64 and rounds once. Use it where points
+    have large norms and must sit on the hyperboloid to fp32's limit (the residual stream, |s| ~ 50-100): there fp32
     accumulation moves ``<x, x>_L`` by a visible fraction of ``c``, fp64 accumulation leaves only the rounding of
-    ``x_t``. It costs an fp64 copy of ``s`` (PyTorch materialises the cast), so the layers use it for the residual
-    stream only (measured: docs/precision.md).
+    ``x_t``. ``vector_norm`` does the cast inside its kernel (no fp64 copy of ``s``); still slower than fp32, so
+    the layers use it for the residual stream only (measured: docs/precision.md).
     """
     space = promote(space)
     if accurate and space.dtype == torch.float32:
-        sq = space.square().sum(-1, keepdim=True, dtype=torch.float64)
+        sq = torch.linalg.vector_norm(space, dim=-1, keepdim=True, dtype=torch.float64).square()
         return (sq + as_curvature(c, space).double()).sqrt().float()
     c = as_curvature(c, space)
     if torch.is_grad_enabled() and (space.requires_grad or c.requires_grad):
