@@ -6,12 +6,13 @@
 Parts (forward + backward, on the inputs that layer ``--layer`` received in one forward pass of random tokens):
 each sub-module of the layer that ran (``attn_norm``, ``attn``, ``attn_residual``, ``ffn_norm``, ``ffn``,
 ``ffn_residual``; the Euclidean blocks add their residuals inline, so those parts exist for HELM only) and the
-whole layer (``block``); then the whole training step (``step``: forward + loss + backward + AdamW, fused where
-the trainer's is) and the optimizer step alone (``optimizer``). The models take turns within every repeat (the
-order flipping each time), so that load from other processes affects them alike; each line gives the median
-milliseconds per model after ``--warmup`` untimed repeats, every timed run, and ``ratio``: first model's time over
-the second's (above 1: the first is slower). ``--compile`` compiles each part (``torch.compile`` of the module;
-the step then runs with compiled blocks, as ``train.compile`` does).
+whole layer (``block``); then the whole training step (``step``: forward + loss + backward + AdamW, fused where the
+trainer's is) and the optimizer step alone (``optimizer``), with the trainer's malloc policy
+(``train.cpu_malloc=keep``). The models take turns within every repeat (the order flipping each time), so that load
+from other processes affects them alike; each line gives the median milliseconds per model after ``--warmup``
+untimed repeats, every timed run, and ``ratio``: first model's time over the second's (above 1: the first is
+slower). ``--compile`` compiles each part (``torch.compile`` of the module; the step then runs with compiled
+blocks, as ``train.compile`` does).
 
 ``--profile-ops N`` adds, per model, one profiled training step (``torch.profiler``, CPU) and prints the N
 operations (ATen operations and autograd nodes) whose self time differs most between the first two models
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from helmlm.models import HELMConfig, HELMForCausalLM
+from helmlm.training.allocator import apply_cpu_malloc
 from helmlm.training.optim import allocate_state, can_fuse_adamw
 
 PARTS = ("attn_norm", "attn", "attn_residual", "ffn_norm", "ffn", "ffn_residual")
@@ -159,6 +161,7 @@ def measure(subjects: list[Subject], timer, args: argparse.Namespace) -> dict[st
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    apply_cpu_malloc("keep")  # the trainer's default: glibc keeps freed memory (docs/benchmarks.md)
     torch.set_num_threads(args.threads)
     subjects = [Subject(path, args) for path in args.config]
     names = [s.name for s in subjects]
