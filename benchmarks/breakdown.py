@@ -14,6 +14,10 @@ untimed repeats, every timed run, and ``ratio``: first model's time over the sec
 slower). ``--compile`` compiles each part (``torch.compile`` of the module; the step then runs with compiled
 blocks, as ``train.compile`` does).
 
+Parts are timed alone, on fresh copies of their inputs: a part's time includes bringing its data into cache,
+which inside the step its neighbours have often done, so the parts of the elementwise kind read higher than
+their share of the step (the scaled residual: ~1.7 ms alone, ~0.9 ms of the step; docs/LOG.md).
+
 ``--profile-ops N`` adds, per model, one profiled training step (``torch.profiler``, CPU) and prints the N
 operations (ATen operations and autograd nodes) whose self time differs most between the first two models
 (``self_ms`` and ``calls`` per model). The profiler inflates short operations: compare, do not add up. The last
