@@ -38,7 +38,7 @@ import torch
 
 from helmlm.models import HELMConfig, HELMForCausalLM
 from helmlm.training.allocator import apply_cpu_malloc
-from helmlm.training.optim import allocate_state, can_fuse_adamw
+from helmlm.training.optim import adamw, allocate_state
 
 PARTS = ("attn_norm", "attn", "attn_residual", "ffn_norm", "ffn", "ffn_residual")
 
@@ -80,8 +80,7 @@ class Subject:
         torch.manual_seed(args.seed)
         self.name = Path(path).stem
         self.model = HELMForCausalLM(config).train()
-        params = list(self.model.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=can_fuse_adamw(params) or None)
+        self.optimizer = adamw(self.model.parameters(), lr=1e-4)
         allocate_state(self.optimizer)
         generator = torch.Generator().manual_seed(args.seed)
         self.ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=generator)
@@ -140,7 +139,7 @@ class Subject:
         return elapsed * 1e3
 
     def op_times(self) -> tuple[Counter, Counter]:
-        """Self CPU milliseconds and calls per ATen operation over one training step."""
+        """Self CPU milliseconds and calls per operation (ATen operations, autograd nodes) over one training step."""
         from torch.profiler import ProfilerActivity, profile
 
         self.time_step()

@@ -16,7 +16,7 @@ import time
 import torch
 
 from helmlm.models import HELMForCausalLM, load_config
-from helmlm.training.optim import can_fuse_adamw
+from helmlm.training.optim import adamw
 
 
 def main() -> None:
@@ -32,8 +32,7 @@ def main() -> None:
         torch.manual_seed(0)
         config = load_config(name, max_position_embeddings=args.seq_len)
         model = HELMForCausalLM(config)
-        params = list(model.parameters())
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=can_fuse_adamw(params) or None)  # as the trainer
+        optimizer = adamw(model.parameters(), lr=1e-4)  # fused where the trainer's is
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len))
         times = []
         for i in range(args.steps + 1):

@@ -10,7 +10,7 @@ largest sequence length.
 
 What is measured
     * ``train``: forward + next-token loss (labels = inputs) + backward + ``torch.optim.AdamW`` step (fused where
-      the trainer's is: ``helmlm.training.optim.can_fuse_adamw``), on random tokens; ``eval``: forward only
+      the trainer's is: ``helmlm.training.optim.adamw``), on random tokens; ``eval``: forward only
       (logits), under ``torch.inference_mode``.
     * ``tokens_per_s = batch * seq_len * steps / elapsed``, timed over ``--steps`` steps after ``--warmup``
       untimed ones (``step_ms_median`` is the median step time, less sensitive to a busy machine).
@@ -256,7 +256,7 @@ def run_single(args: argparse.Namespace) -> dict:
     from helmlm.models import HELMConfig, HELMForCausalLM
     from helmlm.models.params import count_parameters
     from helmlm.training.allocator import apply_cpu_malloc
-    from helmlm.training.optim import allocate_state, can_fuse_adamw
+    from helmlm.training.optim import adamw, allocate_state
 
     malloc_set = apply_cpu_malloc(args.cpu_malloc)  # before the model is built, as the trainer does
     torch.set_num_threads(args.threads)
@@ -274,8 +274,7 @@ def run_single(args: argparse.Namespace) -> dict:
     model.model.gradient_checkpointing = args.activation_checkpointing
     if args.compile:  # per block, as the trainer does
         model.model.compile_blocks()
-    weights = list(model.parameters())
-    optimizer = torch.optim.AdamW(weights, lr=1e-4, fused=can_fuse_adamw(weights) or None) if train else None
+    optimizer = adamw(model.parameters(), lr=1e-4) if train else None
     if train:  # as the trainer does on CPU: the moment buffers exist before the first step
         allocate_state(optimizer)
 

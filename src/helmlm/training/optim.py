@@ -195,6 +195,14 @@ def can_fuse_adamw(params: list[torch.Tensor]) -> bool:
                                                                                    for p in params)
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(params, **kwargs)`` on its fused kernel where :func:`can_fuse_adamw` allows it
+    (``params``: tensors or parameter groups). The trainer's and the benchmarks' one way to build AdamW."""
+    params = list(params)
+    tensors = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
+    return torch.optim.AdamW(params, fused=can_fuse_adamw(tensors) or None, **kwargs)
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
                     eps: float = 1e-8, riemannian_lr: float | None = None, embedding_lr: float | None = None,
                     riemannian_lr_scaling: str = "sqrt_dim") -> HybridOptimizer:
@@ -203,7 +211,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, bet
     ``embedding_lr`` (default ``lr``): the token tables' learning rate, for both geometries. Riemannian Adam (on
     the Lorentz table) runs at ``riemannian_lr`` when given, else at :func:`riemannian_lr` of ``embedding_lr`` and
     ``riemannian_lr_scaling``, with ``stabilize=1`` (re-project the parameters onto the manifold after every step,
-    as the reference does) and no weight decay. AdamW runs its fused kernel where it can (:func:`can_fuse_adamw`).
+    as the reference does) and no weight decay. AdamW runs its fused kernel where it can (:func:`adamw`).
     """
     embedding_lr = lr if embedding_lr is None else embedding_lr
     params = dict(model.named_parameters())
@@ -216,9 +224,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, bet
               {"params": by_role["no_decay"], "weight_decay": 0.0, "role": "no_decay"}]
     if "embedding" in by_role:
         groups.append({"params": by_role["embedding"], "weight_decay": 0.0, "role": "embedding", "lr": embedding_lr})
-    groups = [g for g in groups if g["params"]]
-    fused = can_fuse_adamw([p for g in groups for p in g["params"]]) or None
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)]
+    optimizers: list[torch.optim.Optimizer] = [adamw([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)]
     if by_role["manifold"]:
         table_lr = riemannian_lr if riemannian_lr is not None else \
             _table_lr(by_role["manifold"], embedding_lr, riemannian_lr_scaling)
