@@ -175,10 +175,11 @@ def test_breakdown_times_every_part_of_both_models_and_their_ops():
             assert r["ratio"] == pytest.approx(r["ms"][models[0]] / r["ms"][models[1]], abs=1e-3)
         else:
             assert "ratio" not in r
-    assert parts["block"]["ms"]["helm_mice_tiny"] > parts["ffn"]["ms"]["helm_mice_tiny"]  # the block holds the FFN
     ops = [r for r in lines if "op" in r]
     assert len(ops) == 4 and all(set(r["self_ms"]) == {"helm_mice_tiny", "deepseek_tiny"} for r in ops)
-    assert any(r["calls"]["deepseek_tiny"] == 0 < r["calls"]["helm_mice_tiny"] for r in ops)  # a Lorentz-only op
+    gaps = [abs(r["self_ms"]["helm_mice_tiny"] - r["self_ms"]["deepseek_tiny"]) for r in ops]
+    # the largest differences first, to the printed rounding (which sizes come first varies with timing)
+    assert all(a >= b - 2e-3 for a, b in zip(gaps, gaps[1:]))
     assert lines[-1]["summary"] is True and set(lines[-1]["ratios"]) == {p for p in parts if "_residual" not in p}
 
     bad = subprocess.run([*cmd[:2], "--config", "configs/helm_d_tiny.yaml", "--layer", "7"], cwd=ROOT,
