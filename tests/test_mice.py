@@ -137,3 +137,23 @@ def test_inconsistent_mice_configs_name_the_field(bad, match):
     cfg = HELMConfig(hidden_size=34, num_attention_heads=2, attention="mla", ffn="moe", **bad)
     with pytest.raises(ConfigError, match=match):
         cfg.validate()
+
+
+def test_mla_init_linear_starts_the_maps_as_nn_linear():
+    """``init="linear"`` draws HMLA's four maps as ``nn.Linear`` does (weight and bias within 1/sqrt(fan_in), at
+    its std), the reference's ``"xavier"`` leaves LorentzLinear's Xavier (gain sqrt(2)) with zero biases; the
+    temperature starts at its value either way."""
+    torch.manual_seed(0)
+    linear = LorentzLatentAttention(130, 2, 32, 33, 17, 33, init="linear")
+    xavier = LorentzLatentAttention(130, 2, 32, 33, 17, 33)
+    for name in ("wq", "wkv_a", "wkv_b", "wo"):
+        w, b = getattr(linear, name).weight, getattr(linear, name).bias
+        bound = w.shape[1] ** -0.5
+        assert w.abs().max() <= bound and b.abs().max() <= bound and b.abs().max() > 0, name
+        assert w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1), name
+        wx = getattr(xavier, name).weight
+        assert wx.std().item() == pytest.approx(2 / (sum(wx.shape)) ** 0.5, rel=0.1), name
+        assert torch.count_nonzero(getattr(xavier, name).bias) == 0
+    assert linear.temperature.item() == xavier.temperature.item() == 10.0
+    with pytest.raises(ValueError, match="init must be one of"):
+        LorentzLatentAttention(130, 2, 32, 33, 17, 33, init="kaiming")

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helmlm.errors import ConfigError, DataError
+from helmlm.errors import ConfigError, DataError, did_you_mean
 
 SOURCES = ("builtin", "local", "hf")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -414,9 +414,9 @@ def resolve_shipped(name_or_path: str | Path, directory: Path, kind: str, noun: 
     shipped = directory / f"{path.stem}.yaml"
     if path.suffix in ("", ".yaml") and shipped.is_file():
         return shipped
-    names = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
-    raise ConfigError(f"no {kind} {str(name_or_path)!r} (not a file, and no shipped {noun} of that "
-                      f"name; {listing}: {names})")
+    names = sorted(p.stem for p in directory.glob("*.yaml"))
+    raise ConfigError(f"no {kind} {str(name_or_path)!r}{did_you_mean(path.stem, names)} (not a file, and no shipped "
+                      f"{noun} of that name; {listing}: {', '.join(names)})")
 
 
 def resolve_recipe(name_or_path: str | Path) -> Path:

@@ -75,3 +75,12 @@ class AdapterError(HelmlmError, ValueError):
 
 class HypLoraMergeError(AdapterError):
     """A HypLoRA adapter cannot be merged into the base weight: its update is not linear in the input."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """``" (did you mean 'x'?)"`` for the choice closest to a mistyped ``word``, or ``""`` when none is close: the
+    one suggestion rule of every message that names an unknown preset, recipe, sweep, key or component."""
+    import difflib
+
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""

@@ -8,7 +8,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from helmlm.errors import ConfigError  # noqa: F401  (re-exported)
+from helmlm.errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError re-exported)
+from helmlm.nn.latent_attention import MLA_INITS
 from helmlm.nn.mice import COMBINE_MODES, Combine
 from helmlm.nn.routing import DISPATCHES, SCORE_FUNCS, Dispatch, ScoreFunc
 
@@ -76,6 +77,7 @@ class HELMConfig(PretrainedConfig):
         qk_nope_head_dim: int = 17,
         qk_rope_head_dim: int = 17,
         v_head_dim: int = 17,
+        mla_init: str = "xavier",
         # ffn="moe" (MiCE): the first n_dense_layers blocks keep a dense FFN
         n_dense_layers: int = 1,
         n_routed_experts: int = 4,
@@ -92,6 +94,8 @@ class HELMConfig(PretrainedConfig):
         moe_renormalize: bool | None = None,
         moe_balance_alpha: float = 1e-4,
         moe_dispatch: Dispatch = "auto",
+        # hybrids (helmlm.models.hybrid): components built in the other geometry
+        swapped_components: list[str] | None = None,
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -112,6 +116,7 @@ class HELMConfig(PretrainedConfig):
                                                                               gate_init_gain)
         self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
             kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)
+        self.mla_init = mla_init
         self.n_dense_layers = n_dense_layers
         self.n_routed_experts = n_routed_experts
         self.n_activated_experts = n_activated_experts
@@ -127,6 +132,7 @@ class HELMConfig(PretrainedConfig):
         self.moe_renormalize = moe_renormalize
         self.moe_balance_alpha = moe_balance_alpha
         self.moe_dispatch = moe_dispatch
+        self.swapped_components = list(swapped_components) if swapped_components else []
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -144,6 +150,37 @@ class HELMConfig(PretrainedConfig):
         return self.hidden_size // heads if isinstance(heads, int) and heads > 0 else 0
 
     @property
+    def euclidean_width(self) -> int:
+        """Features of a Euclidean part: ``hidden_size`` (a Euclidean model), or the space width ``hidden_size - 1``
+        (a Lorentz model, where ``hidden_size`` is ambient). A Lorentz part has one more coordinate."""
+        return self.hidden_size - 1 if self.is_lorentz else self.hidden_size
+
+    @property
+    def head_space(self) -> int:
+        """Rotated coordinates per attention head (MHA): the head's space width, or its features."""
+        return self.head_dim - 1 if self.is_lorentz else self.head_dim
+
+    @property
+    def euclidean_ffn_width(self) -> int:
+        """The FFN's hidden features in Euclidean form (a Lorentz FFN's hidden point has one more coordinate)."""
+        return self.intermediate_size - 1 if self.is_lorentz else self.intermediate_size
+
+    def component_geometry(self, component: str) -> str:
+        """The geometry of one part (:data:`helmlm.models.hybrid.COMPONENTS`): the model's, or the other one if the
+        part is in ``swapped_components``."""
+        if component not in self.swapped_components:
+            return self.geometry
+        return "euclidean" if self.is_lorentz else "lorentz"
+
+    @property
+    def hidden_out(self) -> int:
+        """Width of the last hidden states, which the LM head reads: ``hidden_size`` unless a hybrid's head takes
+        the other geometry (then one coordinate more or fewer)."""
+        if not self.swapped_components:
+            return self.hidden_size
+        return self.euclidean_width + (1 if self.component_geometry("head") == "lorentz" else 0)
+
+    @property
     def rotary_dim(self) -> int:
         """Coordinates rotated by (Ho)PE per head: the head's space part (Lorentz MHA), the decoupled rotary key's
         space part (HMLA: ``qk_rope_head_dim - 1``), or the whole head (Euclidean MHA)."""
@@ -156,6 +193,9 @@ class HELMConfig(PretrainedConfig):
         of every head for MHA (``2 x hidden_size``: Lorentz heads keep their time coordinate); for HMLA the latent
         point, the shared rotary key and the per-head time coordinates of k and v (``kv_lora_rank + 1 +
         qk_rope_head_dim - 1 + 2 H``); for the Euclidean MLA the latent and the rotary key."""
+        if self.swapped_components:
+            lorentz_heads = self.component_geometry("attention") == "lorentz"
+            return self.num_hidden_layers * 2 * self.num_attention_heads * (self.head_space + lorentz_heads)
         if self.attention == "mla":
             per_layer = self.kv_lora_rank + self.qk_rope_head_dim + (2 * self.num_attention_heads if self.is_lorentz
                                                                      else 0)
@@ -210,6 +250,8 @@ class HELMConfig(PretrainedConfig):
             self._validate_moe_choices()
         self._validate_heads()
         self._validate_scalars()
+        if self.swapped_components:
+            self._validate_swaps()
 
     def _positive_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -237,6 +279,7 @@ class HELMConfig(PretrainedConfig):
     def _validate_mla(self) -> None:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             self._positive_int(name)
+        self._one_of("mla_init", MLA_INITS)
         if self.is_lorentz and (self.qk_rope_head_dim < 3 or self.v_head_dim < 2):
             raise ConfigError(f"qk_rope_head_dim must be >= 3 and v_head_dim >= 2 (ambient coordinates, one "
                               f"is time); got {self.qk_rope_head_dim} and {self.v_head_dim}")
@@ -314,6 +357,27 @@ class HELMConfig(PretrainedConfig):
                 raise ConfigError(f"{name} must be a number > 0{' or null' if name == 'head_init_std' else ''}, "
                                   f"got {value!r}")
 
+    def _validate_swaps(self) -> None:
+        from helmlm.models.hybrid import COMPONENTS
+
+        swapped = self.swapped_components
+        unknown = [c for c in swapped if c not in COMPONENTS]
+        if unknown:
+            raise ConfigError(f"swapped_components: unknown component {unknown[0]!r}"
+                              f"{did_you_mean(unknown[0], COMPONENTS)}; the components are {', '.join(COMPONENTS)}")
+        if len(set(swapped)) != len(swapped):
+            raise ConfigError(f"swapped_components lists a component twice: {swapped}")
+        if self.attention != "mha" or self.ffn != "dense":
+            raise ConfigError("swapped_components applies to the dense multi-head models (HELM-D and LLaMA: "
+                              f"attention=mha, ffn=dense); this config has attention={self.attention}, "
+                              f"ffn={self.ffn}")
+        if self.project_emb:
+            raise ConfigError("swapped_components and project_emb both choose the token table; a Euclidean table in "
+                              "a HELM-D is swapped_components=[embedding] (lifted by expmap0), or project_emb "
+                              "(lifted by its time coordinate), not both")
+        if self.tie_word_embeddings:
+            raise ConfigError("swapped_components does not support tie_word_embeddings")
+
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "HELMConfig":
@@ -332,10 +396,7 @@ class HELMConfig(PretrainedConfig):
         known = set(cls().to_dict())
         unknown = sorted(set(data) - known - {"name"})
         if unknown:
-            import difflib
-
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
-                     for k in unknown]
+            hints = [f"{k!r}{did_you_mean(k, known)}" for k in unknown]
             raise ConfigError(f"{path}: unknown model keys {', '.join(hints)}")
         data.pop("name", None)
         data.update(overrides)
@@ -358,7 +419,8 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> HELMConfig:
     if not path.is_file():
         preset = PRESETS_DIR / f"{path.stem if path.suffix == '.yaml' else name_or_path}.yaml"
         if not preset.is_file():
-            raise ConfigError(
-                f"no config file or preset named {str(name_or_path)!r}; presets: {', '.join(available_presets())}")
+            raise ConfigError(f"no config file or preset named {str(name_or_path)!r}"
+                              f"{did_you_mean(name_or_path, available_presets())}; presets: "
+                              f"{', '.join(available_presets())}")
         path = preset
     return HELMConfig.from_yaml(path, **overrides)

@@ -25,6 +25,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from helmlm.errors import InputError  # noqa: F401  (re-exported)
 from helmlm.geometry import promote
+from helmlm.models import hybrid
 from helmlm.models.config import HELMConfig
 from helmlm.nn import (
     LatentAttention,
@@ -69,7 +70,7 @@ class LorentzBlock(nn.Module):
         if config.attention == "mla":
             self.attn = LorentzLatentAttention(ambient, config.num_attention_heads, config.kv_lora_rank,
                                                config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim,
-                                               c, tau, eps)
+                                               c, tau, eps, init=config.mla_init)
         else:
             self.attn = LorentzSelfAttention(ambient, config.num_attention_heads, c, tau)
         self.attn_residual = LorentzResidual(scale=scale, curvature=c)
@@ -159,7 +160,15 @@ class HELMModel(HELMPreTrainedModel):
         config.validate()
         super().__init__(config)
         width, c = config.hidden_size, config.curvature  # ambient coordinates (lorentz) or features (euclidean)
-        if config.is_lorentz:
+        # A hybrid (config.swapped_components): each part in its own geometry, values crossing at the origin
+        self.geometries = {part: config.component_geometry(part) for part in hybrid.COMPONENTS} \
+            if config.swapped_components else None
+        if self.geometries:
+            self.embed = hybrid.embedding(config, self.geometries["embedding"])
+            self.layers = nn.ModuleList(hybrid.HybridBlock(config, self.geometries)
+                                        for _ in range(config.num_hidden_layers))
+            self.final_proj, self.norm = hybrid.head_parts(config, self.geometries["head"])
+        elif config.is_lorentz:
             self.embed = LorentzEmbedding(config.vocab_size, width - 1, c, manifold_table=not config.project_emb,
                                           init_scale=config.embedding_init_scale)
             self.layers = nn.ModuleList(LorentzBlock(config, i) for i in range(config.num_hidden_layers))
@@ -240,6 +249,8 @@ class HELMModel(HELMPreTrainedModel):
         the per-layer caches: what :meth:`forward` runs after checking its inputs, and what
         :meth:`HELMForCausalLM.static_step` runs without host reads."""
         h = self.embed(input_ids)
+        if self.geometries:
+            h = hybrid.cross(h, self.geometries["embedding"], self.geometries["residual"], self.config.curvature)
         cos, sin = rotary_tables(position_ids, self.config.rotary_dim, self.config.rope_theta, h.dtype)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         run = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint  # transformers' function if set
@@ -248,6 +259,8 @@ class HELMModel(HELMPreTrainedModel):
                 h = run(layer.__call__, h, cos, sin, mask, valid, layer_cache)
             else:
                 h = layer(h, cos, sin, mask, valid, layer_cache)
+        if self.geometries:
+            h = hybrid.cross(h, self.geometries["residual"], self.geometries["head"], self.config.curvature)
         if self.final_proj is not None:
             return self.norm(self.final_proj(h, return_space=True), space_only=True)
         return self.norm(h)
@@ -371,7 +384,7 @@ class HELMForCausalLM(HELMPreTrainedModel, GenerationMixin):
     def __init__(self, config: HELMConfig):
         super().__init__(config)
         self.model = HELMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_out, config.vocab_size, bias=False)
         self.post_init()
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:

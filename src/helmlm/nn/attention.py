@@ -283,12 +283,15 @@ class LorentzSelfAttention(nn.Module):
     produced by an affine map of the whole input; HoPE rotates the query/key space parts; the heads' output points
     are concatenated (``heads * head_ambient = ambient`` features) and mapped affinely to ``ambient - 1`` space
     coordinates, then lifted. ``temperature`` is the learnable score divisor ``tau`` (init ``sqrt(ambient)``).
+    ``head_ambient`` sets the heads' width apart from the input's (default ``ambient / heads``; the hybrids of
+    :mod:`helmlm.models.hybrid` put 65-coordinate heads on a 129-coordinate stream).
     """
 
-    def __init__(self, ambient: int, heads: int, curvature: float = 1.0, temperature: float | None = None):
+    def __init__(self, ambient: int, heads: int, curvature: float = 1.0, temperature: float | None = None,
+                 head_ambient: int | None = None):
         super().__init__()
         self.ambient, self.heads, self.curvature = ambient, heads, curvature
-        self.head_ambient = ambient // heads
+        self.head_ambient = ambient // heads if head_ambient is None else head_ambient
         self.head_space = self.head_ambient - 1
         self.qkv = nn.Linear(ambient, 3 * heads * self.head_space)
         self.out = nn.Linear(heads * self.head_ambient, ambient - 1)
@@ -316,14 +319,14 @@ class LorentzSelfAttention(nn.Module):
 
 class SelfAttention(nn.Module):
     """Euclidean multi-head self-attention with RoPE (the LLaMA twin) on ``dim`` features: no biases, SDPA, output
-    projection."""
+    projection. ``head_dim`` sets the heads' width apart from the input's (default ``dim / heads``)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, head_dim: int | None = None):
         super().__init__()
         self.dim, self.heads = dim, heads
-        self.head_dim = dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
+        self.head_dim = dim // heads if head_dim is None else head_dim
+        self.qkv = nn.Linear(dim, 3 * heads * self.head_dim, bias=False)
+        self.out = nn.Linear(heads * self.head_dim, dim, bias=False)
 
     def reset_parameters(self) -> None:
         self.qkv.reset_parameters()

@@ -30,13 +30,19 @@ from helmlm.nn.linear import UNPADDED_ROWS, LorentzLinear
 from helmlm.nn.norm import LorentzRMSNorm, RMSNorm
 from helmlm.nn.rotary import apply_rotary
 
+MLA_INITS = ("xavier", "linear")  # LorentzLatentAttention's initialisations of its maps (reset_parameters)
+
 
 class LorentzLatentAttention(nn.Module):
     """Hyperbolic multi-head latent attention (HMLA; see the module docstring) on points of ``ambient`` coords."""
 
     def __init__(self, ambient: int, heads: int, kv_rank: int, nope_dim: int, rope_dim: int, v_dim: int,
-                 curvature: float = 1.0, temperature: float | None = None, eps: float = 1e-8):
+                 curvature: float = 1.0, temperature: float | None = None, eps: float = 1e-8,
+                 init: str = "xavier"):
         super().__init__()
+        if init not in MLA_INITS:
+            raise ValueError(f"init must be one of {MLA_INITS}, got {init!r}")
+        self.init = init
         self.ambient, self.heads, self.kv_rank = ambient, heads, kv_rank
         self.nope_dim, self.rope_dim, self.v_dim = nope_dim, rope_dim, v_dim
         self.qk_head = nope_dim + rope_dim  # ambient coords of a query/key point
@@ -48,9 +54,16 @@ class LorentzLatentAttention(nn.Module):
         self.wo = LorentzLinear(heads * v_dim, ambient - 1, curvature=curvature)
         self.init_temperature = math.sqrt(heads * self.qk_head) if temperature is None else temperature
         self.temperature = nn.Parameter(torch.tensor(self.init_temperature))
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """``tau`` at its initial value; with ``init="linear"`` the four maps as ``nn.Linear`` initialises itself
+        (weight and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), as the Lorentz MHA of HELM-D and the twin's MLA
+        are; ``"xavier"`` leaves them at :class:`LorentzLinear`'s own (the reference's Xavier, gain sqrt(2))."""
         nn.init.constant_(self.temperature, self.init_temperature)
+        if self.init == "linear":
+            for linear in (self.wq, self.wkv_a, self.wkv_b, self.wo):
+                nn.Linear.reset_parameters(linear)
 
     def compress(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """What a latent cache stores per token: ``c_kv`` (``kv_rank``) and the rotated ``k_pe`` (``rope_dim - 1``)."""
