@@ -13,6 +13,10 @@ out_dir: runs/helm_d_tiny
 
 Every key is checked: an unknown one is named with the closest known key, and a value of the wrong type names the
 key, the value and the expected type. Model fields are checked against :class:`~helmlm.models.HELMConfig`.
+
+Training settings come from three places, each over the one before: the ``train:`` section of the model's preset
+file (the settings tuned for that model, e.g. its learning rates; docs/quality.md), the recipe, and the command
+line's ``train.key=value``. So ``helmlm train tiny model=helm_mice_tiny`` trains HELM-MiCE at its own tuned rates.
 """
 
 from __future__ import annotations
@@ -396,7 +400,13 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         model = {"preset": model}
     if not isinstance(model, dict):
         raise ConfigError(f"model must be a preset name, a YAML path or a mapping of model fields; got {model!r}")
-    kwargs = {name: _build(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    train = raw.get("train") or {}
+    if isinstance(train, dict) and model.get("preset") is not None:
+        from helmlm.models.config import preset_train_settings
+
+        train = {**preset_train_settings(model["preset"]), **train}  # the recipe and the command line win
+    kwargs = {name: _build(cls, (train if name == "train" else raw.get(name)) or {}, name)
+              for name, cls in SECTIONS.items()}
     config = TrainConfig(model=dict(model), out_dir=_coerce(raw.get("out_dir", "runs/train"), str, "out_dir"),
                          **kwargs)
     config.validate()

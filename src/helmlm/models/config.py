@@ -413,14 +413,33 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def preset_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a preset name (e.g. ``helm_d_tiny``) or path; a clear error, with a suggestion, if none."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{path.stem if path.suffix == '.yaml' else name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"no config file or preset named {str(name_or_path)!r}"
+                          f"{did_you_mean(name_or_path, available_presets())}; presets: "
+                          f"{', '.join(available_presets())}")
+    return preset
+
+
 def load_config(name_or_path: str | Path, **overrides: Any) -> HELMConfig:
     """A :class:`HELMConfig` from a YAML path or a preset name (e.g. ``helm_d_tiny``), with field overrides."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        preset = PRESETS_DIR / f"{path.stem if path.suffix == '.yaml' else name_or_path}.yaml"
-        if not preset.is_file():
-            raise ConfigError(f"no config file or preset named {str(name_or_path)!r}"
-                              f"{did_you_mean(name_or_path, available_presets())}; presets: "
-                              f"{', '.join(available_presets())}")
-        path = preset
-    return HELMConfig.from_yaml(path, **overrides)
+    return HELMConfig.from_yaml(preset_path(name_or_path), **overrides)
+
+
+def preset_train_settings(name_or_path: str | Path) -> dict[str, Any]:
+    """The ``train:`` section of a preset file: the optimisation settings tuned for that model (learning rates,
+    the table's precision; docs/quality.md), which ``helmlm train`` uses unless the recipe or the command line sets
+    them. ``{}`` for a preset without one."""
+    import yaml
+
+    path = preset_path(name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    train = data.get("train", {}) if isinstance(data, dict) and "model" in data else {}
+    if not isinstance(train, dict):
+        raise ConfigError(f"{path}: the train section must be a mapping of training settings, got {train!r}")
+    return dict(train)

@@ -97,7 +97,7 @@ class HybridBlock(nn.Module):
         return self._add(h, y, getattr(self, "ffn_residual", None))
 
 
-def embedding(config, geometry: str) -> nn.Module:
+def hybrid_embedding(config, geometry: str) -> nn.Module:
     """The token table of a hybrid: Lorentz points of ``E`` space coordinates, or ``E`` features."""
     width = config.euclidean_width
     if geometry == "lorentz":
@@ -105,7 +105,7 @@ def embedding(config, geometry: str) -> nn.Module:
     return nn.Embedding(config.vocab_size, width)
 
 
-def head_parts(config, geometry: str) -> tuple[nn.Module | None, nn.Module]:
+def hybrid_head(config, geometry: str) -> tuple[nn.Module | None, nn.Module]:
     """The final projection (Lorentz heads only) and normalisation in front of a hybrid's LM head."""
     width, c = config.euclidean_width, config.curvature
     final_proj = LorentzLinear(width + 1, width, curvature=c) if geometry == "lorentz" else None

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from helmlm.errors import InputError  # noqa: F401  (re-exported)
 from helmlm.geometry import promote
-from helmlm.models import hybrid
+from helmlm.models.hybrid import COMPONENTS, HybridBlock, cross, hybrid_embedding, hybrid_head
 from helmlm.models.config import HELMConfig
 from helmlm.nn import (
     LatentAttention,
@@ -161,13 +161,13 @@ class HELMModel(HELMPreTrainedModel):
         super().__init__(config)
         width, c = config.hidden_size, config.curvature  # ambient coordinates (lorentz) or features (euclidean)
         # A hybrid (config.swapped_components): each part in its own geometry, values crossing at the origin
-        self.geometries = {part: config.component_geometry(part) for part in hybrid.COMPONENTS} \
+        self.geometries = {part: config.component_geometry(part) for part in COMPONENTS} \
             if config.swapped_components else None
         if self.geometries:
-            self.embed = hybrid.embedding(config, self.geometries["embedding"])
-            self.layers = nn.ModuleList(hybrid.HybridBlock(config, self.geometries)
+            self.embed = hybrid_embedding(config, self.geometries["embedding"])
+            self.layers = nn.ModuleList(HybridBlock(config, self.geometries)
                                         for _ in range(config.num_hidden_layers))
-            self.final_proj, self.norm = hybrid.head_parts(config, self.geometries["head"])
+            self.final_proj, self.norm = hybrid_head(config, self.geometries["head"])
         elif config.is_lorentz:
             self.embed = LorentzEmbedding(config.vocab_size, width - 1, c, manifold_table=not config.project_emb,
                                           init_scale=config.embedding_init_scale)
@@ -250,7 +250,7 @@ class HELMModel(HELMPreTrainedModel):
         :meth:`HELMForCausalLM.static_step` runs without host reads."""
         h = self.embed(input_ids)
         if self.geometries:
-            h = hybrid.cross(h, self.geometries["embedding"], self.geometries["residual"], self.config.curvature)
+            h = cross(h, self.geometries["embedding"], self.geometries["residual"], self.config.curvature)
         cos, sin = rotary_tables(position_ids, self.config.rotary_dim, self.config.rope_theta, h.dtype)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         run = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint  # transformers' function if set
@@ -260,7 +260,7 @@ class HELMModel(HELMPreTrainedModel):
             else:
                 h = layer(h, cos, sin, mask, valid, layer_cache)
         if self.geometries:
-            h = hybrid.cross(h, self.geometries["residual"], self.geometries["head"], self.config.curvature)
+            h = cross(h, self.geometries["residual"], self.geometries["head"], self.config.curvature)
         if self.final_proj is not None:
             return self.norm(self.final_proj(h, return_space=True), space_only=True)
         return self.norm(h)

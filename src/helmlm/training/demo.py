@@ -2,7 +2,8 @@
 
 Builds the offline English corpus, trains the byte-level BPE, prepares packed shards, then pretrains the tiny HELM-D
 and its parameter-matched LLaMA twin on exactly the same tokens (same rows, same order, same schedule), each at its
-tuned embedding learning rate (:data:`TUNED`), and prints a table of validation loss and perplexity. Checkpoints
+own tuned learning rates (the ``train:`` section of its preset, docs/quality.md), and prints a table of validation
+loss and perplexity. Checkpoints
 land in ``<out>/<model>/checkpoints``; a second call resumes (or, when both runs are complete, only prints the
 table).
 """
@@ -17,10 +18,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODELS = ("helm_d_tiny", "llama_tiny")
-# Each model's tuned embedding lr on this recipe (`helmlm sweep tiny_dense`, docs/quality.md; both tuned at lr 3e-3,
-# the recipe's). Untuned, at the recipe's lr for everything, HELM-D looks ahead (5.757 vs 5.871) only because the
-# twin's table wants a 30x larger rate than it gets.
-TUNED = {"helm_d_tiny": ("train.embedding_lr=0.01",), "llama_tiny": ("train.embedding_lr=0.1",)}
 
 
 def run_demo(out: str | Path = "runs/demo", models: tuple[str, ...] = DEFAULT_MODELS,
@@ -35,7 +32,7 @@ def run_demo(out: str | Path = "runs/demo", models: tuple[str, ...] = DEFAULT_MO
     rows = []
     for model in models:
         config = load_train_config("tiny", [f"model={model}", f"out_dir={out / model}",
-                                            f"train.threads={threads}", *TUNED.get(model, ()), *overrides])
+                                            f"train.threads={threads}", *overrides])
         resume = latest_checkpoint(config.out_dir) is not None
         print(f"\n== {model}: {config.train.steps} steps of {config.train.micro_batch} x {config.train.seq_len} "
               f"tokens{' (resuming)' if resume else ''}", file=sys.stderr, flush=True)
