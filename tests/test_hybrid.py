@@ -155,10 +155,24 @@ def test_save_and_load_round_trip(tmp_path):
         (dict(swapped_components=["attn"]), r"unknown component 'attn' \(did you mean 'attention'\?\)"),
         (dict(swapped_components=["ffn", "ffn"]), r"lists a component twice"),
         (dict(swapped_components=["ffn"], attention="mla"), r"dense multi-head models.*attention=mla"),
-        (dict(swapped_components=["norm"], project_emb=True), r"swapped_components and project_emb"),
+        (dict(swapped_components=["embedding"], project_emb=True), r"the table is the twin's \(set project_emb"),
     ],
 )
 def test_bad_swaps_are_config_errors(overrides, pattern):
     swapped = overrides.pop("swapped_components")
     with pytest.raises(ConfigError, match=pattern):
         config("lorentz", swapped, **overrides).validate()
+    with pytest.raises(ConfigError, match="project_emb only applies to a Lorentz token table"):
+        config("euclidean", ["norm"], project_emb=True).validate()
+
+
+def test_space_part_table_in_llama():
+    """With the embedding swapped into a LLaMA, ``project_emb`` gives it HELM's space-part table (a plain parameter
+    for AdamW, lifted on lookup), which crosses into the stream by logmap0."""
+    m = model("euclidean", ["embedding"], project_emb=True, embedding_init_scale=0.1)
+    table = m.model.embed
+    assert not table.manifold_table and tuple(table.weight.shape) == (VOCAB, 32)
+    x = ids(1, 6)
+    stream = cross(m.model.embed(x), "lorentz", "euclidean", 1.0)
+    torch.testing.assert_close(stream, logmap0(torch.cat([(table.weight[x].square().sum(-1, keepdim=True) + 1).sqrt(),
+                                                          table.weight[x]], -1), 1.0))

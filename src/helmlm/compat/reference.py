@@ -98,7 +98,7 @@ def reference_config(**reference_flags: Any) -> HELMConfig:
             attention_temperature=(heads * (flags["qk_nope_head_dim"] + flags["qk_rope_head_dim"])) ** 0.5,
             rms_norm_eps=1e-8, project_emb=bool(flags["project_emb"]),
             kv_lora_rank=int(flags["kv_lora_rank"]), qk_nope_head_dim=int(flags["qk_nope_head_dim"]),
-            qk_rope_head_dim=int(flags["qk_rope_head_dim"]), v_head_dim=int(flags["v_head_dim"]),
+            qk_rope_head_dim=int(flags["qk_rope_head_dim"]), v_head_dim=int(flags["v_head_dim"]), mla_init="xavier",
             n_dense_layers=int(flags["n_dense_layers"]), n_routed_experts=int(flags["n_routed_experts"]),
             n_activated_experts=int(flags["n_activated_experts"]), n_shared_experts=int(flags["n_shared_experts"]),
             moe_intermediate_size=int(flags["mice_inter_dim"]), score_func=flags["score_func"],

@@ -345,8 +345,11 @@ class HELMConfig(PretrainedConfig):
     def _validate_scalars(self) -> None:
         if self.is_lorentz and self.intermediate_size < 2:
             raise ConfigError(f"intermediate_size must be >= 2 for a Lorentz FFN, got {self.intermediate_size}")
-        if self.project_emb and not self.is_lorentz:
-            raise ConfigError("project_emb only applies to geometry='lorentz'")
+        if self.project_emb and self.component_geometry("embedding") != "lorentz":
+            raise ConfigError("project_emb only applies to a Lorentz token table (geometry='lorentz', or a Euclidean "
+                              "model with swapped_components=[embedding])"
+                              + (": with the embedding swapped, the table is the twin's (set project_emb=false)"
+                                 if self.is_lorentz else ""))
         if self.residual_scale is not None and self.residual_scale <= 0:
             raise ConfigError(f"residual_scale must be > 0 or null, got {self.residual_scale}")
         if self.attention_temperature is not None and self.attention_temperature <= 0:
@@ -371,38 +374,45 @@ class HELMConfig(PretrainedConfig):
             raise ConfigError("swapped_components applies to the dense multi-head models (HELM-D and LLaMA: "
                               f"attention=mha, ffn=dense); this config has attention={self.attention}, "
                               f"ffn={self.ffn}")
-        if self.project_emb:
-            raise ConfigError("swapped_components and project_emb both choose the token table; a Euclidean table in "
-                              "a HELM-D is swapped_components=[embedding] (lifted by expmap0), or project_emb "
-                              "(lifted by its time coordinate), not both")
         if self.tie_word_embeddings:
             raise ConfigError("swapped_components does not support tie_word_embeddings")
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "HELMConfig":
-        """Load a preset from ``configs/*.yaml`` (its ``model:`` section, or the whole file), with overrides."""
-        import yaml
+        """Load a preset from ``configs/*.yaml`` (its ``model:`` section, or the whole file), with overrides.
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        data = data.get("model", data) if isinstance(data, dict) else data
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of model fields (optionally under 'model:'), "
-                              f"got {type(data).__name__}")
-        data = dict(data)
-        known = set(cls().to_dict())
-        unknown = sorted(set(data) - known - {"name"})
-        if unknown:
-            hints = [f"{k!r}{did_you_mean(k, known)}" for k in unknown]
-            raise ConfigError(f"{path}: unknown model keys {', '.join(hints)}")
-        data.pop("name", None)
-        data.update(overrides)
-        config = cls(**data)
+        ``base: NAME`` in a file starts from that preset's fields (e.g. ``helm_mice_tiny_reference``: the tiny
+        HELM-MiCE with the reference's initialisation), then applies the file's own."""
+        config = cls(**{**model_fields(path), **overrides})
         config.validate()
         return config
+
+
+def model_fields(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The model fields a preset file sets (its ``model:`` section, or the whole file), its ``base`` preset's
+    first; every key is checked against :class:`HELMConfig`'s."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: its base presets form a loop ({' -> '.join(p.stem for p in _seen)})")
+    data = yaml.safe_load(path.read_text()) or {}
+    data = data.get("model", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of model fields (optionally under 'model:'), "
+                          f"got {type(data).__name__}")
+    data = dict(data)
+    known = set(HELMConfig().to_dict())
+    unknown = sorted(set(data) - known - {"name", "base"})
+    if unknown:
+        hints = [f"{k!r}{did_you_mean(k, known)}" for k in unknown]
+        raise ConfigError(f"{path}: unknown model keys {', '.join(hints)}")
+    data.pop("name", None)
+    base = data.pop("base", None)
+    return {**(model_fields(preset_path(base), (*_seen, path.resolve())) if base else {}), **data}
 
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"

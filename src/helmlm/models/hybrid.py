@@ -98,10 +98,12 @@ class HybridBlock(nn.Module):
 
 
 def hybrid_embedding(config, geometry: str) -> nn.Module:
-    """The token table of a hybrid: Lorentz points of ``E`` space coordinates, or ``E`` features."""
+    """The token table of a hybrid: Lorentz points of ``E`` space coordinates (stored as points, or as space parts
+    with ``project_emb``), or ``E`` features."""
     width = config.euclidean_width
     if geometry == "lorentz":
-        return LorentzEmbedding(config.vocab_size, width, config.curvature, init_scale=config.embedding_init_scale)
+        return LorentzEmbedding(config.vocab_size, width, config.curvature, manifold_table=not config.project_emb,
+                                init_scale=config.embedding_init_scale)
     return nn.Embedding(config.vocab_size, width)
 
 
