@@ -9,7 +9,9 @@ import torch
 from helmlm.models import HELMForCausalLM, InputError, load_config, output_cache
 from helmlm.nn.cache import ModelCache
 
-PRESETS = ["helm_d_tiny", "llama_tiny", "helm_mice_tiny", "deepseek_tiny"]
+# the shipped tiny presets, and HELM's as the reference builds it (its table and HMLA initialisation)
+PRESETS = ["helm_d_tiny", "llama_tiny", "helm_mice_tiny", "deepseek_tiny", "helm_d_tiny_reference",
+           "helm_mice_tiny_reference"]
 
 
 def make(preset: str) -> HELMForCausalLM:

@@ -25,7 +25,7 @@ def test_smoke_bf16(capsys):
 
 
 def test_params_prints_counts(capsys):
-    assert main(["params", "helm_d_paper", "llama_paper"]) == 0
+    assert main(["params", "helm_d_paper_reference", "llama_paper"]) == 0
     out = capsys.readouterr().out
     assert "114,770,242" in out  # reference 114,770,250 less the 8 dead parameters
     assert f"{count_parameters(load_config('llama_paper'))['total']:,}" in out
@@ -72,15 +72,15 @@ def test_mice_paper_preset_counts_match_the_reference(preset, flags, ref_trainab
     reference_mode = count_parameters(reference_config(model_name="HELM_MiCE", vocab_size=128256, max_seq_len=2048,
                                                        original_seq_len=4096, **flags))
     assert reference_mode["total"] == ref_trainable - dead
-    ours = count_parameters(load_config(preset))
+    ours = count_parameters(load_config(f"{preset}_reference"))
     assert ours["total"] == reference_mode["total"] - paper_mode_fewer
     assert round(ours["active"] / 1e6, 1) == active_millions
 
 
 def test_params_json_lines(capsys):
-    assert main(["params", "--json", "helm_mice_120m", "deepseek_120m"]) == 0
+    assert main(["params", "--json", "helm_mice_120m_reference", "deepseek_120m"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["config"] for line in lines] == ["helm_mice_120m", "deepseek_120m"]
+    assert [line["config"] for line in lines] == ["helm_mice_120m_reference", "deepseek_120m"]
     assert lines[0]["total"] == 126_357_082 and lines[0]["active"] < lines[0]["total"]
 
 
@@ -90,6 +90,21 @@ def test_smoke_moe_presets_learn(preset, capsys):
                  "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["loss_last"] < summary["loss_first"] - 0.5
+
+
+@pytest.mark.parametrize("preset", ["helm_d_tiny", "helm_d_small", "helm_d_paper", "helm_mice_tiny",
+                                    "helm_mice_small", "helm_mice_120m", "helm_mice_1b"])
+def test_reference_presets_differ_only_in_the_issue_32_settings(preset):
+    """Each HELM preset and its ``_reference`` twin build the same architecture; they differ exactly in the settings
+    issue 32 changed (the token table's storage and start; HMLA's initialisation and residual multiplier), which the
+    reference preset sets to the reference's values."""
+    ours, reference = load_config(preset).to_dict(), load_config(f"{preset}_reference").to_dict()
+    changed = {k for k in ours if ours[k] != reference[k]}
+    mla = {"mla_init", "residual_scale"} if ours["attention"] == "mla" else set()
+    expected = {"embedding_init_scale"} | mla | (set() if preset == "helm_mice_1b" else {"project_emb"})
+    assert changed == expected
+    assert reference["embedding_init_scale"] == 1.0 and reference["mla_init"] == "xavier"
+    assert reference["project_emb"] == (preset == "helm_mice_1b")
 
 
 def test_presets_all_validate():

@@ -11,7 +11,8 @@ import helmlm  # noqa: F401  (registers the Auto classes)
 from helmlm.models import HELMConfig, HELMForCausalLM, HELMModel, load_config
 
 
-@pytest.mark.parametrize("preset", ["helm_d_tiny", "llama_tiny", "helm_mice_tiny", "deepseek_tiny"])
+@pytest.mark.parametrize("preset", ["helm_d_tiny", "llama_tiny", "helm_mice_tiny", "deepseek_tiny",
+                                    "helm_d_tiny_reference"])
 def test_save_and_auto_load_reproduce_logits_exactly(preset, tmp_path):
     torch.manual_seed(0)
     model = HELMForCausalLM(load_config(preset, vocab_size=300, num_hidden_layers=2)).eval()
@@ -27,5 +28,7 @@ def test_save_and_auto_load_reproduce_logits_exactly(preset, tmp_path):
     base = AutoModel.from_pretrained(tmp_path)
     assert type(base) is HELMModel
     table = loaded.model.embed.weight
-    # the loader swaps in plain Parameters; the Lorentz table must be a ManifoldParameter again (Riemannian Adam)
-    assert isinstance(table, geoopt.ManifoldParameter) == (preset.startswith("helm"))
+    # the loader swaps in plain Parameters; a table of Lorentz points must be a ManifoldParameter again (Riemannian
+    # Adam); a table of space parts (project_emb, the shipped presets') stays a plain one (AdamW)
+    assert isinstance(table, geoopt.ManifoldParameter) == (model.config.is_lorentz and not model.config.project_emb)
+    assert isinstance(table, geoopt.ManifoldParameter) == preset.endswith("_reference")

@@ -82,7 +82,8 @@ def test_results_hold_the_best_point_and_seed_statistics(corpus, whole):  # noqa
 
 
 def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, capsys):  # noqa: F811
-    with pytest.raises(ConfigError, match="no config file or preset named 'lama_tiny'; presets: .*llama_tiny"):
+    with pytest.raises(ConfigError, match=r"no config file or preset named 'lama_tiny' \(did you mean 'llama_tiny'\?\); "
+                                          r"presets: .*llama_tiny"):
         spec(corpus, tmp_path / "a", models=["helm_d_tiny", "lama_tiny"])
     with pytest.raises(ConfigError, match="lr must be a non-empty list"):
         spec(corpus, tmp_path / "a", lr=[])
@@ -113,11 +114,12 @@ def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, cap
     config.write_text("recipe: tiny\nmodels: [helm_d_tiny]\nlr: [1e-3]\nlearning_rate: 3\n")
     assert main(["sweep", str(config)]) == 2
     assert "unknown sweep key(s) learning_rate" in capsys.readouterr().err
-    assert main(["sweep", "no_such_sweep"]) == 2
-    assert ("shipped: tiny_dense, tiny_dense_long, tiny_dense_reference_recipe, tiny_dense_v1k, "
-            "tiny_helm_d_ablations, tiny_helm_d_ablations_init, tiny_helm_d_best, tiny_helm_d_fp64, "
-            "tiny_helm_mice_ablations, tiny_helm_mice_residual, "
-            "tiny_llama_elr_edge, tiny_moe") in capsys.readouterr().err
+    from helmlm.training.sweep import SWEEPS_DIR
+
+    assert main(["sweep", "tiny_dens"]) == 2
+    err = capsys.readouterr().err
+    assert "no sweep config 'tiny_dens' (did you mean 'tiny_dense'?)" in err
+    assert "shipped: " + ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))) in err
 
 
 def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
@@ -125,11 +127,14 @@ def test_shipped_sweeps_load_and_cover_lr_and_embedding_lr():
 
     for path in SWEEPS_DIR.glob("*.yaml"):
         s = load_sweep(path.stem)  # every model x variant builds
-        if path.stem in ("tiny_dense", "tiny_moe", "tiny_dense_v1k", "tiny_helm_d_fp64"):  # grids (others: a point)
-            assert len(s.seeds) >= 3 and len(s.models) == (1 if path.stem.endswith("fp64") else 2), path
+        if path.stem in ("tiny_dense", "tiny_moe", "tiny_dense_v1k"):  # the comparisons under the shipped defaults
+            assert len(s.seeds) >= 3 and len(s.models) == 2 and not any("_reference" in m for m in s.models), path
+            for model in s.models:
+                assert len(s.grid_of("lr", model)) >= 2 and len(s.grid_of("embedding_lr", model)) >= 2, path
+        if path.stem.startswith("issue15_") or path.stem == "tiny_helm_d_fp64":  # the issue-15 grids
+            assert len(s.seeds) >= 3 and all(m.endswith("_reference") for m in s.models), path
             for model in s.models:
                 assert len(s.grid_of("lr", model)) >= (3 if path.stem.endswith(("v1k", "fp64")) else 4), path
-                assert len(s.grid_of("embedding_lr", model)) >= (1 if path.stem.endswith("v1k") else 2), path
     assert load_sweep("tiny_dense", ["parallel=1", "lr=[0.001, 0.01]"]).lr == [0.001, 0.01]
 
 
@@ -137,11 +142,13 @@ def test_the_small_vocabulary_sweep_keeps_the_pair_matched_and_mostly_non_embedd
     from helmlm.config import load_train_config
     from helmlm.models.params import count_parameters
 
-    s = load_sweep("tiny_dense_v1k")
-    counts = [count_parameters(load_train_config(s.recipe, [*s.run_overrides(m), "model.vocab_size=1024"])
-                               .model_config()) for m in s.models]
-    assert abs(counts[0]["total"] - counts[1]["total"]) / counts[0]["total"] < 2e-4
-    assert all(c["non_embedding"] >= c["total"] / 2 for c in counts)
+    for name, tolerance in (("tiny_dense_v1k", 5e-4), ("issue15_tiny_dense_v1k", 2e-4)):
+        s = load_sweep(name)
+        counts = [count_parameters(load_train_config(s.recipe, [*s.run_overrides(m), "model.vocab_size=1024"])
+                                   .model_config()) for m in s.models]
+        # (at this vocabulary one FFN unit of the twin is 768 parameters: 0.05 % is as close as widths get)
+        assert abs(counts[0]["total"] - counts[1]["total"]) / counts[0]["total"] < tolerance, name
+        assert all(c["non_embedding"] >= c["total"] / 2 for c in counts), name
     with pytest.raises(ConfigError, match="model_overrides must map models of the sweep"):
         load_sweep("tiny_dense_v1k", ["model_overrides={gpt2: [model.hidden_size=8]}"])
 

@@ -98,20 +98,14 @@ class HELMConfig(PretrainedConfig):
         swapped_components: list[str] | None = None,
         **kwargs: Any,
     ):
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         self.max_position_embeddings = max_position_embeddings
         self.geometry, self.attention, self.ffn = geometry, attention, ffn  # the block's three choices
-        self.curvature = curvature
-        self.rope_theta = rope_theta
-        self.residual_scale = residual_scale
-        self.attention_temperature = attention_temperature
-        self.rms_norm_eps = rms_norm_eps
-        self.project_emb = project_emb
-        self.initializer_range = initializer_range
+        self.curvature, self.rope_theta, self.rms_norm_eps = curvature, rope_theta, rms_norm_eps
+        self.residual_scale, self.attention_temperature = residual_scale, attention_temperature
+        self.project_emb, self.initializer_range = project_emb, initializer_range
         self.embedding_init_scale, self.head_init_std, self.gate_init_gain = (embedding_init_scale, head_init_std,
                                                                               gate_init_gain)
         self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (

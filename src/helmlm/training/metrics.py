@@ -15,6 +15,7 @@ import geoopt
 import torch
 
 from helmlm.geometry import manifold_violation
+from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.mice import LorentzExperts
 from helmlm.training.distributed import full
 
@@ -70,10 +71,16 @@ class MetricsLog:
 
 @torch.no_grad()
 def manifold_health(model: torch.nn.Module, curvature: float) -> dict[str, Any]:
-    """The embedding table's largest constraint violation (relative to its scale, fp64) when it is a Lorentz
-    ``ManifoldParameter``, and the curvatures of every MiCE expert bank."""
+    """For a Lorentz token table, the geodesic radius of its farthest row (``embedding_radius``: float32 Lorentz
+    arithmetic loses precision far out, docs/quality.md) and, when it stores points (a ``ManifoldParameter``), their
+    largest constraint violation (relative to their scale, fp64); and the curvatures of every MiCE expert bank."""
     out: dict[str, Any] = {}
-    table = getattr(model.model.embed, "weight", None)
+    embed = model.model.embed
+    table = getattr(embed, "weight", None)
+    if isinstance(embed, LorentzEmbedding):
+        space = table[:, 1:] if embed.manifold_table else table
+        norm = torch.linalg.vector_norm(space.double(), dim=-1).max()
+        out["embedding_radius"] = (curvature ** 0.5 * torch.asinh(norm / curvature ** 0.5)).item()
     if isinstance(table, geoopt.ManifoldParameter):
         out["embedding_violation"] = manifold_violation(table, curvature, relative_to="scale").max().item()
     curv = {name: full(m.curvatures).tolist() for name, m in model.named_modules() if isinstance(m, LorentzExperts)}
