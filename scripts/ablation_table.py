@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -37,9 +38,12 @@ def main() -> int:
             values = [runs[s] for s in seeds if s in runs]
             if not values:
                 continue
+            if not all(map(math.isfinite, values)):  # a run that diverged has no final loss
+                print(f"| {model} | {variant} | {len(values)} | diverged | - | - |")
+                continue
             spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else " (1 seed)"
             diffs = [runs[s] - base[s] for s in seeds if s in runs and s in base]
-            paired = "-" if variant == args.base else ", ".join(f"{d:+.3f}" for d in diffs)
+            paired = "-" if variant == args.base or not diffs else ", ".join(f"{d:+.3f}" for d in diffs)
             mean = "-" if variant == args.base or not diffs else f"{statistics.fmean(diffs):+.3f}"
             loss = f"{statistics.fmean(values):.3f}{spread}"
             print(f"| {model} | {variant} | {len(values)} | {loss} | {paired} | {mean} |")

@@ -101,6 +101,21 @@ def test_bad_config_values_are_named(override, message):
     assert message in str(err.value)
 
 
+def test_settings_for_a_table_of_points_are_refused_without_one():
+    """``train.table_dtype`` and ``train.riemannian_lr`` concern a table of Lorentz points (Riemannian Adam): for the
+    space-part table of the shipped HELM presets and for the twins' table they are errors, not silently ignored."""
+    with pytest.raises(ConfigError, match=r"train.table_dtype=float64 applies to a table of Lorentz points .* table "
+                                          r"of space parts \(model.project_emb=true\).*or set model.project_emb=false"):
+        load_train_config("tiny", ["train.table_dtype=float64"])
+    with pytest.raises(ConfigError, match=r"train.riemannian_lr=0.1 applies .* a Euclidean token table. Remove "
+                                          r"train.riemannian_lr$"):
+        load_train_config("tiny", ["model=llama_tiny", "train.riemannian_lr=0.1"])
+    for model in ("helm_d_tiny_reference", "helm_d_tiny model.project_emb=false"):
+        name, *extra = model.split()
+        config = load_train_config("tiny", [f"model={name}", *extra, "train.table_dtype=float64"])
+        assert config.train.table_dtype == "float64"
+
+
 def test_unknown_key_in_yaml_is_named_with_a_suggestion(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: helm_d_tiny\ntrain:\n  sequence_len: 64\n")
@@ -195,15 +210,17 @@ def test_checkpoints_are_complete_and_only_the_last_ones_kept(corpus, tmp_path):
 # ------------------------------------------------------------------------------------------------ exact resume
 
 
-def test_resume_after_sigkill_is_bit_identical(corpus, tmp_path):
+@pytest.mark.parametrize("model", ["helm_d_tiny", "helm_d_tiny_reference"])
+def test_resume_after_sigkill_is_bit_identical(corpus, tmp_path, model):
     """A run killed with SIGKILL right after its step-4 checkpoint, then resumed, ends with parameters and optimizer
-    state bit-identical to an uninterrupted run of the same length."""
-    base = overrides(corpus, tmp_path / "a", "train.steps=10", "checkpoint.every=4")
+    state bit-identical to an uninterrupted run of the same length: with the shipped table (space parts, AdamW) and
+    with the reference's (Lorentz points, Riemannian Adam)."""
+    base = overrides(corpus, tmp_path / "a", f"model.preset={model}", "train.steps=10", "checkpoint.every=4")
     Trainer(load_train_config(None, base))  # prepare the data outside the timed subprocesses
     straight = cli("train", *base)
     assert straight.returncode == 0, straight.stderr
 
-    killed_args = overrides(corpus, tmp_path / "b", "train.steps=10", "checkpoint.every=4")
+    killed_args = overrides(corpus, tmp_path / "b", f"model.preset={model}", "train.steps=10", "checkpoint.every=4")
     proc = subprocess.Popen([sys.executable, "-m", "helmlm", "train", *killed_args], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -233,19 +250,21 @@ def test_float64_table_trains_and_resumes_exactly(corpus, tmp_path):
     """``train.table_dtype=float64``: the Lorentz table and its Riemannian Adam state are float64 (in the
     checkpoint too), the first loss is the float32 run's (lookups return the same float32 values), and a run resumed
     from its step-4 checkpoint ends bit-identical to the uninterrupted one."""
+    points = "model.preset=helm_d_tiny_reference"  # a table of Lorentz points (the shipped table is space parts)
     a = tmp_path / "a"
-    train(load_train_config(None, overrides(corpus, a, "train.steps=8", "train.table_dtype=float64")))
+    train(load_train_config(None, overrides(corpus, a, points, "train.steps=8", "train.table_dtype=float64")))
     ckpt = latest_checkpoint(a)
     assert load_file(ckpt / "model.safetensors")["model.embed.weight"].dtype == torch.float64
     moments = {k: v for k, v in load_file(ckpt / "optimizer.safetensors").items() if k.startswith("opt1.")}
     assert moments and all(v.dtype == torch.float64 for v in moments.values() if v.is_floating_point())
-    train(load_train_config(None, overrides(corpus, tmp_path / "f32", "train.steps=1")))
+    train(load_train_config(None, overrides(corpus, tmp_path / "f32", points, "train.steps=1")))
     assert metrics(a)[0]["loss"] == pytest.approx(metrics(tmp_path / "f32")[0]["loss"], rel=1e-6)
     b = tmp_path / "b"
     shutil.copytree(a, b)
     shutil.rmtree(b / "checkpoints" / "step-00000008")
     (b / "checkpoints" / "latest").write_text("step-00000004\n")
-    train(load_train_config(None, overrides(corpus, b, "train.steps=8", "train.table_dtype=float64")), resume=True)
+    train(load_train_config(None, overrides(corpus, b, points, "train.steps=8", "train.table_dtype=float64")),
+          resume=True)
     final_a, final_b = final_weights(a), final_weights(b)
     assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 

@@ -235,7 +235,22 @@ class TrainConfig:
             self.data.validate()
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.model_config()  # raises ConfigError naming the model field
+        self._check_table_settings(self.model_config())  # model_config raises ConfigError naming the model field
+
+    def _check_table_settings(self, model) -> None:
+        """Settings for a table of Lorentz points (Riemannian Adam) are an error for a model that has none, instead
+        of being ignored: a Euclidean table (the twins'), or HELM's space-part table (``project_emb``)."""
+        points = model.component_geometry("embedding") == "lorentz" and not model.project_emb
+        if points:
+            return
+        table = ("a table of space parts (model.project_emb=true), trained by AdamW in the model's dtype"
+                 if model.project_emb else "a Euclidean token table")
+        for name, value, default in (("table_dtype", self.train.table_dtype, "float32"),
+                                     ("riemannian_lr", self.train.riemannian_lr, None)):
+            if value != default:
+                fix = " (or set model.project_emb=false for a table of points)" if model.project_emb else ""
+                raise ConfigError(f"train.{name}={value} applies to a table of Lorentz points trained by Riemannian "
+                                  f"Adam; this model has {table}. Remove train.{name}{fix}")
 
     def model_config(self):
         """The :class:`HELMConfig`: the preset (or YAML) named by ``model.preset`` with the other ``model`` keys as
