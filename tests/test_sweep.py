@@ -82,8 +82,8 @@ def test_results_hold_the_best_point_and_seed_statistics(corpus, whole):  # noqa
 
 
 def test_bad_sweeps_are_refused_and_nothing_is_overwritten(corpus, tmp_path, capsys):  # noqa: F811
-    with pytest.raises(ConfigError, match=r"no config file or preset named 'lama_tiny' \(did you mean 'llama_tiny'\?\); "
-                                          r"presets: .*llama_tiny"):
+    with pytest.raises(ConfigError, match=r"no config file or preset named 'lama_tiny' \(did you mean "
+                                          r"'llama_tiny'\?\); presets: .*llama_tiny"):
         spec(corpus, tmp_path / "a", models=["helm_d_tiny", "lama_tiny"])
     with pytest.raises(ConfigError, match="lr must be a non-empty list"):
         spec(corpus, tmp_path / "a", lr=[])

@@ -50,7 +50,8 @@ def overrides(corpus: Path, tmp: Path, *extra: str) -> list[str]:
     return [f"data.paths={corpus}", "data.source=local", "data.vocab_size=400", "data.val_fraction=0.05",
             f"data.dir={corpus.parent / 'prepared'}", "model.vocab_size=400", "model.num_hidden_layers=1",
             "train.seq_len=32", "train.micro_batch=4", "train.steps=12", "train.lr=3e-3",
-            "train.embedding_lr=null", "train.threads=1", "eval.every=6", "eval.rows=16", "log.every=1", "log.progress=false", "log.tensorboard=false",
+            "train.embedding_lr=null", "train.threads=1", "eval.every=6", "eval.rows=16", "log.every=1",
+            "log.progress=false", "log.tensorboard=false",
             "checkpoint.every=4", "checkpoint.keep_last=2", f"out_dir={tmp}", *extra]
 
 

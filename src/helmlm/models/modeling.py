@@ -25,8 +25,8 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from helmlm.errors import InputError  # noqa: F401  (re-exported)
 from helmlm.geometry import promote
-from helmlm.models.hybrid import COMPONENTS, HybridBlock, cross, hybrid_embedding, hybrid_head
 from helmlm.models.config import HELMConfig
+from helmlm.models.hybrid import COMPONENTS, HybridBlock, cross, hybrid_embedding, hybrid_head
 from helmlm.nn import (
     LatentAttention,
     LorentzEmbedding,
