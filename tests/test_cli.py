@@ -96,15 +96,20 @@ def test_smoke_moe_presets_learn(preset, capsys):
                                     "helm_mice_small", "helm_mice_120m", "helm_mice_1b"])
 def test_reference_presets_differ_only_in_the_issue_32_settings(preset):
     """Each HELM preset and its ``_reference`` twin build the same architecture; they differ exactly in the settings
-    issue 32 changed (the token table's storage and start; HMLA's initialisation and residual multiplier), which the
-    reference preset sets to the reference's values."""
+    issue 32 changed (the token table's storage and start; HMLA's initialisation and residual multiplier; the final
+    projection, whose parameters went to the FFN), which the reference preset sets to the reference's values."""
     ours, reference = load_config(preset).to_dict(), load_config(f"{preset}_reference").to_dict()
     changed = {k for k in ours if ours[k] != reference[k]}
+    if ours["ffn"] == "dense":  # the unused MoE width follows intermediate_size
+        changed.discard("moe_intermediate_size")
     mla = {"mla_init", "residual_scale"} if ours["attention"] == "mla" else set()
-    expected = {"embedding_init_scale"} | mla | (set() if preset == "helm_mice_1b" else {"project_emb"})
+    expected = ({"embedding_init_scale", "final_projection", "intermediate_size"} | mla
+                | (set() if preset == "helm_mice_1b" else {"project_emb"}))
     assert changed == expected
     assert reference["embedding_init_scale"] == 1.0 and reference["mla_init"] == "xavier"
     assert reference["project_emb"] == (preset == "helm_mice_1b")
+    assert reference["final_projection"] and not ours["final_projection"]
+    assert ours["intermediate_size"] > reference["intermediate_size"]
 
 
 def test_presets_all_validate():

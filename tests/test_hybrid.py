@@ -62,6 +62,27 @@ def test_one_part_in_the_other_geometry(base, part):
     assert (m.model.final_proj is not None) == (m.model.geometries["head"] == "lorentz")
 
 
+def test_without_final_projection_the_norm_reads_the_last_point():
+    """``final_projection=False`` is the reference's model whose final LorentzLinear keeps the space part
+    (weight ``[0 | I]``, bias 0): the same logits, and exactly that layer's parameters fewer; in a hybrid with a
+    Lorentz head too."""
+    for swapped in ([], ["attention"]):
+        with_proj = model("lorentz", swapped)
+        torch.manual_seed(0)
+        without = HELMForCausalLM(config("lorentz", swapped, final_projection=False)).to(torch.float64).eval()
+        assert without.model.final_proj is None
+        state = {k: v for k, v in with_proj.state_dict().items() if not k.startswith("model.final_proj.")}
+        without.load_state_dict(state)
+        proj = with_proj.model.final_proj
+        with torch.no_grad():
+            proj.weight.zero_()
+            proj.weight[:, 1:] = torch.eye(proj.weight.shape[0], dtype=proj.weight.dtype)
+            proj.bias.zero_()
+        torch.testing.assert_close(without(ids()).logits, with_proj(ids()).logits, rtol=1e-12, atol=1e-12)
+        removed = sum(p.numel() for p in with_proj.parameters()) - sum(p.numel() for p in without.parameters())
+        assert removed == proj.weight.numel() + proj.bias.numel() == 33 * 34 + 33
+
+
 @pytest.mark.parametrize("preset", ["helm_d_tiny", "llama_tiny"])
 def test_size_stays_near_the_base(preset):
     """On the tiny presets a swap changes the parameter count by under 1 % (most for the head, whose width moves by

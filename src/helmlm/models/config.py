@@ -37,6 +37,10 @@ class HELMConfig(PretrainedConfig):
     from ``N(0, std^2)`` (``None``: PyTorch's default ``nn.Linear`` init); ``gate_init_gain`` multiplies the MoE
     router's Xavier gain, hence its initial logits. The twins' embedding table stays at ``initializer_range``.
 
+    ``final_projection`` (Lorentz models): the reference's LorentzLinear ``W -> W - 1`` between the last block and
+    the final norm. Without it the final norm reads the last point's space part, so the LM head sees the same
+    normalised direction as through ``logmap0`` (the twin has no such layer; docs/quality.md, section 4).
+
     Defaults that depend on the width are resolved at model build when left ``None``: ``residual_scale``
     (Lorentzian residual space multiplier; ``4 sqrt(W)`` as in HELM-D) and ``attention_temperature`` (initial
     score divisor ``tau``; ``sqrt(W)``).
@@ -71,6 +75,7 @@ class HELMConfig(PretrainedConfig):
         embedding_init_scale: float = 1.0,
         head_init_std: float | None = None,
         gate_init_gain: float = 1.0,
+        final_projection: bool = True,
         tie_word_embeddings: bool = False,
         # attention="mla" (HMLA): ambient dims per head, as in the reference
         kv_lora_rank: int = 16,
@@ -111,6 +116,7 @@ class HELMConfig(PretrainedConfig):
         self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = (
             kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)
         self.mla_init = mla_init
+        self.final_projection = final_projection
         self.n_dense_layers = n_dense_layers
         self.n_routed_experts = n_routed_experts
         self.n_activated_experts = n_activated_experts

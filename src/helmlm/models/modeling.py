@@ -172,7 +172,7 @@ class HELMModel(HELMPreTrainedModel):
             self.embed = LorentzEmbedding(config.vocab_size, width - 1, c, manifold_table=not config.project_emb,
                                           init_scale=config.embedding_init_scale)
             self.layers = nn.ModuleList(LorentzBlock(config, i) for i in range(config.num_hidden_layers))
-            self.final_proj = LorentzLinear(width, width - 1, curvature=c)
+            self.final_proj = LorentzLinear(width, width - 1, curvature=c) if config.final_projection else None
             self.norm = LorentzRMSNorm(width - 1, config.rms_norm_eps, c)
         else:
             self.embed = nn.Embedding(config.vocab_size, width)
@@ -263,7 +263,7 @@ class HELMModel(HELMPreTrainedModel):
             h = cross(h, self.geometries["residual"], self.geometries["head"], self.config.curvature)
         if self.final_proj is not None:
             return self.norm(self.final_proj(h, return_space=True), space_only=True)
-        return self.norm(h)
+        return self.norm(h)  # a Lorentz norm reads the point's space part
 
     def compile_blocks(self) -> None:
         """``torch.compile`` each block in place (``train.compile=true``): one graph per block kind (tested to have
