@@ -7,7 +7,8 @@ tokens (mean over seeds, band from the lowest to the highest seed). Prints markd
     .venv/bin/python scripts/compare_sweeps.py runs/sweep/tiny_dense:llama_tiny runs/sweep/tiny_dense:helm_d_tiny \
         --plot docs/quality-tiny-dense.png --title "tiny, 614k tokens"
 
-An arm is ``SWEEP_DIR:MODEL`` or ``SWEEP_DIR:MODEL:VARIANT``; its best point is the sweep's (``results.json``).
+An arm is ``SWEEP_DIR:MODEL`` or ``SWEEP_DIR:MODEL:VARIANT``, optionally ``=LABEL`` at the end (its name in the
+table and the legend); its best point is the sweep's (``results.json``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 
 
 def arm_runs(spec: str) -> tuple[str, list[dict]]:
-    """The label and the runs (one per seed, seed order) of ``SWEEP_DIR:MODEL[:VARIANT]`` at its best point."""
+    """The label and the runs (one per seed, seed order) of ``SWEEP_DIR:MODEL[:VARIANT][=LABEL]`` at its best
+    point."""
+    spec, _, given_label = spec.partition("=")
     directory, model, *rest = spec.split(":")
     variant = rest[0] if rest else "base"
     results = json.loads((Path(directory) / "results.json").read_text())
@@ -29,13 +32,13 @@ def arm_runs(spec: str) -> tuple[str, list[dict]]:
     best = best[0]
     runs = [r for r in results["runs"] if r["model"] == model and r.get("variant", "base") == variant
             and r["lr"] == best["lr"] and r["embedding_lr"] == best["embedding_lr"]]
-    label = model if variant == "base" else f"{model} / {variant}"
+    label = given_label or (model if variant == "base" else f"{model} / {variant}")
     return label, sorted(runs, key=lambda r: r["seed"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arms", nargs="+", help="SWEEP_DIR:MODEL[:VARIANT]; the first is the baseline")
+    parser.add_argument("arms", nargs="+", help="SWEEP_DIR:MODEL[:VARIANT][=LABEL]; the first is the baseline")
     parser.add_argument("--plot", type=Path, help="write the curves here (PNG)")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
