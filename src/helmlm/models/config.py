@@ -39,7 +39,8 @@ class HELMConfig(PretrainedConfig):
 
     ``final_projection`` (Lorentz models): the reference's LorentzLinear ``W -> W - 1`` between the last block and
     the final norm. Without it the final norm reads the last point's space part, so the LM head sees the same
-    normalised direction as through ``logmap0`` (the twin has no such layer; docs/quality.md, section 4).
+    normalised direction as through ``logmap0`` (the twin has no such layer; docs/quality.md, section 4). It has no
+    effect where the head is Euclidean.
 
     Defaults that depend on the width are resolved at model build when left ``None``: ``residual_scale``
     (Lorentzian residual space multiplier; ``4 sqrt(W)`` as in HELM-D) and ``attention_temperature`` (initial
