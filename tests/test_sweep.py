@@ -205,3 +205,19 @@ def test_runs_go_under_torchrun_with_nproc(corpus, tmp_path):  # noqa: F811
     assert per_step[2] / per_step[1] == pytest.approx(2, rel=0.05)  # tokens counted are real targets
     with pytest.raises(ConfigError, match="nproc must be an integer >= 1"):
         spec(corpus, tmp_path / "bad", nproc=0)
+
+
+def test_one_seed_tables_show_no_spread():
+    """A sweep with one seed (the small-scale comparison) reports each arm's loss without a ``± nan``; with two
+    seeds the spread is there."""
+    from helmlm.training.sweep import markdown_table, summarise
+
+    for seeds in ([1234], [1234, 1]):
+        spec = load_sweep("small_moe", [f"seeds={seeds}"])
+        runs = [{"model": m, "variant": "base", "lr": lr, "embedding_lr": spec.grid_of("embedding_lr", m)[0],
+                 "seed": seed, "val_loss": 4.5 + lr + 0.01 * i, "val_bpb": 1.6 + lr, "diverged": False}
+                for i, seed in enumerate(seeds) for m in spec.models for lr in spec.lr]
+        table = markdown_table(runs, summarise(runs, spec), spec)
+        assert "nan" not in table
+        rows = [line for line in table.split("Grid")[0].splitlines() if line.startswith(("| helm", "| deepseek"))]
+        assert len(rows) == 2 and all((" ± " in row) == (len(seeds) > 1) for row in rows)

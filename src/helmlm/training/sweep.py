@@ -354,10 +354,13 @@ def markdown_table(runs: list[dict[str, Any]], summary: list[dict[str, Any]], sp
     if summary:
         lines += [f"Final validation loss at each model's best grid point, mean ± std over seeds ({spec.recipe}).", "",
                   "| model | lr | embedding lr | seeds | val loss | val bits per byte |", "|---|---|---|---|---|---|"]
+        def spread(mean: float, std: float, digits: int) -> str:  # one seed (or a diverged one): no std
+            return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
         for s in summary:
             lines.append(f"| {arm(s['model'], s['variant'])} | {s['lr']:g} | {elr(s['embedding_lr'])} | "
-                         f"{s['seeds']} | {s['val_loss_mean']:.3f} ± {s['val_loss_std']:.3f} | "
-                         f"{s['val_bpb_mean']:.4f} ± {s['val_bpb_std']:.4f} |")
+                         f"{s['seeds']} | {spread(s['val_loss_mean'], s['val_loss_std'], 3)} | "
+                         f"{spread(s['val_bpb_mean'], s['val_bpb_std'], 4)} |")
         lines.append("")
     lines += [f"Grid (seed {spec.seeds[0]}): final validation loss, rows lr, columns embedding lr.", ""]
     by_point = {(r["model"], r["variant"], r["lr"], r["embedding_lr"]): r for r in runs if r["seed"] == spec.seeds[0]}
