@@ -108,7 +108,8 @@ def hybrid_embedding(config, geometry: str) -> nn.Module:
 
 
 def hybrid_head(config, geometry: str) -> tuple[nn.Module | None, nn.Module]:
-    """The final projection (Lorentz heads only) and normalisation in front of a hybrid's LM head."""
+    """The final projection (Lorentz heads with ``final_projection``) and normalisation in front of a hybrid's LM
+    head."""
     width, c = config.euclidean_width, config.curvature
     lorentz = geometry == "lorentz"
     final_proj = LorentzLinear(width + 1, width, curvature=c) if lorentz and config.final_projection else None
