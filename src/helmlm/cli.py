@@ -103,8 +103,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     rows = run_demo(args.out, tuple(args.models), tuple(args.overrides), threads=args.threads)
     print("\n" + format_table(rows))
-    print("\nOne seed per model, each at its tuned embedding lr: a demonstration. The comparison over learning "
-          "rates and seeds: `helmlm sweep tiny_dense` (docs/quality.md).")
+    print("\nOne seed per model, each at its preset's tuned learning rates: a demonstration. Over three seeds the "
+          "two train level within the seeds' spread: `helmlm sweep tiny_dense` (docs/quality.md).")
     print(f"\ncheckpoints: {', '.join(r['checkpoint'] for r in rows)}; results: {args.out}/results.json")
     return 0
 
