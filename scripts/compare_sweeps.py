@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
+
+from helmlm.training.sweep import mean_std
 
 
 def arm_runs(spec: str) -> tuple[str, list[dict]]:
@@ -53,8 +56,7 @@ def main() -> int:
     for label, runs in arms:
         values = [r["val_loss"] for r in runs]
         per_seed = ", ".join(f"{r['val_loss']:.3f} ({r['seed']})" for r in runs)
-        spread = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else \
-            f"{values[0]:.3f}"
+        spread = mean_std(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan)
         diffs = [r["val_loss"] - base_by_seed[r["seed"]] for r in runs if r["seed"] in base_by_seed]
         paired = "-" if runs is base else ", ".join(f"{d:+.3f}" for d in diffs)
         mean_diff = "-" if runs is base or not diffs else f"{statistics.fmean(diffs):+.3f}"

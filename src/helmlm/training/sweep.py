@@ -340,6 +340,11 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(finite) if len(finite) == len(values) and len(values) > 1 else math.nan
 
 
+def mean_std(mean: float, std: float, digits: int = 3) -> str:
+    """``mean ± std``, or the mean alone where there is no spread (one seed, or a diverged one: ``std`` is NaN)."""
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def markdown_table(runs: list[dict[str, Any]], summary: list[dict[str, Any]], spec: SweepSpec) -> str:
     def elr(v: float | None) -> str:
         return "= lr" if v is None else f"{v:g}"
@@ -354,13 +359,10 @@ def markdown_table(runs: list[dict[str, Any]], summary: list[dict[str, Any]], sp
     if summary:
         lines += [f"Final validation loss at each model's best grid point, mean ± std over seeds ({spec.recipe}).", "",
                   "| model | lr | embedding lr | seeds | val loss | val bits per byte |", "|---|---|---|---|---|---|"]
-        def spread(mean: float, std: float, digits: int) -> str:  # one seed (or a diverged one): no std
-            return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
         for s in summary:
             lines.append(f"| {arm(s['model'], s['variant'])} | {s['lr']:g} | {elr(s['embedding_lr'])} | "
-                         f"{s['seeds']} | {spread(s['val_loss_mean'], s['val_loss_std'], 3)} | "
-                         f"{spread(s['val_bpb_mean'], s['val_bpb_std'], 4)} |")
+                         f"{s['seeds']} | {mean_std(s['val_loss_mean'], s['val_loss_std'], 3)} | "
+                         f"{mean_std(s['val_bpb_mean'], s['val_bpb_std'], 4)} |")
         lines.append("")
     lines += [f"Grid (seed {spec.seeds[0]}): final validation loss, rows lr, columns embedding lr.", ""]
     by_point = {(r["model"], r["variant"], r["lr"], r["embedding_lr"]): r for r in runs if r["seed"] == spec.seeds[0]}
