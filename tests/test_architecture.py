@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "helmlm"
 # layer do not import each other). Mirrors docs/architecture.md.
 LAYERS = [
     {"errors"},
-    {"geometry"},
+    {"geometry", "storage"},
     {"nn"},
     {"models"},
     {"config", "compat"},

@@ -4,8 +4,11 @@ in the model (no attention and no loss across piece boundaries). Small synthetic
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
+import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from torch.nn import functional as F
 from helmlm.config import DataConfig
 from helmlm.data import shards as shards_mod
 from helmlm.data.packing import PackedRows, RowStream, best_fit_decreasing, split_documents
-from helmlm.data.shards import TokenShards, prepare_data, read_manifest
+from helmlm.data.shards import TokenShards, prepare_data, read_manifest, verify_shards
 from helmlm.data.sources import DataError, TextStats, local_documents, split_of
 from helmlm.data.tokenizer import EOS_TOKEN, load_tokenizer, tokenizer_hash, tokenizer_size, train_bpe
 
@@ -566,6 +569,127 @@ def test_prepare_data_resume_keeps_text_statistics(tmp_path, monkeypatch):
     """The text statistics of a resumed preparation equal those of an uninterrupted one."""
     run, ref, _ = _interrupted_then_resumed(tmp_path, monkeypatch, calls=8)
     assert read_manifest(run)["text"] == read_manifest(ref)["text"]
+
+
+# ------------------------------------------------------------------------------------------------- damaged shards
+
+
+def _copy(prepared, tmp_path: Path) -> Path:
+    """A private copy of the shared prepared directory, to damage."""
+    return Path(shutil.copytree(prepared[0], tmp_path / "prep"))
+
+
+def _damage_message(path: Path, what: str) -> str:
+    """A regex for the DataError naming ``path`` and saying ``what``, then what to do."""
+    return (re.escape(f"{path} is {what}") + r".*" + re.escape(f"delete {path.parent} and prepare it again") +
+            r".*helmlm prepare")
+
+
+def _truncate(path: Path, drop: int) -> tuple[int, int]:
+    """Cut the last ``drop`` bytes of ``path``; return its sizes ``(after, before)``."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-drop])
+    return len(data) - drop, len(data)
+
+
+def _without_files(d: Path) -> None:
+    """Make ``d`` look prepared before shards recorded their ``files`` (sizes and hashes)."""
+    m = read_manifest(d)
+    for split in m["splits"].values():
+        for shard in split["shards"]:
+            del shard["files"]
+    (d / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+
+
+def test_manifest_records_size_and_sha256_of_every_shard_file_and_an_intact_directory_verifies(prepared):
+    """Each shard of the manifest records the size and sha256 of its .bin and .idx.npy, equal to the files';
+    verify_shards accepts the intact directory (each split and both)."""
+    out = prepared[0]
+    m = read_manifest(out)
+    for split in ("train", "val"):
+        for shard in m["splits"][split]["shards"]:
+            assert set(shard["files"]) == {"bin", "idx"}
+            for kind, suffix in (("bin", ".bin"), ("idx", ".idx.npy")):
+                data = (out / f"{shard['name']}{suffix}").read_bytes()
+                assert shard["files"][kind] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            assert shard["files"]["bin"]["bytes"] == 2 * shard["tokens"]
+    assert verify_shards(out) is None
+    verify_shards(out, ["val"])
+    with pytest.raises(DataError, match="unknown split 'test'"):
+        verify_shards(out, ["test"])
+
+
+@pytest.mark.parametrize("drop", [1, 2])
+def test_truncated_bin_is_named_by_verify_shards_and_by_token_shards(prepared, tmp_path, drop):
+    """A .bin cut short (by an odd byte count: a raw numpy ValueError before; by a whole token: fewer tokens) is a
+    DataError naming the file, its size and the manifest's, from verify_shards and from TokenShards; the other
+    split still loads."""
+    d = _copy(prepared, tmp_path)
+    path = d / "train-00001.bin"
+    after, before = _truncate(path, drop)
+    message = _damage_message(path, f"truncated: {after:,} bytes, the manifest says {before:,}")
+    with pytest.raises(DataError, match=message):
+        verify_shards(d)
+    with pytest.raises(DataError, match=message):
+        TokenShards(d, "train")
+    verify_shards(d, ["val"])
+    assert TokenShards(d, "val").num_documents == read_manifest(d)["splits"]["val"]["documents"]
+
+
+def test_bin_with_one_byte_flipped_is_named_by_verify_shards(prepared, tmp_path):
+    """A .bin of the right size with one byte changed is named as altered (its sha256); so is a grown one."""
+    d = _copy(prepared, tmp_path)
+    path = d / "train-00000.bin"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=_damage_message(path, "altered: its sha256 differs from the manifest's")):
+        verify_shards(d)
+    verify_shards(d, ["val"])
+    path.write_bytes(bytes(data) + b"\0\0")
+    with pytest.raises(DataError, match=_damage_message(path, f"altered: {len(data) + 2:,} bytes, the manifest says "
+                                                              f"{len(data):,}")):
+        TokenShards(d, "train")
+
+
+def test_truncated_or_missing_index_is_named(prepared, tmp_path):
+    """A truncated .idx.npy is named by verify_shards and TokenShards (not a raw numpy error); so is a missing
+    file."""
+    d = _copy(prepared, tmp_path)
+    path = d / "val-00000.idx.npy"
+    after, before = _truncate(path, 8)
+    message = _damage_message(path, f"truncated: {after:,} bytes, the manifest says {before:,}")
+    with pytest.raises(DataError, match=message):
+        verify_shards(d)
+    with pytest.raises(DataError, match=message):
+        TokenShards(d, "val")
+    path.unlink()
+    with pytest.raises(DataError, match=_damage_message(path, "missing")):
+        TokenShards(d, "val")
+
+
+def test_manifest_without_file_records_still_loads_and_verifies_by_size(prepared, tmp_path):
+    """A directory prepared before the manifest recorded ``files`` loads the same documents and verifies; a
+    truncated .bin is still named (its size follows from the token count), and a truncated .idx.npy is a DataError
+    naming it, not a raw numpy error."""
+    out, _, _ = prepared
+    d = _copy(prepared, tmp_path)
+    _without_files(d)
+    assert all("files" not in s for sp in read_manifest(d)["splits"].values() for s in sp["shards"])
+    verify_shards(d)
+    assert _split_docs(TokenShards(d, "train")) == _split_docs(TokenShards(out, "train"))
+    path = d / "train-00002.bin"
+    after, before = _truncate(path, 2)
+    message = _damage_message(path, f"truncated: {after:,} bytes, the manifest says {before:,}")
+    with pytest.raises(DataError, match=message):
+        verify_shards(d)
+    with pytest.raises(DataError, match=message):
+        TokenShards(d, "train")
+    index = d / "val-00000.idx.npy"
+    _truncate(index, 8)
+    for check in (lambda: verify_shards(d, ["val"]), lambda: TokenShards(d, "val")):
+        with pytest.raises(DataError, match=re.escape(str(index)) + ".*prepare it again"):
+            check()
 
 
 # ------------------------------------------------------------------------------------------------------ packing

@@ -35,6 +35,7 @@ SOURCES = ("builtin", "local", "hf")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "fsdp")
+NONFINITE_POLICIES = ("stop", "skip", "rollback")
 CPU_MALLOC_POLICIES = ("keep", "system")  # helmlm.training.allocator
 RIEMANNIAN_LR_SCALINGS = ("sqrt_dim", "none")  # helmlm.training.optim.riemannian_lr
 
@@ -115,7 +116,14 @@ class TrainSettings:
     malloc to keep freed memory for the next step instead of returning it and faulting it back in
     (:mod:`helmlm.training.allocator`; ``system`` leaves the C library's defaults). On CPU the trainer also creates
     the optimizer state before the first step (:func:`helmlm.training.optim.allocate_state`), which keeps the heap
-    from fragmenting."""
+    from fragmenting.
+
+    A non-finite loss or gradient norm never reaches the parameters; ``on_nonfinite`` says what happens next
+    (docs/reliability.md). ``stop`` ends the run with an error naming the last good checkpoint. ``skip`` drops the
+    step's batches and goes on, and stops after ``max_nonfinite`` such steps in a row. ``rollback`` restores the newest
+    checkpoint and goes on past every batch read since it (so the batches that led to the spike are not trained on
+    again), and stops after ``max_nonfinite`` rollbacks without a checkpoint in between; a run that rolls back writes a
+    checkpoint at step 0 to have one. Every event is a ``nonfinite`` record in ``metrics.jsonl``."""
 
     seq_len: int = 256
     micro_batch: int = 8
@@ -146,6 +154,8 @@ class TrainSettings:
     activation_checkpointing: bool = False
     compile: bool = False
     cpu_malloc: str = "keep"
+    on_nonfinite: str = "stop"
+    max_nonfinite: int = 5
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * self.steps)
@@ -225,6 +235,11 @@ class TrainConfig:
                               ("cpu_malloc", CPU_MALLOC_POLICIES)):
             if getattr(t, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(t, name)!r}")
+        if t.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}; got "
+                              f"{t.on_nonfinite!r}{did_you_mean(t.on_nonfinite, NONFINITE_POLICIES)}")
+        if t.max_nonfinite < 1:
+            raise ConfigError(f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}")
         for section, name in (("eval", "every"), ("log", "every"), ("log", "health_every"),
                               ("checkpoint", "every"), ("checkpoint", "keep_last")):
             if getattr(getattr(self, section), name) < 1:

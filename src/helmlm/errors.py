@@ -61,7 +61,18 @@ class TrainingError(HelmlmError, RuntimeError):
 
 
 class NonFiniteLossError(TrainingError):
-    """The loss or gradient norm became NaN/inf; nothing was updated or saved at that step."""
+    """The loss or gradient norm became NaN/inf; nothing was updated or saved at that step. ``event`` describes it
+    (step, what, value, the stream rows of the step) for the run's metrics."""
+
+    def __init__(self, message: str, event: dict | None = None):
+        super().__init__(message)
+        self.event = event or {}
+
+
+class StorageError(HelmlmError, RuntimeError):
+    """Writing failed for a reason the user can fix: a full disk or quota, a read-only directory, a denied
+    permission, or another process writing the same directory. The message says what failed, where, what survived
+    and how to continue."""
 
 
 class ReferenceCompatError(HelmlmError, ValueError):

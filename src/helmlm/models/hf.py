@@ -26,6 +26,7 @@ import torch
 from helmlm.errors import ExportError
 from helmlm.models.config import HELMConfig
 from helmlm.models.modeling import HELMForCausalLM, HELMModel
+from helmlm.storage import check_free_space, disk_errors, exclusive
 
 FORMATS = ("auto", "helm", "llama")
 REMOTE_MODULE = "modeling_helm"  # the name of remote_code.py inside a model directory
@@ -219,6 +220,18 @@ def save_model_dir(model: HELMForCausalLM, tokenizer, out_dir: str | Path, forma
     files, created 0600)."""
     out = check_new_dir(out_dir)
     kind = resolve_format(model.config, format)
+    with exclusive(out, "this model directory", side=True):
+        check_new_dir(out)  # final, now that no other process can write it
+        needed = sum(t.nbytes for t in model.state_dict().values()) + (16 << 20)  # weights, plus tokenizer files
+        then = f"nothing was written to {out}; the source is untouched"
+        check_free_space(out.parent, needed, f"the model directory {out.name}", then)
+        with disk_errors(f"the model directory {out.name}", out.parent, needed, then):
+            _write_model_dir(model, tokenizer, out, kind)
+    return out
+
+
+def _write_model_dir(model: HELMForCausalLM, tokenizer, out: Path, kind: str) -> None:
+    """Write the directory under a temporary name, then rename it to ``out``; nothing is left behind on failure."""
     tokenizer.model_max_length = model.config.max_position_embeddings
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -240,4 +253,3 @@ def save_model_dir(model: HELMForCausalLM, tokenizer, out_dir: str | Path, forma
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out

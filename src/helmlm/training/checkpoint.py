@@ -20,7 +20,6 @@ small next to writing it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,19 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helmlm.errors import CheckpointError  # noqa: F401  (re-exported)
+from helmlm.storage import check_free_space, disk_errors, file_sha256
 from helmlm.training.distributed import like
 
 STATE_FILE = "state.json"
 WEIGHT_FILES = ("model.safetensors", "optimizer.safetensors")
-
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -93,40 +84,69 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(out_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], state: dict[str, Any], keep_last: int = 2) -> Path:
     """Write checkpoint ``step`` (full, unsharded state dicts) atomically, point ``latest`` at it, and delete all
-    but the newest ``keep_last``."""
+    but the newest ``keep_last``.
+
+    A checkpoint that cannot fit is refused before a byte is written; a disk fault midway (full, read-only, denied)
+    removes the partial temporary directory. Either way a :class:`~helmlm.errors.StorageError` names the newest
+    intact checkpoint and how to continue, and the checkpoints already written are untouched."""
     root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     model_tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
-    save_file(model_tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     opt_tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         opt_tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in WEIGHT_FILES}
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizer": opt_meta, "files": files},
-                                             indent=1) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # a rerun of the same step (after a resume from an older checkpoint)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = root / f".latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
-    _fsync_dir(root)
+    # tensor bytes, plus the safetensors headers and state.json (a generous allowance for both)
+    needed = sum(t.nbytes for t in (*model_tensors.values(), *opt_tensors.values())) + (1 << 20)
+    what, then = f"checkpoint step {step}", _how_to_continue(out_dir)
+    check_free_space(out_dir, needed, what, then)
+    try:
+        with disk_errors(what, root, needed, then):
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            save_file(model_tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
+                     for name in WEIGHT_FILES}
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "optimizer": opt_meta, "files": files},
+                                                     indent=1) + "\n")
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if final.exists():  # a rerun of the same step (after a resume from an older checkpoint)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _point_latest_at(root, final)
+    finally:  # nothing half-written stays behind, whatever stopped the write (a fault, Ctrl-C, SIGTERM)
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _point_latest_at(root: Path, checkpoint: Path) -> None:
+    latest_tmp = root / f".latest.tmp-{os.getpid()}"
+    try:
+        latest_tmp.write_text(checkpoint.name + "\n")
+        os.replace(latest_tmp, root / "latest")
+    finally:
+        latest_tmp.unlink(missing_ok=True)
+    _fsync_dir(root)
+
+
+def _how_to_continue(out_dir: str | Path) -> str:
+    """After a failed write: which checkpoint survives, and how to go on from it."""
+    newest = latest_checkpoint(out_dir)
+    if newest is None:
+        return "no checkpoint of this run was written yet, so start it again (without --resume)"
+    return (f"the checkpoints already written are intact, the newest is {newest}; continue from it with the same "
+            "command and --resume")
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -16,7 +16,10 @@ world size.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +138,26 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
             if group:
                 torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+@contextmanager
+def stop_on_sigterm(error: Callable[[str], BaseException]) -> Iterator[None]:
+    """Within the block, SIGTERM raises ``error("SIGTERM")`` in the main thread instead of killing the process, so
+    that a stopped run unwinds (a checkpoint being written removes its temporary files) and says where it stands.
+    torchrun sends SIGTERM to every surviving rank when one fails, as do job schedulers before their SIGKILL."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        raise error(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def on_main_rank(env: Distributed, work: Callable[[], object]) -> None:

@@ -17,6 +17,7 @@ import torch
 from helmlm.geometry import manifold_violation
 from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.mice import LorentzExperts
+from helmlm.storage import disk_errors
 from helmlm.training.distributed import full
 
 
@@ -28,19 +29,25 @@ def _record_step(line: str) -> float:
         return math.inf
 
 
+def _record_kind(line: str) -> str | None:
+    try:
+        return json.loads(line).get("kind")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 class MetricsLog:
     """Rank 0's metrics: ``metrics.jsonl`` (always), TensorBoard scalars (when installed and enabled)."""
 
     def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None):
         self.path = out_dir / "metrics.jsonl"
+        self.file = None
         if resume_step is not None and self.path.is_file():  # drop records past the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines() if _record_step(line) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            self.rewind(resume_step)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self.file = open(self.path, "a")
+        with disk_errors("the metrics", self.path.parent):
+            self.file = open(self.path, "a")
         self.writer = None
         if tensorboard:
             try:
@@ -51,9 +58,27 @@ class MetricsLog:
                 print("note: TensorBoard is not installed (pip install 'helmlm[tensorboard]'); logging to "
                       f"{self.path} only", file=sys.stderr)
 
+    def rewind(self, step: int, keep: tuple[str, ...] = ()) -> None:
+        """Drop the records after ``step`` (a torn last line too), except those of the kinds in ``keep``."""
+        if self.file is not None:
+            self.file.flush()
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _record_step(line) <= step or _record_kind(line) in keep]
+        tmp = self.path.with_suffix(".tmp")
+        with disk_errors("the metrics", self.path.parent):
+            try:
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            if self.file is not None:
+                self.file.close()
+                self.file = open(self.path, "a")
+
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        self.file.flush()
+        with disk_errors("the metrics", self.path.parent):
+            self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+            self.file.flush()
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -64,7 +89,10 @@ class MetricsLog:
                             self.writer.add_scalar(f"{kind}/{k}/{i}", x, step)
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushes what a full disk refused: that error was reported already
+        except OSError:
+            pass
         if self.writer is not None:
             self.writer.close()
 

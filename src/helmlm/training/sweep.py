@@ -39,6 +39,7 @@ import yaml
 
 from helmlm.config import load_train_config, resolve_shipped
 from helmlm.errors import ConfigError, TrainingError
+from helmlm.storage import disk_errors, exclusive, is_bookkeeping
 from helmlm.training.checkpoint import latest_checkpoint
 
 SPEC_FILE, RESULTS_FILE, TABLE_FILE, CURVES_FILE, RUN_RESULT = (
@@ -201,7 +202,7 @@ class Sweep:
                                  if held.get(k) != self.spec.identity().get(k))
                 raise ConfigError(f"{self.out} holds a different sweep (differs in: {', '.join(changed)}); choose "
                                   "another out_dir, or restore the sweep config it was started with")
-        elif self.out.exists() and any(self.out.iterdir()):
+        elif self.out.exists() and any(not is_bookkeeping(p) for p in self.out.iterdir()):
             raise ConfigError(f"{self.out} exists and is not a sweep directory (no {SPEC_FILE}); choose another "
                               "out_dir")
         else:
@@ -230,6 +231,10 @@ class Sweep:
 
     def run(self, max_runs: int | None = None) -> dict[str, Any]:
         """Run what is missing (grid, then seeds), then write the results, table and curves; return the results."""
+        with exclusive(self.out, "this sweep"):
+            return self._run(max_runs)
+
+    def _run(self, max_runs: int | None) -> dict[str, Any]:
         self.claim_out_dir()
         self.bytes_per_token()  # prepares the data once, before runs that would otherwise race to prepare it
         budget = [math.inf if max_runs is None else max_runs]
@@ -263,7 +268,10 @@ class Sweep:
                               check=False)
         seconds = time.perf_counter() - start
         if proc.returncode != 0 and not _diverged(proc.stderr):
-            raise TrainingError(f"run {run_dir} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+            detail = errors[-1][len("error: "):] if errors else "\n" + proc.stderr[-2000:]  # the trainer's own message
+            raise TrainingError(f"run {run_dir} failed (exit {proc.returncode}): {detail}\nThe runs finished so far "
+                                "are kept: run the same sweep command again to go on")
         result = self._collect(point, run_dir, diverged=proc.returncode != 0)
         if result["diverged"]:
             result["error"] = proc.stderr.strip().splitlines()[-1]  # the trainer's message: what and at which step
@@ -303,9 +311,10 @@ class Sweep:
                    "runs": [{k: v for k, v in r.items() if k != "seconds"} for r in runs],
                    "seconds": {r["run"]: r.get("seconds") for r in runs}}
         _write_json(self.out / RESULTS_FILE, results)
-        (self.out / TABLE_FILE).write_text(markdown_table(runs, summary, self.spec))
-        if complete:
-            plot_curves(summary, runs, self.out / CURVES_FILE, self.log)
+        with disk_errors(TABLE_FILE, self.out, then="run the same sweep command again to write it"):
+            (self.out / TABLE_FILE).write_text(markdown_table(runs, summary, self.spec))
+            if complete:
+                plot_curves(summary, runs, self.out / CURVES_FILE, self.log)
         return results
 
 
@@ -411,5 +420,10 @@ def plot_curves(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path:
 
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        with disk_errors(path.name, path.parent, then="the runs finished so far are kept: run the same sweep "
+                                                       "command again to go on"):
+            tmp.write_text(json.dumps(obj, indent=1) + "\n")
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

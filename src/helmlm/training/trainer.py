@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from helmlm.config import TrainConfig
 from helmlm.data.packing import PackedRows, RowStream
-from helmlm.data.shards import prepare_data
+from helmlm.data.shards import prepare_data, verify_shards
 from helmlm.errors import NonFiniteLossError, TrainingError  # noqa: F401  (re-exported)
 from helmlm.eval import validation_loss
 from helmlm.models import HELMForCausalLM
@@ -48,8 +48,15 @@ from helmlm.models.modeling import lm_targets, padded_document_ids
 from helmlm.models.params import count_parameters
 from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.routing import balance_step, routed_layers, routing_stats
+from helmlm.storage import disk_errors, exclusive
 from helmlm.training.allocator import apply_cpu_malloc
-from helmlm.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from helmlm.training.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from helmlm.training.distributed import (
     Distributed,
     autocast_dtype,
@@ -60,6 +67,7 @@ from helmlm.training.distributed import (
     init_distributed,
     on_main_rank,
     shard_euclidean_parts,
+    stop_on_sigterm,
     wrap_model,
 )
 from helmlm.training.metrics import MetricsLog, manifold_health
@@ -89,6 +97,7 @@ class Trainer:
         self._load_data(saved)
         self._build_model()
         self.step, self.tokens_seen, self.last_metrics = 0, 0, {}
+        self.nonfinite_in_a_row = self.rollbacks = 0  # since the last good step / the last checkpoint
         if self.checkpoint is not None:
             state = load_checkpoint(self.checkpoint, self.model, self.optimizer)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -103,7 +112,7 @@ class Trainer:
     def _load_data(self, saved: dict[str, Any] | None) -> None:
         """Rank 0 prepares (or reuses) the shards while the others wait; then every rank maps them."""
         t = self.config.train
-        on_main_rank(self.env, lambda: prepare_data(self.config.data, progress=self.config.log.progress))
+        on_main_rank(self.env, self._prepare_and_verify_data)
         self.data_dir = Path(self.config.data.dir)
         self.train_rows = PackedRows(self.data_dir, "train", t.seq_len, t.reset_positions)
         self.val_rows = PackedRows(self.data_dir, "val", t.seq_len, t.reset_positions) \
@@ -116,6 +125,12 @@ class Trainer:
             raise TrainingError(f"cannot resume from {self.checkpoint}: its data used another tokenizer "
                                 f"({saved.get('tokenizer_sha256', '?')[:12]} vs {self.tokenizer_sha[:12]})")
         self.stream = RowStream(self.train_rows.num_rows, t.seed)
+
+    def _prepare_and_verify_data(self) -> None:
+        """Prepare the shards (or reuse them), then check every shard file against the manifest's size and sha256:
+        damaged data is named and refused before a step is trained on it."""
+        data_dir = prepare_data(self.config.data, progress=self.config.log.progress)
+        verify_shards(data_dir)
 
     def _build_model(self) -> None:
         """Model (same seed on every rank: identical initial weights; ``init_from`` weights loaded before FSDP
@@ -190,6 +205,7 @@ class Trainer:
         t, env = self.config.train, self.env
         lr_factor = lr_multiplier(self.step, t.steps, t.resolved_warmup(), t.min_lr_ratio)
         self.optimizer.set_lr(lr_factor)
+        first_row = self.stream.position
         micro = self.stream.global_batch(t.micro_batch, t.grad_accum, env.world_size, env.rank)
         batches = [self.train_rows.batch(rows) for rows in micro]
         counts = torch.tensor([float(sum(self._count_targets(b) for b in batches)),
@@ -219,9 +235,11 @@ class Trainer:
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            raise NonFiniteLossError(f"non-finite {what} ({loss_value if what == 'loss' else norm_value}) at step "
-                                     f"{self.step + 1}; stopped before updating the parameters; "
-                                     f"{self._last_good()}")
+            value = loss_value if what == "loss" else norm_value
+            raise NonFiniteLossError(f"non-finite {what} ({value}) at step {self.step + 1}; stopped before updating "
+                                     f"the parameters; {self._last_good()}",
+                                     event={"what": what, "value": str(value), "rows": [first_row,
+                                                                                          self.stream.position]})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         health_due = (self.step + 1) % self.config.log.health_every == 0 or self.step + 1 == t.steps
@@ -249,6 +267,12 @@ class Trainer:
         """Manifold health: the embedding table's largest constraint violation, expert curvatures."""
         return manifold_health(self.model, self.model_config.curvature)
 
+    def _resume_hint(self) -> str:
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is None:
+            return "no checkpoint was written yet: start the run again"
+        return f"the newest checkpoint is {ckpt}: continue with the same command and --resume"
+
     def _last_good(self) -> str:
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is None:
@@ -271,26 +295,49 @@ class Trainer:
                      "tokenizer_sha256": self.tokenizer_sha, "metrics": self.last_metrics}
             path = save_checkpoint(self.out_dir, self.step, model_state, opt_state, state,
                                    self.config.checkpoint.keep_last)
-            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
+            with disk_errors("the run's config.json", self.out_dir):
+                (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
         self.env.barrier()
+        self.rollbacks = 0
         return path
 
     # ------------------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``; return the last training and validation metrics. ``tokens_per_s`` is end to end
-        (validation and checkpoints included)."""
+        (validation and checkpoints included). Rank 0 holds ``out_dir``'s one-writer lock throughout."""
+        with contextlib.ExitStack() as hold:
+            on_main_rank(self.env, lambda: self._claim_out_dir(hold))
+            with stop_on_sigterm(self._stopped_by_signal):
+                return self._fit()
+
+    def _claim_out_dir(self, hold: contextlib.ExitStack) -> None:
+        """Take ``out_dir``'s lock (:func:`helmlm.storage.exclusive`), then check that no other process started this
+        run since :func:`resume_point` looked: the lock makes the check final."""
+        hold.enter_context(exclusive(self.out_dir, "this run"))
+        if self.checkpoint is None and latest_checkpoint(self.out_dir) is not None:
+            raise TrainingError(f"another process wrote checkpoints to {self.out_dir} after this run started; pass "
+                                "--resume to continue that run, or choose another out_dir (nothing was overwritten)")
+
+    def _fit(self) -> dict[str, Any]:
         t, main = self.config.train, self.env.is_main
-        if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.out_dir, self.config.log.tensorboard, self.step if self.checkpoint else None) \
             if main else None
         self.log_fn(self._plan())
+        if t.on_nonfinite == "rollback" and latest_checkpoint(self.out_dir) is None:
+            self.save()  # something to roll back to
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
                    disable=not (main and self.config.log.progress), dynamic_ncols=True)
         start, start_tokens = time.perf_counter(), self.tokens_seen
         try:
             while self.step < t.steps:
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except NonFiniteLossError as err:
+                    self._after_nonfinite(err, log)
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
+                self.nonfinite_in_a_row = 0
                 metrics["tokens_per_s"] = (self.tokens_seen - start_tokens) / max(time.perf_counter() - start, 1e-9)
                 self.last_metrics = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
                 bar.update(1)
@@ -304,6 +351,53 @@ class Trainer:
                 log.close()
         self.log_fn(self._summary(result, time.perf_counter() - start, ran=self.tokens_seen > start_tokens))
         return result
+
+    def _after_nonfinite(self, err: NonFiniteLossError, log: MetricsLog | None) -> None:
+        """``train.on_nonfinite``: record the event, then stop (re-raise), skip the step, or roll back to the newest
+        checkpoint past the batches read since it; stop after ``max_nonfinite`` in a row."""
+        t = self.config.train
+        event, step = {**err.event, "action": t.on_nonfinite}, self.step + 1
+        if t.on_nonfinite == "skip":
+            self.nonfinite_in_a_row += 1
+            event["in_a_row"] = count = self.nonfinite_in_a_row
+        elif t.on_nonfinite == "rollback":
+            self.rollbacks += 1
+            event["rollbacks"] = count = self.rollbacks
+        if t.on_nonfinite != "stop" and count > t.max_nonfinite:
+            kind = "non-finite steps in a row" if t.on_nonfinite == "skip" else "rollbacks without a new checkpoint"
+            err = NonFiniteLossError(f"{count} {kind} at step {step} (train.max_nonfinite={t.max_nonfinite}); the "
+                                     f"last was a non-finite {event['what']} ({event['value']}); {self._last_good()}")
+            event["action"] = "stop"
+        if event["action"] == "stop":
+            if log:
+                log.write("nonfinite", step, event)
+            raise err
+        if t.on_nonfinite == "rollback":
+            event.update(self._roll_back(log))
+        if log:
+            log.write("nonfinite", step, event)
+        done = "skipped it" if t.on_nonfinite == "skip" else \
+            f"rolled back to step {self.step}, past {event['skipped_rows']} rows read since"
+        self.log_fn(f"warning: non-finite {event['what']} ({event['value']}) at step {step}; {done} "
+                    f"(train.on_nonfinite={t.on_nonfinite}, {count} of at most {t.max_nonfinite})")
+
+    def _roll_back(self, log: MetricsLog | None) -> dict[str, Any]:
+        """Restore the newest intact checkpoint (weights, optimizer, RNG) but keep the data stream where it is, so
+        every batch read since that checkpoint is skipped; drop the metrics recorded after it."""
+        position = self.stream.position
+        checkpoint, _ = find_checkpoint(self.out_dir, log=self.log_fn)
+        state = load_checkpoint(checkpoint, self.model, self.optimizer)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.last_metrics = state.get("metrics", {})
+        self.stream.position = position
+        if log:
+            log.rewind(self.step, keep=("nonfinite",))
+        return {"to_step": self.step, "skipped_rows": position - state["data_position"]}
+
+    def _stopped_by_signal(self, name: str) -> TrainingError:
+        """The error a SIGTERM becomes (torchrun sends it to every rank when one fails; so do schedulers)."""
+        return TrainingError(f"stopped by {name} during step {self.step + 1} (under torchrun: another rank failed, "
+                             f"its error is above); {self._resume_hint()}")
 
     def close(self) -> None:
         """Leave the process group (a no-op on one process). The DDP wrapper goes first, while the group is still
