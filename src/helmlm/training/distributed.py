@@ -149,15 +149,29 @@ def stop_on_sigterm(error: Callable[[str], BaseException]) -> Iterator[None]:
         yield
         return
 
+    raised = []
+
     def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
-        raise error(signal.Signals(signum).name)
+        if not raised:  # once: torchrun may signal a rank twice (the process and its group); SIGKILL follows anyway
+            raised.append(signum)
+            raise error(signal.Signals(signum).name)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    except BaseException:
+        # On the way out with an error, a late SIGTERM (torchrun signals every rank once one fails) must not kill
+        # the process before it has printed why it stopped; torchrun's SIGKILL still bounds a hang.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    signal.signal(signal.SIGTERM, previous)
+
+
+def lost_a_rank(err: BaseException) -> bool:
+    """Whether ``err`` (raised by a collective) means another process of the group died or vanished."""
+    if isinstance(err, dist.DistError):
+        return True
+    return any(s in str(err) for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def on_main_rank(env: Distributed, work: Callable[[], object]) -> None:

@@ -29,6 +29,7 @@ import contextlib
 import gc
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from helmlm.config import TrainConfig
 from helmlm.data.packing import PackedRows, RowStream
 from helmlm.data.shards import prepare_data, verify_shards
-from helmlm.errors import NonFiniteLossError, TrainingError  # noqa: F401  (re-exported)
+from helmlm.errors import HelmlmError, NonFiniteLossError, TrainingError  # noqa: F401  (re-exported)
 from helmlm.eval import validation_loss
 from helmlm.models import HELMForCausalLM
 from helmlm.models.modeling import lm_targets, padded_document_ids
@@ -65,6 +66,7 @@ from helmlm.training.distributed import (
     full,
     gathered_state,
     init_distributed,
+    lost_a_rank,
     on_main_rank,
     shard_euclidean_parts,
     stop_on_sigterm,
@@ -308,7 +310,16 @@ class Trainer:
         with contextlib.ExitStack() as hold:
             on_main_rank(self.env, lambda: self._claim_out_dir(hold))
             with stop_on_sigterm(self._stopped_by_signal):
-                return self._fit()
+                try:
+                    return self._fit()
+                except RuntimeError as err:
+                    if isinstance(err, HelmlmError) or not (self.env.active and lost_a_rank(err)):
+                        raise
+                    # gloo's "[.../pair.cc:553] Connection closed by peer [host]:port. This is typically ..."
+                    first = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]).split(". ")[0][:200]
+                    raise TrainingError(f"lost another rank during step {self.step + 1} ({first}); that rank's "
+                                        f"error, if it had time to print one, is above; {self._resume_hint()}"
+                                        ) from None
 
     def _claim_out_dir(self, hold: contextlib.ExitStack) -> None:
         """Take ``out_dir``'s lock (:func:`helmlm.storage.exclusive`), then check that no other process started this
