@@ -23,7 +23,9 @@ import signal
 import sys
 
 
-def install(faults: dict) -> None:
+def install(faults: dict, patch=setattr) -> None:
+    """Patch the faults in (``patch(owner, name, value)``: ``setattr``, or pytest's ``monkeypatch.setattr`` to undo
+    them after a test)."""
     import torch
 
     import helmlm.training.checkpoint as checkpoint
@@ -45,7 +47,7 @@ def install(faults: dict) -> None:
             loss = loss * torch.tensor(float("nan"))
         return loss, aux
 
-    Trainer._forward_loss = forward_with_faults
+    patch(Trainer, "_forward_loss", forward_with_faults)
     save, calls = checkpoint.save_file, [0]
     failing = {"enospc_save": errno.ENOSPC, "eacces_save": errno.EACCES}
 
@@ -59,7 +61,7 @@ def install(faults: dict) -> None:
                 raise OSError(code, os.strerror(code), str(filename))
         return save(tensors, filename, *args, **kwargs)
 
-    checkpoint.save_file = save_with_faults
+    patch(checkpoint, "save_file", save_with_faults)
 
 
 def main() -> int:
