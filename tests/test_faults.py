@@ -29,6 +29,7 @@ from helmlm.data.shards import prepare_data, verify_shards
 from helmlm.errors import DataError, NonFiniteLossError, StorageError
 from helmlm.storage import OWNER_FILE, check_free_space, disk_errors, exclusive
 from helmlm.training.checkpoint import latest_checkpoint, verify_checkpoint
+from helmlm.training.optim import lr_multiplier
 from helmlm.training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,9 +288,13 @@ def test_on_nonfinite_rollback_and_exact_resume_across_it(corpus, tmp_path, monk
     a = tmp_path / "a"
     train(run_config(corpus, a, "train.on_nonfinite=rollback"))
     events = nonfinite_events(a)
-    assert [(e["step"], e["action"], e["to_step"], e["skipped_rows"]) for e in events] == [(7, "rollback", 4, 12)]
+    assert [(e["step"], e["action"], e["to_step"], e["skipped_rows"], e["lr_scale"]) for e in events] == \
+        [(7, "rollback", 4, 12, 0.5)]
     records = metrics(a)
     assert [r["step"] for r in records] == list(range(1, 13))  # the abandoned steps 5-6 are dropped
+    t = run_config(corpus, a).train
+    assert records[4]["lr"] == pytest.approx(0.5 * t.lr * lr_multiplier(4, t.steps, t.resolved_warmup(),
+                                                                         t.min_lr_ratio), rel=1e-12)
     assert json.loads((latest_checkpoint(a) / "state.json").read_text())["data_position"] == (12 + 3) * 4
     b = tmp_path / "b"
     shutil.copytree(a, b)
@@ -336,7 +341,7 @@ def test_a_dying_rank_ends_the_job_and_resume_continues_exactly(corpus, tmp_path
     dead = torchrun([*common, f"out_dir={b}"], {"kill_rank": 1, "kill_step": 6}, timeout=120)
     seconds = time.perf_counter() - start
     assert dead.returncode != 0
-    assert f"error: lost another rank during step 6 (" in dead.stderr, dead.stderr[-3000:]
+    assert "error: lost another rank during step 6 (" in dead.stderr, dead.stderr[-3000:]
     assert f"the newest checkpoint is {b / 'checkpoints' / 'step-00000004'}: continue" in dead.stderr
     assert seconds < 60, seconds  # a hang would end only at torchrun's or gloo's timeouts (30 s / 30 min)
     verify_checkpoint(b / "checkpoints" / "step-00000004")

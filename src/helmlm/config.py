@@ -122,8 +122,9 @@ class TrainSettings:
     (docs/reliability.md). ``stop`` ends the run with an error naming the last good checkpoint. ``skip`` drops the
     step's batches and goes on, and stops after ``max_nonfinite`` such steps in a row. ``rollback`` restores the newest
     checkpoint and goes on past every batch read since it (so the batches that led to the spike are not trained on
-    again), and stops after ``max_nonfinite`` rollbacks without a checkpoint in between; a run that rolls back writes a
-    checkpoint at step 0 to have one. Every event is a ``nonfinite`` record in ``metrics.jsonl``."""
+    again) with every learning rate multiplied by ``rollback_lr_scale`` from then on (compounding), and stops after
+    ``max_nonfinite`` rollbacks without a checkpoint in between; a run that rolls back writes a checkpoint at step 0
+    to have one. Every event is a ``nonfinite`` record in ``metrics.jsonl``."""
 
     seq_len: int = 256
     micro_batch: int = 8
@@ -156,6 +157,7 @@ class TrainSettings:
     cpu_malloc: str = "keep"
     on_nonfinite: str = "stop"
     max_nonfinite: int = 5
+    rollback_lr_scale: float = 0.5
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * self.steps)
@@ -240,6 +242,8 @@ class TrainConfig:
                               f"{t.on_nonfinite!r}{did_you_mean(t.on_nonfinite, NONFINITE_POLICIES)}")
         if t.max_nonfinite < 1:
             raise ConfigError(f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}")
+        if not 0 < t.rollback_lr_scale <= 1:
+            raise ConfigError(f"train.rollback_lr_scale must be in (0, 1], got {t.rollback_lr_scale}")
         for section, name in (("eval", "every"), ("log", "every"), ("log", "health_every"),
                               ("checkpoint", "every"), ("checkpoint", "keep_last")):
             if getattr(getattr(self, section), name) < 1:

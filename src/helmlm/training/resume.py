@@ -30,7 +30,8 @@ from helmlm.training.optim import lr_multiplier
 # Settings that may differ between a run and its resumption (they do not change the trajectory).
 RESUME_FREE = ("eval.", "log.", "checkpoint.", "out_dir", "train.threads", "train.device", "train.strategy",
                "train.cpu_malloc", "data.dir", "data.shard_tokens", "data.batch_documents", "data.max_invalid_utf8",
-               "train.init_from", "train.on_nonfinite", "train.max_nonfinite")
+               "train.init_from", "train.on_nonfinite", "train.max_nonfinite",
+               "train.rollback_lr_scale")
 
 
 

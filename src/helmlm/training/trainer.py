@@ -100,11 +100,13 @@ class Trainer:
         self._build_model()
         self.step, self.tokens_seen, self.last_metrics = 0, 0, {}
         self.nonfinite_in_a_row = self.rollbacks = 0  # since the last good step / the last checkpoint
+        self.lr_scale = 1.0  # train.rollback_lr_scale to the power of the rollbacks so far
         if self.checkpoint is not None:
             state = load_checkpoint(self.checkpoint, self.model, self.optimizer)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.stream.position = state["data_position"]
             self.last_metrics = state.get("metrics", {})
+            self.lr_scale = state.get("lr_scale", 1.0)
             self.log_fn(f"resumed from {self.checkpoint} (step {self.step}, {self.tokens_seen:,} tokens)")
         if self.env.device.type == "cpu":  # before the first step's activations: see allocate_state
             allocate_state(self.optimizer)
@@ -205,7 +207,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         t, env = self.config.train, self.env
-        lr_factor = lr_multiplier(self.step, t.steps, t.resolved_warmup(), t.min_lr_ratio)
+        lr_factor = lr_multiplier(self.step, t.steps, t.resolved_warmup(), t.min_lr_ratio) * self.lr_scale
         self.optimizer.set_lr(lr_factor)
         first_row = self.stream.position
         micro = self.stream.global_batch(t.micro_batch, t.grad_accum, env.world_size, env.rank)
@@ -294,7 +296,7 @@ class Trainer:
         if self.env.is_main:
             state = {"config": self.config.to_dict(), "model_config": self.model_config.to_diff_dict(),
                      "data_position": self.stream.position, "tokens_seen": self.tokens_seen,
-                     "tokenizer_sha256": self.tokenizer_sha, "metrics": self.last_metrics}
+                     "tokenizer_sha256": self.tokenizer_sha, "metrics": self.last_metrics, "lr_scale": self.lr_scale}
             path = save_checkpoint(self.out_dir, self.step, model_state, opt_state, state,
                                    self.config.checkpoint.keep_last)
             with disk_errors("the run's config.json", self.out_dir):
@@ -394,16 +396,18 @@ class Trainer:
 
     def _roll_back(self, log: MetricsLog | None) -> dict[str, Any]:
         """Restore the newest intact checkpoint (weights, optimizer, RNG) but keep the data stream where it is, so
-        every batch read since that checkpoint is skipped; drop the metrics recorded after it."""
+        every batch read since that checkpoint is skipped; scale the learning rates by ``rollback_lr_scale`` from
+        here on; drop the metrics recorded after the checkpoint."""
         position = self.stream.position
         checkpoint, _ = find_checkpoint(self.out_dir, log=self.log_fn)
         state = load_checkpoint(checkpoint, self.model, self.optimizer)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.last_metrics = state.get("metrics", {})
         self.stream.position = position
+        self.lr_scale *= self.config.train.rollback_lr_scale  # compounds over rollbacks, kept by later checkpoints
         if log:
             log.rewind(self.step, keep=("nonfinite",))
-        return {"to_step": self.step, "skipped_rows": position - state["data_position"]}
+        return {"to_step": self.step, "skipped_rows": position - state["data_position"], "lr_scale": self.lr_scale}
 
     def _stopped_by_signal(self, name: str) -> TrainingError:
         """The error a SIGTERM becomes (torchrun sends it to every rank when one fails; so do schedulers)."""
