@@ -5,8 +5,9 @@ command line with faults patched in, as described by the JSON in ``$HELMLM_FAULT
 - ``"nan_rows": [p, ...]``: the loss of every step whose batches include stream position ``p`` is NaN (a poisoned
   batch: after a rollback past it, training is finite again);
 - ``"nan_from_step": k``: every step from ``k`` on has a NaN loss (a run that cannot recover);
-- ``"kill_rank": r, "kill_step": k``: rank ``r`` SIGKILLs itself in the middle of step ``k`` (after its forward
-  pass, before the gradient all-reduce);
+- ``"kill_rank": r, "kill_step": k``: rank ``r`` (default 0) SIGKILLs itself in the middle of step ``k`` (after its
+  forward pass, before the gradient all-reduce); ``"kill_rows": [p, ...]``: in the middle of the step that reads
+  stream position ``p`` (a moment after a rollback, say);
 - ``"enospc_save": n``: the ``n``-th safetensors file written (1-based) fails with ENOSPC halfway, as a full disk
   would: half of it is on disk;
 - ``"eacces_save": n``: the same with a denied permission.
@@ -33,15 +34,19 @@ def install(faults: dict, patch=setattr) -> None:
 
     forward = Trainer._forward_loss
 
-    def poisoned(self) -> bool:
+    def reads(self, positions) -> bool:
+        """Whether this step's batches include one of the stream ``positions``."""
         rows = self.config.train.micro_batch * self.config.train.grad_accum * self.env.world_size
         start = self.stream.position - rows  # the stream has advanced past this step's rows already
-        return any(start <= p < self.stream.position for p in faults.get("nan_rows", ())) or \
-            self.step + 1 >= faults.get("nan_from_step", float("inf"))
+        return any(start <= p < self.stream.position for p in positions)
+
+    def poisoned(self) -> bool:
+        return reads(self, faults.get("nan_rows", ())) or self.step + 1 >= faults.get("nan_from_step", float("inf"))
 
     def forward_with_faults(self, batch):
         loss, aux = forward(self, batch)
-        if self.env.rank == faults.get("kill_rank") and self.step + 1 == faults.get("kill_step"):
+        if self.env.rank == faults.get("kill_rank", 0) and (self.step + 1 == faults.get("kill_step")
+                                                             or reads(self, faults.get("kill_rows", ()))):
             os.kill(os.getpid(), signal.SIGKILL)
         if poisoned(self):
             loss = loss * torch.tensor(float("nan"))

@@ -306,13 +306,38 @@ def test_on_nonfinite_rollback_and_exact_resume_across_it(corpus, tmp_path, monk
     assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]
 
 
+def test_a_second_failure_goes_further_back_and_a_kill_after_it_resumes_exactly(corpus, tmp_path):  # noqa: F811
+    """Poisoned rows at steps 7 and (after the first rollback) 7 again: back to step 4, then to step 0 (the newest
+    checkpoint may hold the diverging state), each time at half the lr before. A run SIGKILLed after the second
+    rollback resumes from the rewritten step-0 checkpoint and ends bit-identical to the run left alone."""
+    faults = {"nan_rows": [26, 38]}
+    args = overrides(corpus, tmp_path / "a", "train.on_nonfinite=rollback", "checkpoint.keep_last=10")
+    env = {"HELMLM_FAULTS": json.dumps(faults), "PYTHONPATH": str(TESTS)}
+    a = subprocess.run([sys.executable, str(TESTS / "faults.py"), "train", *args], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert a.returncode == 0, a.stderr[-2000:]
+    events = [(e["step"], e["to_step"], e["skipped_rows"], e["lr_scale"]) for e in nonfinite_events(tmp_path / "a")]
+    assert events == [(7, 4, 12, 0.5), (7, 0, 40, 0.25)]
+    assert json.loads((latest_checkpoint(tmp_path / "a") / "state.json").read_text())["data_position"] == 40 + 48
+    args_b = overrides(corpus, tmp_path / "b", "train.on_nonfinite=rollback", "checkpoint.keep_last=10")
+    b = subprocess.run([sys.executable, str(TESTS / "faults.py"), "train", *args_b], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env,
+                                      "HELMLM_FAULTS": json.dumps({**faults, "kill_rows": [62]})})
+    assert b.returncode == -signal.SIGKILL
+    state = json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())
+    assert (state["step"], state["data_position"], state["recovery"]["lr_scale"]) == (4, 56, 0.25)
+    resumed = cli("train", *args_b, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_identical(tmp_path / "a", tmp_path / "b")
+
+
 def test_rollback_before_any_checkpoint_and_one_that_cannot_recover(corpus, tmp_path, monkeypatch):  # noqa: F811
     install({"nan_rows": [5]}, monkeypatch.setattr)  # step 2, before the first scheduled checkpoint
     train(run_config(corpus, tmp_path / "early", "train.on_nonfinite=rollback"))
     assert [(e["step"], e["to_step"]) for e in nonfinite_events(tmp_path / "early")] == [(2, 0)]
     monkeypatch.undo()
     install({"nan_from_step": 6}, monkeypatch.setattr)
-    with pytest.raises(NonFiniteLossError, match="3 rollbacks without a new checkpoint at step 6"):
+    with pytest.raises(NonFiniteLossError, match="3 rollbacks without getting past step 6 at step 6"):
         train(run_config(corpus, tmp_path / "bad", "train.on_nonfinite=rollback", "train.max_nonfinite=2"))
     assert [e["action"] for e in nonfinite_events(tmp_path / "bad")] == ["rollback", "rollback", "stop"]
 
@@ -367,3 +392,19 @@ def test_damaged_shards_are_refused_before_training(corpus, tmp_path):  # noqa: 
     assert not (tmp_path / "run").exists()
     with pytest.raises(DataError, match="altered"):
         verify_shards(data)
+
+
+# ------------------------------------------------------------------------------------------------ chaos
+
+
+@pytest.mark.slow
+def test_chaos_loop_of_random_kills_and_full_disks_ends_identical(corpus, tmp_path):  # noqa: F811
+    """scripts/chaos.py with a short schedule: SIGKILLs at random steps and inside checkpoint writes, and full
+    disks mid-write, each followed by --resume; the run ends bit-identical to the uninterrupted one."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--faults", "8", "--steps", "80",
+                             "--seed", "3", "--out", str(tmp_path / "chaos"), "--corpus", str(corpus)],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])["summary"]
+    assert summary["identical"] and summary["intact_after_every_fault"] and not summary["leftover_temporaries"]
+    assert summary["faults"] == 8 and summary["enospc_clear_errors"] == summary["enospc"]

@@ -122,9 +122,10 @@ class TrainSettings:
     (docs/reliability.md). ``stop`` ends the run with an error naming the last good checkpoint. ``skip`` drops the
     step's batches and goes on, and stops after ``max_nonfinite`` such steps in a row. ``rollback`` restores the newest
     checkpoint and goes on past every batch read since it (so the batches that led to the spike are not trained on
-    again) with every learning rate multiplied by ``rollback_lr_scale`` from then on (compounding), and stops after
-    ``max_nonfinite`` rollbacks without a checkpoint in between; a run that rolls back writes a checkpoint at step 0
-    to have one. Every event is a ``nonfinite`` record in ``metrics.jsonl``."""
+    again) with every learning rate multiplied by ``rollback_lr_scale`` from then on (compounding); a second failure
+    before the run gets past the first goes one checkpoint further back; it stops after ``max_nonfinite`` rollbacks
+    that did not get past the failure. A run that rolls back writes a checkpoint at step 0 to have one. Every event
+    is a ``nonfinite`` record in ``metrics.jsonl`` (:mod:`helmlm.training.recovery`)."""
 
     seq_len: int = 256
     micro_batch: int = 8

@@ -152,11 +152,11 @@ def _how_to_continue(out_dir: str | Path) -> str:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The newest checkpoint that finished writing: the one ``latest`` names, else the highest ``step-*`` with a
     state file. Its files are not verified: :func:`find_checkpoint` does that."""
-    candidates = _candidates(out_dir)
+    candidates = checkpoint_candidates(out_dir)
     return candidates[0] if candidates else None
 
 
-def _candidates(out_dir: str | Path) -> list[Path]:
+def checkpoint_candidates(out_dir: str | Path) -> list[Path]:
     """Checkpoints with a state file, newest first (the one ``latest`` names leads)."""
     root = checkpoint_root(out_dir)
     found = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()), reverse=True)
@@ -167,6 +167,25 @@ def _candidates(out_dir: str | Path) -> list[Path]:
             found.remove(named)
             found.insert(0, named)
     return found
+
+
+def update_checkpoint_state(path: str | Path, **changes: Any) -> None:
+    """Replace entries of checkpoint ``path``'s ``state.json`` (atomically: a temporary file, then a rename) and point
+    ``latest`` at it; its weight files, and so its manifest, stay as they are."""
+    path = Path(path)
+    state = read_checkpoint_state(path)
+    tmp = path / f".{STATE_FILE}.tmp-{os.getpid()}"
+    with disk_errors(f"the state of checkpoint {path.name}", path, then=_how_to_continue(path.parent.parent)):
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps({**state, **changes}, indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path / STATE_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path)
+        _point_latest_at(path.parent, path)
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
@@ -212,7 +231,7 @@ def find_checkpoint(path: str | Path, log: Callable[[str], None] = print) -> tup
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path, verify_checkpoint(path)
-    candidates = _candidates(path)
+    candidates = checkpoint_candidates(path)
     if not candidates:
         missing = "" if path.exists() else " (it does not exist)"
         raise CheckpointError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run directory with "

@@ -53,7 +53,6 @@ from helmlm.storage import disk_errors, exclusive
 from helmlm.training.allocator import apply_cpu_malloc
 from helmlm.training.checkpoint import (
     CheckpointError,
-    find_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -74,6 +73,7 @@ from helmlm.training.distributed import (
 )
 from helmlm.training.metrics import MetricsLog, manifold_health
 from helmlm.training.optim import allocate_state, build_optimizer, lr_multiplier
+from helmlm.training.recovery import Recovery
 from helmlm.training.resume import read_initial_weights, resume_point
 
 
@@ -99,14 +99,13 @@ class Trainer:
         self._load_data(saved)
         self._build_model()
         self.step, self.tokens_seen, self.last_metrics = 0, 0, {}
-        self.nonfinite_in_a_row = self.rollbacks = 0  # since the last good step / the last checkpoint
-        self.lr_scale = 1.0  # train.rollback_lr_scale to the power of the rollbacks so far
+        self.recovery = Recovery(self)  # train.on_nonfinite
         if self.checkpoint is not None:
             state = load_checkpoint(self.checkpoint, self.model, self.optimizer)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.stream.position = state["data_position"]
             self.last_metrics = state.get("metrics", {})
-            self.lr_scale = state.get("lr_scale", 1.0)
+            self.recovery.load_state(state.get("recovery", {}))
             self.log_fn(f"resumed from {self.checkpoint} (step {self.step}, {self.tokens_seen:,} tokens)")
         if self.env.device.type == "cpu":  # before the first step's activations: see allocate_state
             allocate_state(self.optimizer)
@@ -207,7 +206,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         t, env = self.config.train, self.env
-        lr_factor = lr_multiplier(self.step, t.steps, t.resolved_warmup(), t.min_lr_ratio) * self.lr_scale
+        lr_factor = lr_multiplier(self.step, t.steps, t.resolved_warmup(), t.min_lr_ratio) * self.recovery.lr_scale
         self.optimizer.set_lr(lr_factor)
         first_row = self.stream.position
         micro = self.stream.global_batch(t.micro_batch, t.grad_accum, env.world_size, env.rank)
@@ -241,7 +240,7 @@ class Trainer:
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             value = loss_value if what == "loss" else norm_value
             raise NonFiniteLossError(f"non-finite {what} ({value}) at step {self.step + 1}; stopped before updating "
-                                     f"the parameters; {self._last_good()}",
+                                     f"the parameters; {self.last_good()}",
                                      event={"what": what, "value": str(value), "rows": [first_row,
                                                                                           self.stream.position]})
         self.optimizer.step()
@@ -277,7 +276,7 @@ class Trainer:
             return "no checkpoint was written yet: start the run again"
         return f"the newest checkpoint is {ckpt}: continue with the same command and --resume"
 
-    def _last_good(self) -> str:
+    def last_good(self) -> str:
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is None:
             return ("no checkpoint was written yet. Lower train.lr or raise train.warmup_ratio, then start the run "
@@ -290,19 +289,20 @@ class Trainer:
         stop, and the previous checkpoint stays the latest."""
         peak = torch.stack([full(p.detach().abs().amax()).float() for p in self.model.parameters()])
         if not torch.isfinite(peak).all():
-            raise NonFiniteLossError(f"non-finite parameters after step {self.step}; not saved; {self._last_good()}")
+            raise NonFiniteLossError(f"non-finite parameters after step {self.step}; not saved; {self.last_good()}",
+                                     event={"what": "parameters", "value": "nan"})
         model_state, opt_state = gathered_state(self.model, self.optimizer)
         path = None
         if self.env.is_main:
             state = {"config": self.config.to_dict(), "model_config": self.model_config.to_diff_dict(),
                      "data_position": self.stream.position, "tokens_seen": self.tokens_seen,
-                     "tokenizer_sha256": self.tokenizer_sha, "metrics": self.last_metrics, "lr_scale": self.lr_scale}
+                     "tokenizer_sha256": self.tokenizer_sha, "metrics": self.last_metrics,
+                     "recovery": self.recovery.state()}
             path = save_checkpoint(self.out_dir, self.step, model_state, opt_state, state,
                                    self.config.checkpoint.keep_last)
             with disk_errors("the run's config.json", self.out_dir):
                 (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
         self.env.barrier()
-        self.rollbacks = 0
         return path
 
     # ------------------------------------------------------------------------------------------------------------
@@ -345,18 +345,18 @@ class Trainer:
             while self.step < t.steps:
                 try:
                     metrics = self.train_step()
-                except NonFiniteLossError as err:
-                    self._after_nonfinite(err, log)
+                    self.recovery.step_done(self.step)
+                    metrics["tokens_per_s"] = (self.tokens_seen - start_tokens) / max(time.perf_counter() - start,
+                                                                                      1e-9)
+                    self.last_metrics = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                    tok_s=f"{metrics['tokens_per_s']:,.0f}", refresh=False)
+                    self._on_schedule(metrics, log, bar)
+                except NonFiniteLossError as err:  # from the step, or from a checkpoint (non-finite parameters)
+                    self.recovery.handle(err, log)
                     bar.n = self.step
                     bar.refresh()
-                    continue
-                self.nonfinite_in_a_row = 0
-                metrics["tokens_per_s"] = (self.tokens_seen - start_tokens) / max(time.perf_counter() - start, 1e-9)
-                self.last_metrics = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
-                                tok_s=f"{metrics['tokens_per_s']:,.0f}", refresh=False)
-                self._on_schedule(metrics, log, bar)
             result = dict(self.last_metrics)
         finally:
             bar.close()
@@ -364,50 +364,6 @@ class Trainer:
                 log.close()
         self.log_fn(self._summary(result, time.perf_counter() - start, ran=self.tokens_seen > start_tokens))
         return result
-
-    def _after_nonfinite(self, err: NonFiniteLossError, log: MetricsLog | None) -> None:
-        """``train.on_nonfinite``: record the event, then stop (re-raise), skip the step, or roll back to the newest
-        checkpoint past the batches read since it; stop after ``max_nonfinite`` in a row."""
-        t = self.config.train
-        event, step = {**err.event, "action": t.on_nonfinite}, self.step + 1
-        if t.on_nonfinite == "skip":
-            self.nonfinite_in_a_row += 1
-            event["in_a_row"] = count = self.nonfinite_in_a_row
-        elif t.on_nonfinite == "rollback":
-            self.rollbacks += 1
-            event["rollbacks"] = count = self.rollbacks
-        if t.on_nonfinite != "stop" and count > t.max_nonfinite:
-            kind = "non-finite steps in a row" if t.on_nonfinite == "skip" else "rollbacks without a new checkpoint"
-            err = NonFiniteLossError(f"{count} {kind} at step {step} (train.max_nonfinite={t.max_nonfinite}); the "
-                                     f"last was a non-finite {event['what']} ({event['value']}); {self._last_good()}")
-            event["action"] = "stop"
-        if event["action"] == "stop":
-            if log:
-                log.write("nonfinite", step, event)
-            raise err
-        if t.on_nonfinite == "rollback":
-            event.update(self._roll_back(log))
-        if log:
-            log.write("nonfinite", step, event)
-        done = "skipped it" if t.on_nonfinite == "skip" else \
-            f"rolled back to step {self.step}, past {event['skipped_rows']} rows read since"
-        self.log_fn(f"warning: non-finite {event['what']} ({event['value']}) at step {step}; {done} "
-                    f"(train.on_nonfinite={t.on_nonfinite}, {count} of at most {t.max_nonfinite})")
-
-    def _roll_back(self, log: MetricsLog | None) -> dict[str, Any]:
-        """Restore the newest intact checkpoint (weights, optimizer, RNG) but keep the data stream where it is, so
-        every batch read since that checkpoint is skipped; scale the learning rates by ``rollback_lr_scale`` from
-        here on; drop the metrics recorded after the checkpoint."""
-        position = self.stream.position
-        checkpoint, _ = find_checkpoint(self.out_dir, log=self.log_fn)
-        state = load_checkpoint(checkpoint, self.model, self.optimizer)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.last_metrics = state.get("metrics", {})
-        self.stream.position = position
-        self.lr_scale *= self.config.train.rollback_lr_scale  # compounds over rollbacks, kept by later checkpoints
-        if log:
-            log.rewind(self.step, keep=("nonfinite",))
-        return {"to_step": self.step, "skipped_rows": position - state["data_position"], "lr_scale": self.lr_scale}
 
     def _stopped_by_signal(self, name: str) -> TrainingError:
         """The error a SIGTERM becomes (torchrun sends it to every rank when one fails; so do schedulers)."""
