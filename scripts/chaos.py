@@ -6,12 +6,15 @@ The faults, chosen at random (seeded):
 - ``sigkill``: SIGKILL at a random moment of the run (start-up, a step, validation, a checkpoint);
 - ``sigkill_in_write``: SIGKILL while a checkpoint is being written (the moment its temporary directory appears);
 - ``enospc``: the disk fills while a checkpoint is written (a safetensors file fails halfway, through
-  tests/faults.py), which must end in one clear error naming the newest intact checkpoint, with exit status 2.
+  tests/faults.py), which must end in one clear error naming the newest intact checkpoint, with exit status 2;
+- with ``--rank-deaths N``, N more runs under torchrun (2 processes, DDP or FSDP2 at random, gloo) lose a random
+  rank in the middle of a random step: the job must end soon, with its checkpoint intact, and --resume must end
+  identical to the uninterrupted job.
 
 After every fault the loop checks that the run directory holds an intact newest checkpoint (or none yet). It prints
 one JSON line per fault and a summary line; ``--out`` keeps both runs. Example (the figures in docs/reliability.md):
 
-    .venv/bin/python scripts/chaos.py --faults 30 --out runs/chaos
+    .venv/bin/python scripts/chaos.py --faults 30 --rank-deaths 6 --out runs/chaos
 """
 
 from __future__ import annotations
@@ -115,6 +118,43 @@ def one_fault(kind: str, args: list[str], run: Path, rng: random.Random, every: 
     return record
 
 
+def torchrun(args: list[str], run: Path, faults: dict, resume: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HELMLM_FAULTS": json.dumps(faults)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29300 + os.getpid() % 500), str(LAUNCHER), "train", *args, f"out_dir={run}",
+                           *(["--resume"] if resume else [])], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def rank_deaths(n: int, corpus: Path, out: Path, rng: random.Random, steps: int = 12) -> list[dict]:
+    """``n`` 2-process jobs (DDP or FSDP2, gloo), each losing a random rank in the middle of a random step: how soon
+    the job ends after the death, whether the checkpoint on disk is intact, and whether --resume ends identical to
+    the uninterrupted job of the same strategy."""
+    straight, records = {}, []
+    args = run_args(corpus, out / "data", steps, 4)
+    for i in range(n):
+        strategy = rng.choice(["ddp", "fsdp"])
+        job = [*args, "train.micro_batch=2", f"train.strategy={strategy}"]
+        if strategy not in straight:
+            straight[strategy] = out / f"straight-{strategy}"
+            torchrun(job, straight[strategy], {})
+        run, stamp = out / f"rank-death-{i}", out / f"rank-death-{i}.killed"
+        rank, step = rng.randint(0, 1), rng.randint(2, steps - 1)
+        dead = torchrun(job, run, {"kill_rank": rank, "kill_step": step, "kill_stamp": str(stamp)})
+        seconds = time.time() - float(stamp.read_text())
+        newest = latest_checkpoint(run)
+        intact = newest is None or find_checkpoint(run, log=lambda m: None)[0] == newest
+        resumed = torchrun(job, run, {}, resume=newest is not None)
+        ta, tb = final_tensors(straight[strategy]), final_tensors(run)
+        records.append({"fault": "rank_death", "strategy": strategy, "rank": rank, "step": step,
+                        "exit": dead.returncode, "seconds_to_exit": round(seconds, 2),
+                        "clear_error": "error: lost another rank" in dead.stderr or "error: stopped by" in dead.stderr,
+                        "intact": intact, "resumed": resumed.returncode == 0,
+                        "identical": ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)})
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
 def final_tensors(run: Path) -> dict[str, torch.Tensor]:
     ckpt = latest_checkpoint(run)
     return {f"{n}:{k}": v for n in ("model.safetensors", "optimizer.safetensors")
@@ -127,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600, help="training steps of the run (default 600; each fault "
                                                            "lets it advance by at most two checkpoints)")
     p.add_argument("--every", type=int, default=5, help="checkpoint every N steps (default 5)")
+    p.add_argument("--rank-deaths", type=int, default=0, help="2-process torchrun jobs (DDP or FSDP2) that each lose "
+                                                                 "a rank mid-step (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule (default 0)")
     p.add_argument("--out", default="runs/chaos", help="a new directory for the runs (default runs/chaos)")
     p.add_argument("--corpus", help="a JSONL corpus with a 'text' field (default: a generated one)")
@@ -155,14 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     ta, tb = final_tensors(out / "straight"), final_tensors(run)
     identical = ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     leftovers = [str(q) for q in run.rglob("*") if ".tmp" in q.name]
-    summary = {"faults": len(records), **{k: sum(r["fault"] == k for r in records)
-                                          for k in ("sigkill", "sigkill_in_write", "enospc")},
+    deaths = rank_deaths(a.rank_deaths, corpus, out, rng)
+    summary = {"faults": len(records) + len(deaths), **{k: sum(r["fault"] == k for r in records)
+                                                        for k in ("sigkill", "sigkill_in_write", "enospc")},
                "killed_in_a_checkpoint_write": sum(r["fault"] == "sigkill_in_write" and r["hit"] for r in records),
                "enospc_clear_errors": sum(r.get("clear_error", False) for r in records if r["fault"] == "enospc"),
-               "intact_after_every_fault": all(r["intact"] for r in records), "identical": identical,
-               "leftover_temporaries": leftovers, "steps": a.steps, "checkpoint_every": a.every}
+               "intact_after_every_fault": all(r["intact"] for r in records + deaths), "identical": identical,
+               "leftover_temporaries": leftovers, "steps": a.steps, "checkpoint_every": a.every,
+               "rank_deaths": len(deaths), "rank_deaths_identical": sum(r["identical"] for r in deaths),
+               "rank_deaths_clear_error": sum(r["clear_error"] for r in deaths),
+               "max_seconds_to_exit": max((r["seconds_to_exit"] for r in deaths), default=None)}
     print(json.dumps({"summary": summary}), flush=True)
-    return 0 if identical and summary["intact_after_every_fault"] and not leftovers else 1
+    survived = identical and summary["intact_after_every_fault"] and not leftovers
+    return 0 if survived and all(r["identical"] and r["resumed"] for r in deaths) else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ command line with faults patched in, as described by the JSON in ``$HELMLM_FAULT
 - ``"nan_from_step": k``: every step from ``k`` on has a NaN loss (a run that cannot recover);
 - ``"kill_rank": r, "kill_step": k``: rank ``r`` (default 0) SIGKILLs itself in the middle of step ``k`` (after its
   forward pass, before the gradient all-reduce); ``"kill_rows": [p, ...]``: in the middle of the step that reads
-  stream position ``p`` (a moment after a rollback, say);
+  stream position ``p`` (a moment after a rollback, say); ``"kill_stamp": PATH`` records the moment;
 - ``"enospc_save": n``: the ``n``-th safetensors file written (1-based) fails with ENOSPC halfway, as a full disk
   would: half of it is on disk;
 - ``"eacces_save": n``: the same with a denied permission.
@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 
 def install(faults: dict, patch=setattr) -> None:
@@ -47,6 +48,9 @@ def install(faults: dict, patch=setattr) -> None:
         loss, aux = forward(self, batch)
         if self.env.rank == faults.get("kill_rank", 0) and (self.step + 1 == faults.get("kill_step")
                                                              or reads(self, faults.get("kill_rows", ()))):
+            if "kill_stamp" in faults:  # when the rank died, for measuring how soon the job ends
+                with open(faults["kill_stamp"], "w") as f:
+                    f.write(f"{time.time()}\n")
             os.kill(os.getpid(), signal.SIGKILL)
         if poisoned(self):
             loss = loss * torch.tensor(float("nan"))
