@@ -241,8 +241,8 @@ def test_habitual_key_names_get_a_suggestion():
 
 def test_divergence_before_any_checkpoint_says_to_start_again(corpus, tmp_path):
     trainer = Trainer(load_train_config(None, overrides(corpus, tmp_path)))
-    assert "no checkpoint was written yet" in trainer._last_good()
-    assert "start the run again (without --resume)" in trainer._last_good()
+    assert "no checkpoint was written yet" in trainer.last_good()
+    assert "start the run again (without --resume)" in trainer.last_good()
 
 
 def test_resume_takes_a_path_only_when_one_follows():

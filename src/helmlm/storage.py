@@ -155,8 +155,8 @@ def exclusive(directory: str | Path, what: str, side: bool = False) -> Iterator[
     when another process holds it.
 
     The lock lives in ``directory`` (created when missing, and removed again if the block leaves it empty), or, with
-    ``side=True``, beside it as ``.NAME.helmlm.lock`` (for a target that must not exist yet, such as an export's),
-    removed on release."""
+    ``side=True``, beside it as ``.NAME.helmlm.lock`` (for a target that must not exist yet, such as an export's).
+    Its files are removed on release; only a killed holder leaves them, and they block nobody."""
     from filelock import FileLock, Timeout
 
     directory = Path(directory)
@@ -178,14 +178,13 @@ def exclusive(directory: str | Path, what: str, side: bool = False) -> Iterator[
     try:
         yield directory
     finally:
+        # Leave nothing behind. The file goes before the release: a process that opened it meanwhile fails its
+        # (non-blocking) flock on it, and one that comes later locks a new file, when this writer is done.
         owner_path.unlink(missing_ok=True)
-        if side:
-            lock_path.unlink(missing_ok=True)  # before release: a waiter that opened it fails its flock anyway
-        if not side and directory.is_dir() and all(is_bookkeeping(p) for p in directory.iterdir()):
-            lock_path.unlink(missing_ok=True)  # the block wrote nothing: leave nothing (and no directory we made)
-            if created:
-                try:
-                    directory.rmdir()
-                except OSError:
-                    pass
+        lock_path.unlink(missing_ok=True)
+        if created and not side and directory.is_dir() and not any(directory.iterdir()):
+            try:
+                directory.rmdir()  # the block wrote nothing into the directory made for the lock
+            except OSError:  # someone else's files arrived meanwhile
+                pass
         lock.release()
