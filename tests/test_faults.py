@@ -206,6 +206,74 @@ def test_a_disk_fault_mid_checkpoint_loses_nothing(corpus, tmp_path, straight, m
     assert_identical(straight, run)
 
 
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_in_prepare_export_and_sweep_is_one_error_and_leaves_nothing(corpus, tmp_path, straight,
+                                                                                 monkeypatch):  # noqa: F811
+    """The other writers: preparation keeps what it flushed and resumes to the same shards; an export leaves no
+    target, temporary directory or lock; a sweep leaves no directory."""
+    import helmlm.data.shards as shards
+    from helmlm.models.modeling import HELMForCausalLM
+    from helmlm.training.export import export_checkpoint
+    from helmlm.training.sweep import Sweep, SweepSpec
+
+    data = run_config(corpus, tmp_path).data
+    data.dir, data.shard_tokens, data.batch_documents = str(tmp_path / "data"), 10_000, 50
+    bins = []
+
+    class FullDisk:  # a file on a disk that fills halfway through the write
+        def __init__(self, path, mode):
+            self.file = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, blob):
+            self.file.write(blob[: len(blob) // 2])
+            _enospc()
+
+    def open_on_a_filling_disk(path, mode="r", *args, **kwargs):  # the third shard's tokens hit the full disk
+        if ".bin.tmp" in str(path):
+            bins.append(path)
+            if len(bins) == 3:
+                return FullDisk(path, mode)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "open", open_on_a_filling_disk, raising=False)  # shards' own open, nobody else's
+    with pytest.raises(StorageError, match=r"cannot write shard train-00001 in .*data: no space left on the device.*"
+                                           r"what was flushed so far is kept: run the same command again"):
+        prepare_data(data, progress=False)
+    assert no_temporaries(tmp_path / "data") and not (tmp_path / "data" / ".helmlm.lock").exists()
+    monkeypatch.undo()
+    prepare_data(data, progress=False)
+    verify_shards(tmp_path / "data")
+    clean = run_config(corpus, tmp_path).data
+    clean.dir, clean.shard_tokens, clean.batch_documents = str(tmp_path / "clean"), 10_000, 50
+    prepare_data(clean, progress=False)
+    for name in sorted(p.name for p in (tmp_path / "clean").glob("*-0000*")):
+        assert (tmp_path / "data" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+
+    monkeypatch.setattr(HELMForCausalLM, "save_pretrained", _enospc)
+    with pytest.raises(StorageError, match="cannot write the model directory model in .*: no space left.*nothing "
+                                           "was written to"):
+        export_checkpoint(straight, tmp_path / "model")
+    assert not [p for p in tmp_path.iterdir() if "model" in p.name]
+
+    real_write_text = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: _enospc() if self.name.startswith("sweep.json")
+                        else real_write_text(self, *a, **k))
+    sweep = SweepSpec(recipe="tiny", models=["llama_tiny"], lr=[3e-3], embedding_lr=[None], seeds=[0],
+                      out_dir=str(tmp_path / "sweep"))
+    with pytest.raises(StorageError, match=r"cannot write sweep.json in .*sweep: no space left"):
+        Sweep(sweep, log=lambda m: None).run()
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(corpus, tmp_path, monkeypatch):  # noqa: F811
     import helmlm.storage
 
