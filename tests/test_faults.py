@@ -210,8 +210,7 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_a_full_disk_in_prepare_export_and_sweep_is_one_error_and_leaves_nothing(corpus, tmp_path, straight,
-                                                                                 monkeypatch):  # noqa: F811
+def test_a_full_disk_in_prepare_export_and_sweep_leaves_nothing(corpus, tmp_path, straight, monkeypatch):  # noqa: F811
     """The other writers: preparation keeps what it flushed and resumes to the same shards; an export leaves no
     target, temporary directory or lock; a sweep leaves no directory."""
     import helmlm.data.shards as shards
