@@ -51,12 +51,7 @@ from helmlm.nn.embedding import LorentzEmbedding
 from helmlm.nn.routing import balance_step, routed_layers, routing_stats
 from helmlm.storage import disk_errors, exclusive
 from helmlm.training.allocator import apply_cpu_malloc
-from helmlm.training.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from helmlm.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from helmlm.training.distributed import (
     Distributed,
     autocast_dtype,
