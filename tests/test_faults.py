@@ -479,3 +479,25 @@ def test_chaos_loop_of_random_kills_and_full_disks_ends_identical(corpus, tmp_pa
     assert summary["identical"] and summary["intact_after_every_fault"] and not summary["leftover_temporaries"]
     assert summary["faults"] == 10 and summary["enospc_clear_errors"] == summary["enospc"]
     assert summary["rank_deaths_identical"] == summary["rank_deaths_clear_error"] == 2
+
+
+def test_sigterm_unwinds_a_run_and_leaves_the_handler_as_it_was(corpus, tmp_path):  # noqa: F811
+    """SIGTERM inside a step becomes an error naming the newest checkpoint (no temporary files); afterwards, in a
+    single process, SIGTERM's handler is the one from before (a notebook must not be left deaf to it)."""
+    from helmlm.errors import TrainingError
+
+    trainer = Trainer(run_config(corpus, tmp_path / "run"))
+    step = trainer.train_step
+
+    def step_then_sigterm():
+        metrics = step()
+        if trainer.step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    trainer.train_step = step_then_sigterm
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingError, match="^stopped by SIGTERM during step 7; the newest checkpoint is .*"
+                                            "step-00000004: continue with the same command and --resume$"):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGTERM) is before and no_temporaries(tmp_path / "run")

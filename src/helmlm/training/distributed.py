@@ -141,10 +141,14 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
 
 
 @contextmanager
-def stop_on_sigterm(error: Callable[[str], BaseException]) -> Iterator[None]:
+def stop_on_sigterm(error: Callable[[str], BaseException], quiet_exit: bool = False) -> Iterator[None]:
     """Within the block, SIGTERM raises ``error("SIGTERM")`` in the main thread instead of killing the process, so
     that a stopped run unwinds (a checkpoint being written removes its temporary files) and says where it stands.
-    torchrun sends SIGTERM to every surviving rank when one fails, as do job schedulers before their SIGKILL."""
+    torchrun sends SIGTERM to every surviving rank when one fails, as do job schedulers before their SIGKILL.
+
+    ``quiet_exit`` (a process of a torchrun job): when the block ends with an error, SIGTERM stays ignored, so that
+    torchrun's signal, which follows a rank's failure by milliseconds, does not kill the process before it has said
+    why it stopped (torchrun's SIGKILL still bounds a hang). Otherwise the previous handler comes back in any case."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -160,9 +164,7 @@ def stop_on_sigterm(error: Callable[[str], BaseException]) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        # On the way out with an error, a late SIGTERM (torchrun signals every rank once one fails) must not kill
-        # the process before it has printed why it stopped; torchrun's SIGKILL still bounds a hang.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if quiet_exit else previous)
         raise
     signal.signal(signal.SIGTERM, previous)
 

@@ -306,7 +306,7 @@ class Trainer:
         (validation and checkpoints included). Rank 0 holds ``out_dir``'s one-writer lock throughout."""
         with contextlib.ExitStack() as hold:
             on_main_rank(self.env, lambda: self._claim_out_dir(hold))
-            with stop_on_sigterm(self._stopped_by_signal):
+            with stop_on_sigterm(self._stopped_by_signal, quiet_exit=self.env.active):
                 try:
                     return self._fit()
                 except RuntimeError as err:
@@ -362,8 +362,8 @@ class Trainer:
 
     def _stopped_by_signal(self, name: str) -> TrainingError:
         """The error a SIGTERM becomes (torchrun sends it to every rank when one fails; so do schedulers)."""
-        return TrainingError(f"stopped by {name} during step {self.step + 1} (under torchrun: another rank failed, "
-                             f"its error is above); {self._resume_hint()}")
+        why = " (under torchrun: another rank failed, its error is above)" if self.env.active else ""
+        return TrainingError(f"stopped by {name} during step {self.step + 1}{why}; {self._resume_hint()}")
 
     def close(self) -> None:
         """Leave the process group (a no-op on one process). The DDP wrapper goes first, while the group is still
