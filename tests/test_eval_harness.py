@@ -130,11 +130,34 @@ def test_command_line_writes_results(llama_dir, tmp_path, capsys):
     assert printed["helm_local_mc"]["acc,none"] == saved["results"]["helm_local_mc"]["acc,none"]
 
 
+LM_EVAL_WITHOUT_HELMLM = """
+import importlib.abc, json, sys
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("helmlm", "geoopt"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+
+sys.meta_path.insert(0, Blocked())
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+model_dir, tasks_dir = sys.argv[1], sys.argv[2]
+results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},device=cpu,trust_remote_code=True",
+                                  tasks=["helm_local_mc"], limit=6, batch_size=3,
+                                  task_manager=TaskManager(include_path=tasks_dir))
+print(json.dumps({k: v for k, v in results["results"]["helm_local_mc"].items() if isinstance(v, float)}))
+"""
+
+
 @pytest.mark.parametrize("preset", ["helm_d_tiny", "helm_mice_tiny"])
 def test_helm_scores_equal_lm_evals_hf_model_with_remote_code(preset, tokenizer, tmp_path):
-    """An exported HELM directory: ``helmlm eval`` and lm-eval's ``--model hf`` with ``trust_remote_code=True`` (the
-    directory's own module) give the same multiple-choice metrics."""
-    import lm_eval
+    """An exported HELM directory: ``helmlm eval`` here, and lm-eval's ``--model hf`` with ``trust_remote_code=True``
+    in an interpreter where neither helmlm nor geoopt can be imported (the directory's generated remote code), give
+    the same multiple-choice metrics."""
+    import os
+    import subprocess
+    import sys
 
     from helmlm.models import HELMForCausalLM, load_config
     from helmlm.models.hf import save_model_dir
@@ -142,11 +165,14 @@ def test_helm_scores_equal_lm_evals_hf_model_with_remote_code(preset, tokenizer,
     torch.manual_seed(0)
     model = HELMForCausalLM(load_config(preset, vocab_size=len(tokenizer), num_hidden_layers=2))
     path = save_model_dir(model, tokenizer, tmp_path / "model")
-    assert "auto_map" in json.loads((path / "config.json").read_text())
     ours = evaluate(path, ["helm_local_mc"], limit=6, batch_size=3)
-    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},device=cpu,trust_remote_code=True",
-                                     tasks=["helm_local_mc"], limit=6, batch_size=3, task_manager=task_manager())
-    assert metrics_of(ours, "helm_local_mc") == metrics_of(theirs, "helm_local_mc")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", LM_EVAL_WITHOUT_HELMLM, str(path), str(TASKS_DIR)],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics_of(ours, "helm_local_mc") == theirs
 
 
 @pytest.mark.parametrize("preset", ["helm_d_tiny", "helm_mice_tiny"])

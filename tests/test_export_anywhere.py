@@ -4,12 +4,13 @@ never imported helmlm, and with a message that says how to install helmlm where 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
-import sysconfig
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,30 +117,39 @@ def test_a_helm_directory_names_its_remote_code(tokenizer, tmp_path):
     assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
 
-FRESH = textwrap.dedent("""
-    import json, os, sys
+# A fresh interpreter in which helmlm and geoopt cannot be imported (installed or not): what a Hub user has.
+WITHOUT_HELMLM = textwrap.dedent("""
+    import importlib.abc, json, os, sys
+
+    class Blocked(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("helmlm", "geoopt"):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+
+    sys.meta_path.insert(0, Blocked())
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = sys.argv[1]
+    root, names = sys.argv[1], sys.argv[2].split(",")
     ids = load_file(os.path.join(root, "ids.safetensors"))["ids"]
-    report = {}
-    llama = AutoModelForCausalLM.from_pretrained(os.path.join(root, "llama"))
-    AutoTokenizer.from_pretrained(os.path.join(root, "llama"))
-    report["llama"] = type(llama).__name__
-    report["helmlm_after_llama"] = "helmlm" in sys.modules
-    helm_dir = os.path.join(root, "helm")
-    helm = AutoModelForCausalLM.from_pretrained(helm_dir, trust_remote_code=True)
-    import helmlm.models
-    from helmlm.models.hf import save_model_dir
-    report["helm_is_helmlm_class"] = type(helm) is helmlm.models.HELMForCausalLM
-    report["marked_custom"] = helmlm.models.HELMConfig._auto_class  # the remote-code path ran
-    report["plain_load_same_class"] = type(AutoModelForCausalLM.from_pretrained(helm_dir)) is type(helm)
-    save_model_dir(helm, AutoTokenizer.from_pretrained(helm_dir), os.path.join(root, "again"))
-    report["again"] = sorted(os.listdir(os.path.join(root, "again")))
-    with torch.no_grad():
-        save_file({"llama": llama(ids).logits, "helm": helm(ids).logits}, os.path.join(root, "logits.safetensors"))
+    out, report = {}, {}
+    for name in names:
+        directory = os.path.join(root, name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+        except Exception as err:
+            report[name] = f"{type(err).__name__}: {err}"
+            continue
+        AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+        report[name] = type(model).__module__
+        with torch.no_grad():
+            out[name + ".logits"] = model(ids).logits
+            out[name + ".greedy"] = model.generate(ids[:1, :6], max_new_tokens=10, do_sample=False, use_cache=True,
+                                                   pad_token_id=0)
+    report["imported"] = sorted(m for m in sys.modules if m.split(".")[0] in ("helmlm", "geoopt"))
+    if out:
+        save_file(out, os.path.join(root, "out.safetensors"))
     print(json.dumps(report))
 """)
 
@@ -149,52 +159,76 @@ def fresh_env(tmp_path) -> dict[str, str]:
     return {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_exported_directories_load_in_an_interpreter_without_helmlm_imported(tokenizer, tmp_path):
-    """A fresh interpreter: the Llama directory loads as LlamaForCausalLM with nothing of helmlm imported (and the
-    same logits, to Llama's fp32 casts); the HELM directory loads with trust_remote_code=True as helmlm's own class
-    (same logits), a later plain load gives the same class, and re-saving writes our remote code, not copies of
-    helmlm's source files."""
-    vocab = len(tokenizer)
-    llama_twin, helm_d = tiny("llama_tiny", vocab).double(), tiny("helm_d_tiny", vocab).double()
-    save_model_dir(llama_twin, tokenizer, tmp_path / "llama", format="auto")
-    save_model_dir(helm_d, tokenizer, tmp_path / "helm")
+def run_without_helmlm(tmp_path, names: list[str]) -> dict:
+    result = subprocess.run([sys.executable, "-c", WITHOUT_HELMLM, str(tmp_path), ",".join(names)],
+                            capture_output=True, text=True, timeout=600, env=fresh_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+MODELS = ("helm_d_tiny", "helm_mice_tiny", "deepseek_tiny", "helm_d_tiny_reference")
+
+
+def test_exported_directories_load_where_neither_helmlm_nor_geoopt_can_be_imported(tokenizer, tmp_path):
+    """The remote code generated from helmlm's sources loads HELM-D, HELM-MiCE (HMLA and its latent cache), the
+    DeepSeek-style twin and a table of Lorentz points with torch and transformers alone: the logits equal helmlm's to
+    1e-6 in fp32 and 1e-12 in fp64, and greedy generation with the cache gives helmlm's tokens."""
+    vocab, names, models = len(tokenizer), [], {}
+    for preset in MODELS:
+        for dtype in (torch.float32, torch.float64):
+            name = f"{preset}-{str(dtype)[6:]}"
+            models[name] = tiny(preset, vocab).to(dtype)
+            save_model_dir(models[name], tokenizer, tmp_path / name)
+            names.append(name)
     ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(2))
     save_file({"ids": ids}, tmp_path / "ids.safetensors")
-    result = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, env=fresh_env(tmp_path), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["llama"] == "LlamaForCausalLM" and report["helmlm_after_llama"] is False
-    assert report["helm_is_helmlm_class"] and report["plain_load_same_class"]
-    assert report["marked_custom"] == "AutoConfig"
-    assert report["again"] == sorted(p.name for p in (tmp_path / "helm").iterdir())
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["auto_map"] == AUTO_MAP
-    logits = load_file(tmp_path / "logits.safetensors")
-    with torch.no_grad():
-        assert logits["llama"].dtype == torch.float64
-        assert relative_error(llama_twin(ids).logits, logits["llama"]) < 1e-6
-        assert relative_error(helm_d(ids).logits, logits["helm"]) < 1e-12
+    report = run_without_helmlm(tmp_path, names)
+    assert report.pop("imported") == []
+    out = load_file(tmp_path / "out.safetensors")
+    for name, model in models.items():
+        assert report[name].startswith("transformers_modules.") and report[name].endswith("helmlm_models_modeling")
+        with torch.no_grad():
+            logits = model(ids).logits
+            greedy = model.generate(ids[:1, :6], max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0)
+        bound = 1e-12 if name.endswith("float64") else 1e-6
+        assert (out[name + ".logits"] - logits).abs().max().item() <= bound, name
+        assert torch.equal(out[name + ".greedy"], greedy), name
 
 
-def test_without_helmlm_installed_the_error_says_how_to_install_it(tokenizer, tmp_path):
-    """``python -S`` with only site-packages on the path: transformers and torch import, the editable helmlm
-    (added by a .pth file) does not; loading a HELM directory with trust_remote_code=True says to install helmlm."""
-    save_model_dir(tiny("helm_d_tiny", len(tokenizer)), tokenizer, tmp_path / "helm")
-    code = textwrap.dedent("""
-        import importlib.util, sys
-        assert importlib.util.find_spec("helmlm") is None, "helmlm is still importable"
-        from transformers import AutoModelForCausalLM
-        try:
-            AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
-        except ImportError as err:
-            print(type(err).__name__, err)
-        else:
-            print("loaded")
-    """)
-    env = {**fresh_env(tmp_path), "PYTHONPATH": sysconfig.get_paths()["purelib"]}
-    result = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path / "helm")], capture_output=True,
-                            text=True, timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    message = result.stdout.strip().splitlines()[-1]
-    assert message.startswith("ImportError ") and "helmlm is not installed" in message
-    assert "pip install helmlm" in message
+def test_the_bundle_is_generated_from_the_sources_and_imports_neither_helmlm_nor_geoopt(tokenizer, tmp_path):
+    """Every exported remote-code file is what the generator makes from the installed sources now (so the bundle
+    cannot go stale), and transformers' own import check finds no helmlm or geoopt import in any of them."""
+    from transformers.dynamic_module_utils import get_imports
+
+    from helmlm.models.hf import _helmlm_version
+    from helmlm.models.remote_code import remote_code_files
+
+    out = save_model_dir(tiny("helm_mice_tiny", len(tokenizer)), tokenizer, tmp_path / "helm")
+    files = remote_code_files(_helmlm_version())
+    assert sorted(p.name for p in out.glob("*.py")) == sorted(files)
+    for name, source in files.items():
+        assert (out / name).read_text() == source, name
+        assert not {m.split(".")[0] for m in get_imports(out / name)} & {"helmlm", "geoopt"}, name
+    # one source of truth: each generated module is its source with only its helmlm imports made relative
+    for name in ("helmlm_nn_attention.py", "helmlm_models_modeling.py", "helmlm_nn.py"):
+        module = name[:-3].replace("_", ".", 2) if name != "helmlm_nn.py" else "helmlm.nn"
+        source = Path(helmlm.__file__).parent.joinpath(*module.split(".")[1:])
+        source = source / "__init__.py" if source.is_dir() else source.with_suffix(".py")
+        tree = ast.parse(source.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("helmlm"):
+                node.module, node.level = node.module.replace(".", "_"), 1
+        assert ast.dump(ast.parse(files[name])) == ast.dump(tree), name
+
+
+def test_remote_code_older_than_the_weights_format_says_so(tokenizer, tmp_path):
+    out = save_model_dir(tiny("helm_d_tiny", len(tokenizer)), tokenizer, tmp_path / "newer")
+    config = json.loads((out / "config.json").read_text())
+    assert config["helmlm_format"] == 1
+    (out / "config.json").write_text(json.dumps({**config, "helmlm_format": 2}))
+    save_file({"ids": torch.zeros(1, 4, dtype=torch.long)}, tmp_path / "ids.safetensors")
+    message = run_without_helmlm(tmp_path, ["newer"])["newer"]
+    assert "model format 2, and this code reads formats up to 1" in message
+    assert "remote code (modeling_helm.py and helmlm_*.py) is older than its weights" in message
+    with pytest.raises(ValueError, match="model format 2"):  # helmlm itself refuses it the same way
+        HELMForCausalLM.from_pretrained(out)

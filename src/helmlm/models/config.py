@@ -20,6 +20,11 @@ ATTENTIONS = ("mha", "mla")
 FFNS = ("dense", "moe")
 
 
+# The model format a HELMConfig writes (``helmlm_format`` in config.json) and the newest it reads. Raise it when a
+# saved model's weights or config change meaning; older formats must keep loading.
+HELMLM_FORMAT = 1
+
+
 class HELMConfig(PretrainedConfig):
     """Configuration of a HELM decoder (a ``transformers.PretrainedConfig``, so it saves as ``config.json``).
 
@@ -134,6 +139,14 @@ class HELMConfig(PretrainedConfig):
         self.moe_balance_alpha = moe_balance_alpha
         self.moe_dispatch = moe_dispatch
         self.swapped_components = list(swapped_components) if swapped_components else []
+        saved_format = kwargs.pop("helmlm_format", HELMLM_FORMAT)
+        if saved_format > HELMLM_FORMAT:
+            raise ConfigError(f"this model was saved in helmlm's model format {saved_format}, and this code reads "
+                              f"formats up to {HELMLM_FORMAT}. In a model directory, its remote code (modeling_helm.py "
+                              "and helmlm_*.py) is older than its weights: export the model again with a current "
+                              "helmlm, or install a current helmlm (pip install -U helmlm) and load it after "
+                              "`import helmlm`")
+        self.helmlm_format = HELMLM_FORMAT  # what save_pretrained records
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------

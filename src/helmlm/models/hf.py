@@ -5,9 +5,9 @@
 ``from_pretrained`` reads — ``config.json``, ``model.safetensors`` and the tokenizer — atomically: under a temporary
 name, renamed into place when complete, never over an existing non-empty directory. A directory loads anywhere:
 
-- ``format="helm"``: the HELM classes, plus the remote-code module :mod:`helmlm.models.remote_code` (as
-  ``modeling_helm.py``, named by ``auto_map``), so ``from_pretrained(DIR, trust_remote_code=True)`` works without
-  ``import helmlm`` (helmlm still has to be installed);
+- ``format="helm"``: the HELM classes, plus remote code generated from helmlm's own sources
+  (:mod:`helmlm.models.remote_code`: ``modeling_helm.py``, named by ``auto_map``, and the ``helmlm_*.py`` files it
+  imports), so ``from_pretrained(DIR, trust_remote_code=True)`` works with torch and transformers alone;
 - ``format="llama"``: a standard ``LlamaForCausalLM`` (:func:`to_llama`) that any transformers loads, no helmlm
   needed. Only the LLaMA-style twin has that architecture (:func:`llama_mismatch`); ``format="auto"`` picks it
   where it fits and HELM elsewhere.
@@ -199,15 +199,28 @@ def _without_code_copies(*objects):
 
 
 def write_remote_code(model_dir: str | Path) -> None:
-    """Copy :mod:`helmlm.models.remote_code` into ``model_dir`` (as ``modeling_helm.py``) and name it in
-    ``config.json``'s ``auto_map``, so ``from_pretrained(model_dir, trust_remote_code=True)`` needs no ``import
-    helmlm``."""
+    """Write the remote code generated from this helmlm's sources (:mod:`helmlm.models.remote_code`:
+    ``modeling_helm.py`` and the ``helmlm_*.py`` files it imports) into ``model_dir`` and name it in
+    ``config.json``'s ``auto_map``, so ``from_pretrained(model_dir, trust_remote_code=True)`` needs neither helmlm
+    nor geoopt."""
+    from helmlm.models.remote_code import remote_code_files
+
     model_dir = Path(model_dir)
-    shutil.copyfile(Path(__file__).with_name("remote_code.py"), model_dir / f"{REMOTE_MODULE}.py")
+    for name, source in remote_code_files(_helmlm_version()).items():
+        (model_dir / name).write_text(source)
     config_file = model_dir / "config.json"
     config = json.loads(config_file.read_text())
     config["auto_map"] = dict(AUTO_MAP)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _helmlm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("helmlm")
+    except PackageNotFoundError:  # a source checkout on sys.path
+        return "(source)"
 
 
 def save_model_dir(model: HELMForCausalLM, tokenizer, out_dir: str | Path, format: str = "helm") -> Path:

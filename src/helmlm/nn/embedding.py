@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-import geoopt
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from helmlm.geometry import expmap0, lift
+
+try:  # geoopt trains a table of points (Riemannian Adam); inference, and a model directory's remote code, need none
+    import geoopt
+except ImportError:
+    geoopt = None
+
+
+def table_parameter(data: Tensor, curvature: float, requires_grad: bool = True) -> nn.Parameter:
+    """A table of Lorentz points as a geoopt ``ManifoldParameter`` on ``Lorentz(k=c)`` (a plain ``Parameter``
+    where geoopt is not installed: the same values, for inference)."""
+    if geoopt is None:
+        return nn.Parameter(data, requires_grad=requires_grad)
+    return geoopt.ManifoldParameter(data, manifold=geoopt.Lorentz(k=curvature), requires_grad=requires_grad)
 
 
 class LorentzEmbedding(nn.Module):
@@ -28,8 +40,7 @@ class LorentzEmbedding(nn.Module):
         self.lookup_dtype: torch.dtype | None = None  # set by keep_table_in_float64: the dtype lookups return
         self.manifold_table = manifold_table
         if manifold_table:
-            manifold = geoopt.Lorentz(k=curvature)
-            self.weight = geoopt.ManifoldParameter(torch.empty(num_embeddings, space_dim + 1), manifold=manifold)
+            self.weight = table_parameter(torch.empty(num_embeddings, space_dim + 1), curvature)
         else:
             self.weight = nn.Parameter(torch.empty(num_embeddings, space_dim))
         self.reset_parameters()
@@ -45,9 +56,8 @@ class LorentzEmbedding(nn.Module):
     def restore_manifold_parameter(self) -> None:
         """Make ``weight`` a ``ManifoldParameter`` again if a loader replaced it by a plain ``Parameter`` (as
         ``transformers``' ``from_pretrained`` does), so Riemannian Adam keeps treating it on the manifold."""
-        if self.manifold_table and not isinstance(self.weight, geoopt.ManifoldParameter):
-            self.weight = geoopt.ManifoldParameter(self.weight.data, manifold=geoopt.Lorentz(k=self.curvature),
-                                                   requires_grad=self.weight.requires_grad)
+        if self.manifold_table and geoopt is not None and not isinstance(self.weight, geoopt.ManifoldParameter):
+            self.weight = table_parameter(self.weight.data, self.curvature, self.weight.requires_grad)
 
     def keep_table_in_float64(self) -> None:
         """Store the table (and so Riemannian Adam's state for it) in float64; lookups come back in the dtype the
