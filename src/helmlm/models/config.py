@@ -25,6 +25,16 @@ FFNS = ("dense", "moe")
 HELMLM_FORMAT = 1
 
 
+def _check_format(saved_format: int) -> None:
+    """Refuse a config written in a newer model format than this code reads, saying what to do."""
+    if saved_format > HELMLM_FORMAT:
+        raise ConfigError(f"this model was saved in helmlm's model format {saved_format}, and this code reads "
+                          f"formats up to {HELMLM_FORMAT}. In a model directory, its remote code (modeling_helm.py "
+                          "and helmlm_*.py) is older than its weights: export the model again with a current "
+                          "helmlm, or install a current helmlm (pip install -U helmlm) and load it after "
+                          "`import helmlm`")
+
+
 class HELMConfig(PretrainedConfig):
     """Configuration of a HELM decoder (a ``transformers.PretrainedConfig``, so it saves as ``config.json``).
 
@@ -139,13 +149,7 @@ class HELMConfig(PretrainedConfig):
         self.moe_balance_alpha = moe_balance_alpha
         self.moe_dispatch = moe_dispatch
         self.swapped_components = list(swapped_components) if swapped_components else []
-        saved_format = kwargs.pop("helmlm_format", HELMLM_FORMAT)
-        if saved_format > HELMLM_FORMAT:
-            raise ConfigError(f"this model was saved in helmlm's model format {saved_format}, and this code reads "
-                              f"formats up to {HELMLM_FORMAT}. In a model directory, its remote code (modeling_helm.py "
-                              "and helmlm_*.py) is older than its weights: export the model again with a current "
-                              "helmlm, or install a current helmlm (pip install -U helmlm) and load it after "
-                              "`import helmlm`")
+        _check_format(kwargs.pop("helmlm_format", HELMLM_FORMAT))
         self.helmlm_format = HELMLM_FORMAT  # what save_pretrained records
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
