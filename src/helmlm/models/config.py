@@ -25,14 +25,16 @@ FFNS = ("dense", "moe")
 HELMLM_FORMAT = 1
 
 
-def _check_format(saved_format: int) -> None:
-    """Refuse a config written in a newer model format than this code reads, saying what to do."""
+def _checked_format(saved_format: int) -> int:
+    """The format a loaded config is saved in again (the current one); one written in a newer format than this code
+    reads is refused, saying what to do."""
     if saved_format > HELMLM_FORMAT:
         raise ConfigError(f"this model was saved in helmlm's model format {saved_format}, and this code reads "
                           f"formats up to {HELMLM_FORMAT}. In a model directory, its remote code (modeling_helm.py "
                           "and helmlm_*.py) is older than its weights: export the model again with a current "
                           "helmlm, or install a current helmlm (pip install -U helmlm) and load it after "
                           "`import helmlm`")
+    return HELMLM_FORMAT
 
 
 class HELMConfig(PretrainedConfig):
@@ -144,13 +146,10 @@ class HELMConfig(PretrainedConfig):
         self.n_expert_groups, self.n_limited_groups = n_expert_groups, n_limited_groups
         self.expert_curvatures = None if expert_curvatures is None else [float(c) for c in expert_curvatures]
         self.learn_expert_curvature = learn_expert_curvature
-        self.moe_combine = moe_combine
-        self.moe_renormalize = moe_renormalize
-        self.moe_balance_alpha = moe_balance_alpha
-        self.moe_dispatch = moe_dispatch
+        self.moe_combine, self.moe_renormalize = moe_combine, moe_renormalize
+        self.moe_balance_alpha, self.moe_dispatch = moe_balance_alpha, moe_dispatch
         self.swapped_components = list(swapped_components) if swapped_components else []
-        _check_format(kwargs.pop("helmlm_format", HELMLM_FORMAT))
-        self.helmlm_format = HELMLM_FORMAT  # what save_pretrained records
+        self.helmlm_format = _checked_format(kwargs.pop("helmlm_format", HELMLM_FORMAT))  # saved: the current one
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
