@@ -271,3 +271,36 @@ def test_init_from_an_exported_llama_twin(corpus, tmp_path):
     trainer = Trainer(load_train_config(None, overrides(corpus, tmp_path / "a", *twin,
                                                         f"train.init_from={tmp_path / 'model'}")))
     assert weights_equal(dict(trainer.model.state_dict()), source)
+
+
+def test_export_writes_a_model_card_with_the_hubs_metadata(run_and_model, corpus, tmp_path):
+    """README.md: the Hub's YAML (library, pipeline, tags, license, parameters, tokens) and the run's numbers, read
+    back through huggingface_hub; the HELM card says how to load with and without helmlm, a Llama card that no
+    helmlm is needed."""
+    import json
+    import math
+
+    from huggingface_hub import ModelCard
+
+    from helmlm.models import HELMConfig
+    from helmlm.models.params import count_parameters
+
+    run, model_dir, _ = run_and_model
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    card = ModelCard.load(model_dir / "README.md")
+    data = card.data.to_dict()
+    params = count_parameters(HELMConfig.from_pretrained(model_dir))
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert data["license"] == "apache-2.0" and {"helmlm", "hyperbolic", "custom_code"} <= set(data["tags"])
+    assert (data["parameters_total"], data["parameters_active"]) == (params["total"], params["active"])
+    assert data["training_tokens"] == state["tokens_seen"]
+    loss = state["metrics"]["val_loss"]
+    assert f"validation loss **{loss:.4f}** (perplexity {math.exp(loss):.2f}) at step 2" in card.text
+    assert "HELM-D: a hyperbolic decoder" in card.text
+    assert "trust_remote_code=True" in card.text and "import helmlm" in card.text
+    twin = tmp_path / "twin"
+    assert cli("train", *overrides(corpus, twin, "train.steps=1", "model.preset=llama_tiny")).returncode == 0
+    export_checkpoint(twin, tmp_path / "llama", license="mit")
+    llama = ModelCard.load(tmp_path / "llama" / "README.md")
+    assert llama.data.license == "mit" and "llama" in llama.data.tags and "hyperbolic" not in llama.data.tags
+    assert "no helmlm needed" in llama.text and "trust_remote_code" not in llama.text

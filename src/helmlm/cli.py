@@ -112,7 +112,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from helmlm.training.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, format=args.format)
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.tokenizer, format=args.format, license=args.license)
     llama = json.loads((out / "config.json").read_text()).get("model_type") == "llama"
     how = "(a standard Llama: no helmlm needed)" if llama else \
         "after `import helmlm`, or with trust_remote_code=True"
@@ -457,6 +457,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["auto", "helm", "llama"], default="auto",
                    help="auto (default): a standard LlamaForCausalLM for the LLaMA-style twin, else HELM (loads after "
                         "`import helmlm` or with trust_remote_code=True)")
+    p.add_argument("--license", default="apache-2.0",
+                   help="the license in the model card's metadata, a Hub license id (default apache-2.0)")
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:

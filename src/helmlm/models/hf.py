@@ -223,7 +223,8 @@ def _helmlm_version() -> str:
         return "(source)"
 
 
-def save_model_dir(model: HELMForCausalLM, tokenizer, out_dir: str | Path, format: str = "helm") -> Path:
+def save_model_dir(model: HELMForCausalLM, tokenizer, out_dir: str | Path, format: str = "helm",
+                   extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (safetensors) and ``tokenizer`` to the new directory ``out_dir``; return it.
 
     ``format`` (:data:`FORMATS`): ``helm`` writes the HELM classes with their remote code, ``llama`` a standard
@@ -239,11 +240,11 @@ def save_model_dir(model: HELMForCausalLM, tokenizer, out_dir: str | Path, forma
         then = f"nothing was written to {out}; the source is untouched"
         check_free_space(out.parent, needed, f"the model directory {out.name}", then)
         with disk_errors(f"the model directory {out.name}", out.parent, needed, then):
-            _write_model_dir(model, tokenizer, out, kind)
+            _write_model_dir(model, tokenizer, out, kind, extra_files or {})
     return out
 
 
-def _write_model_dir(model: HELMForCausalLM, tokenizer, out: Path, kind: str) -> None:
+def _write_model_dir(model: HELMForCausalLM, tokenizer, out: Path, kind: str, extra_files: dict[str, str]) -> None:
     """Write the directory under a temporary name, then rename it to ``out``; nothing is left behind on failure."""
     tokenizer.model_max_length = model.config.max_position_embeddings
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -256,6 +257,8 @@ def _write_model_dir(model: HELMForCausalLM, tokenizer, out: Path, kind: str) ->
                 model.save_pretrained(tmp)
             write_remote_code(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in extra_files.items():  # a model card, say
+            (tmp / name).write_text(text)
         umask = os.umask(0)
         os.umask(umask)
         for file in tmp.rglob("*"):

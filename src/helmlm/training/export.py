@@ -64,17 +64,21 @@ def _load_checkpoint(ckpt: Path, state: dict, tokenizer: str | Path | None):
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None,
-                      format: str = "auto") -> Path:
+                      format: str = "auto", license: str = "apache-2.0") -> Path:
     """Write the model of ``checkpoint`` and its tokenizer (``tokenizer``, default: the one in the run's data
-    directory, checked against the hash recorded in the checkpoint) to ``out_dir``; return ``out_dir``. ``format``:
-    ``auto`` (Llama where the architecture is Llama's, else HELM), ``helm`` or ``llama``
-    (:func:`helmlm.models.hf.save_model_dir`)."""
+    directory, checked against the hash recorded in the checkpoint) to ``out_dir``, with a model card
+    (:mod:`helmlm.training.model_card`, under ``license``); return ``out_dir``. ``format``: ``auto`` (Llama where the
+    architecture is Llama's, else HELM), ``helm`` or ``llama`` (:func:`helmlm.models.hf.save_model_dir`)."""
     from helmlm.models.hf import check_new_dir, resolve_format, save_model_dir
+    from helmlm.models.params import count_parameters
     from helmlm.training.checkpoint import checkpoint_model_config, read_checkpoint_state
+    from helmlm.training.model_card import model_card
 
     ckpt = resolve_checkpoint(checkpoint)
     out = check_new_dir(out_dir)
     state = read_checkpoint_state(ckpt)
     resolve_format(checkpoint_model_config(state), format)  # an impossible format fails before the model is built
     model, tok = _load_checkpoint(ckpt, state, tokenizer)
-    return save_model_dir(model, tok, out, format=format)
+    kind = resolve_format(model.config, format)
+    card = model_card(out.name, state, model.config, count_parameters(model.config), kind, license)
+    return save_model_dir(model, tok, out, format=format, extra_files={"README.md": card})
