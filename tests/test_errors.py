@@ -63,3 +63,31 @@ def test_help_works(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 0 and "usage: helmlm" in capsys.readouterr().out
+
+
+BLOCKING_RUN = """
+import importlib.abc, sys
+blocked = sys.argv[1].split(",")
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Blocked())
+from helmlm.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("blocked, argv, extra", [
+    ("gguf", ["convert", "{tmp}/model.gguf", "{tmp}/out"], "convert"),
+    ("lm_eval", ["eval", "{tmp}", "--tasks", "helm_local_mc"], "eval"),
+])
+def test_a_missing_optional_extra_names_the_pip_install_that_adds_it(tmp_path, blocked, argv, extra):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    result = subprocess.run([sys.executable, "-c", BLOCKING_RUN, blocked, *argv], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"pip install 'helmlm[{extra}]'" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()

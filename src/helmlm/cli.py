@@ -698,12 +698,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+# The optional dependencies and the extra that installs each (pyproject.toml's optional-dependencies).
+EXTRAS = {"lm_eval": "eval", "accelerate": "eval", "peft": "peft", "gguf": "convert", "datasets": "data",
+          "pyarrow": "data", "tensorboard": "tensorboard", "matplotlib": "plots", "plotly": "plots",
+          "powerlaw": "analysis", "scipy": "analysis", "networkx": "ricci", "ot": "ricci"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except HelmlmError as err:  # bad input of any kind: the message says what to do
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # an optional dependency: name the extra that adds it
+        extra = EXTRAS.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: `helmlm {args.command}` needs {err.name.split('.')[0]}, which is not installed: "
+              f"pip install 'helmlm[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
