@@ -13,8 +13,6 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC) -e '.[dev]'
-	# Ricci curvature (helmlm analyze): GraphRicciCurvature pins old numpy/scipy, so it goes in without its pins
-	$(PY) -m pip install --quiet --no-deps 'GraphRicciCurvature==0.6.1'
 	touch $(STAMP)
 
 setup: $(STAMP)
