@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,7 +222,7 @@ def test_analyze_bad_input_exits_2(tmp_path, corpus_file, capsys):
 
 def test_ollivier_ricci_signs_on_known_graphs():
     """Dense cliques are positively curved, the edges of a tree's branching nodes negatively."""
-    pytest.importorskip("GraphRicciCurvature")
+    pytest.importorskip("ot")
     import networkx as nx
 
     from helmlm.analysis.ricci import knn_graph, ollivier_ricci
@@ -236,6 +237,50 @@ def test_ollivier_ricci_signs_on_known_graphs():
     assert all(graph.degree(i) >= 4 for i in graph) and graph.number_of_nodes() == 30
     with pytest.raises(ValueError, match="k must be in"):
         knn_graph(pairwise_distances(points), k=30)
+
+
+RICCI_FIXTURE = Path(__file__).parent / "fixtures" / "ricci_graphricci_0.6.1.json"
+
+
+def _ricci_fixture_graph(entry: dict):
+    """A fixture graph as stored: its nodes in order, its edges in ``graph.edges()`` order, weighted where given."""
+    import networkx as nx
+
+    graph = nx.Graph()
+    graph.add_nodes_from(entry["nodes"])
+    for u, v, w in entry["edges"]:
+        graph.add_edge(u, v, **({} if w is None else {"weight": w}))
+    return graph
+
+
+def test_ollivier_ricci_matches_graphriccicurvature():
+    """The curvatures equal GraphRicciCurvature 0.6.1's (OllivierRicci(..., method="OTD"), stored in the fixture) to
+    1e-9 on cliques, a tree, cycles, kNN graphs and a weighted graph with shortcuts, at alpha 0, 0.5 and 0.9."""
+    pytest.importorskip("ot")
+    import networkx as nx
+
+    from helmlm.analysis.ricci import EPSILON, ollivier_ricci
+
+    fixture = json.loads(RICCI_FIXTURE.read_text())
+    assert fixture["versions"]["GraphRicciCurvature"] == "0.6.1"
+    for name, entry in fixture["graphs"].items():
+        graph = _ricci_fixture_graph(entry)
+        assert [list(edge) for edge in graph.edges()] == [edge[:2] for edge in entry["edges"]], name
+        for alpha, expected in entry["curvature"].items():
+            np.testing.assert_allclose(ollivier_ricci(graph, alpha=float(alpha)), expected, rtol=0, atol=1e-9,
+                                       err_msg=f"{name}, alpha={alpha}")
+    # the fixture reaches the rules that are easy to get wrong: denominators shorter than the edge (a path around
+    # it), endpoints closer than EPSILON (curvature 0), nodes whose neighbour terms sum below EPSILON (even spread)
+    shortcuts = _ricci_fixture_graph(fixture["graphs"]["weighted_shortcuts"])
+    d = dict(nx.all_pairs_dijkstra_path_length(shortcuts))
+    assert sum(d[u][v] < w - 1e-9 for u, v, w in shortcuts.edges(data="weight")) >= 10
+    assert sum(d[u][v] < EPSILON for u, v in shortcuts.edges()) >= 2
+    far = _ricci_fixture_graph(fixture["graphs"]["knn_60_k5_far"])
+    assert any(sum(math.exp(-w ** 2) for *_, w in far.edges(x, data="weight")) <= EPSILON for x in far)
+    # self-loops are left out (no value), as GraphRicciCurvature drops them
+    looped = _ricci_fixture_graph(fixture["graphs"]["cycle_5"])
+    looped.add_edge(2, 2)
+    np.testing.assert_allclose(ollivier_ricci(looped), fixture["graphs"]["cycle_5"]["curvature"]["0.5"], atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,3 +416,120 @@ def test_default_report_names_keep_runs_apart(tmp_path):
     assert _report_name(run) == "helm_mice_tiny-lr=0.003,seed=1"
     assert _report_name(run / "checkpoints" / "step-00000010") == "lr=0.003,seed=1-step-00000010"
     assert _report_name(model) == "smollm2"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Poincaré disk (issue 30)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("c", [1.0, 2.0])
+def test_lorentz_points_land_at_the_poincare_radius_of_their_geodesic_radius(c):
+    from helmlm.analysis.disk import lorentz_to_poincare, poincare_disk
+
+    radii = torch.tensor([0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 12.0], dtype=F64)
+    angles = torch.rand(len(radii), dtype=F64, generator=torch.Generator().manual_seed(0)) * 2 * math.pi
+    directions = torch.stack([angles.cos(), angles.sin()], dim=1)
+    points = expmap0(radii[:, None] * directions, c)  # 2-D hyperbolic plane, points at known geodesic radii
+    expected = c ** 0.5 * torch.tanh(radii / (2 * c ** 0.5))  # tanh(r / 2) for c = 1
+    torch.testing.assert_close(lorentz_to_poincare(points, c).norm(dim=-1), expected, atol=1e-12, rtol=1e-12)
+    xy, radius, info = poincare_disk(points, c)
+    torch.testing.assert_close(xy.norm(dim=-1), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(radius, radii, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(xy[1:] / xy[1:].norm(dim=-1, keepdim=True), directions[1:], atol=1e-12, rtol=0)
+    assert info["disk_radius"] == c ** 0.5 and "radius exact" in info["map"] and "angle exact" in info["map"]
+
+
+def test_euclidean_vectors_map_by_expmap0_after_dividing_by_their_median_norm():
+    from helmlm.analysis.disk import poincare_disk
+
+    v = torch.randn(9, 2, dtype=F64, generator=torch.Generator().manual_seed(1)) * 5
+    scale = float(v.norm(dim=-1).median())
+    xy, radius, info = poincare_disk(v, None)
+    expected = torch.tanh(v.norm(dim=-1, keepdim=True) / (2 * scale)) * v / v.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(xy, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(radius, v.norm(dim=-1) / scale)
+    assert info["euclidean_scale"] == pytest.approx(scale) and info["curvature"] == 1.0
+    assert "expmap0" in info["map"] and "median norm" in info["map"]
+    # rows after `fit` (the labelled words) are mapped with the fitted scale, not their own
+    xy_fit, _, info_fit = poincare_disk(torch.cat([v, 100 * v[:1]]), None, fit=len(v))
+    assert info_fit["euclidean_scale"] == pytest.approx(scale)
+    torch.testing.assert_close(xy_fit[:len(v)], xy)
+
+
+def test_higher_dimensions_keep_radii_and_project_only_the_directions():
+    from helmlm.analysis.disk import poincare_disk
+
+    gen = torch.Generator().manual_seed(2)
+    plane = torch.linalg.qr(torch.randn(6, 2, dtype=F64, generator=gen))[0]  # a random plane in 6-D
+    flat = torch.randn(30, 2, dtype=F64, generator=gen)
+    points = expmap0(flat @ plane.T, 1.0)
+    xy, radius, info = poincare_disk(points, 1.0)
+    torch.testing.assert_close(radius, flat.norm(dim=-1))
+    torch.testing.assert_close(xy.norm(dim=-1), torch.tanh(flat.norm(dim=-1) / 2), atol=1e-12, rtol=1e-12)
+    unit, unit_xy = flat / flat.norm(dim=-1, keepdim=True), xy / xy.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(unit_xy @ unit_xy.T, unit @ unit.T, atol=1e-10, rtol=0)  # directions in a plane: exact
+    assert info["direction_share"] == pytest.approx(1.0) and "projected" in info["map"]
+    _, _, info = poincare_disk(expmap0(torch.randn(30, 6, dtype=F64, generator=gen), 1.0), 1.0)
+    assert 2 / 6 <= info["direction_share"] < 1  # the top-2 plane keeps at least its share of isotropic directions
+
+
+def test_rank_bins_are_log_spaced_and_hold_every_rank():
+    from helmlm.analysis.disk import rank_bins
+
+    assert rank_bins(300) == [(1, 10), (11, 30), (31, 100), (101, 300)]
+    assert rank_bins(500) == [(1, 10), (11, 30), (31, 100), (101, 300), (301, 500)]
+    assert rank_bins(7) == [(1, 7)]
+
+
+@pytest.mark.parametrize("geometry", ["lorentz", "euclidean"])
+def test_analyze_draws_the_tokens_in_the_poincare_disk(tmp_path, corpus_file, geometry):
+    pytest.importorskip("powerlaw")
+    from helmlm.analysis.interactive import hover_text
+    from helmlm.cli import main
+
+    path, _ = model_dir(tmp_path, corpus_file, geometry)
+    out = tmp_path / "report"
+    assert main(["analyze", str(path), "--corpus", str(corpus_file), "--points", "40", "--null-draws", "1",
+                 "--out", str(out)]) == 0
+    disk = json.loads((out / "report.json").read_text())["disk"]
+    assert disk["points"] == 40 and [b["ranks"] for b in disk["bins"]] == [[1, 10], [11, 30], [31, 40]]
+    assert ("Lorentz table" if geometry == "lorentz" else "Euclidean table") in disk["map"]
+    assert {w["group"] for w in disk["words"]} >= {"G1"}
+    assert (out / "disk.png").stat().st_size > 10_000
+    assert "## Poincaré disk" in (out / "report.md").read_text()
+    try:
+        import plotly  # noqa: F401
+    except ImportError:
+        assert disk["html"] is False and not (out / "disk.html").exists()
+        assert "pip install 'helmlm[plots]'" in (out / "report.md").read_text()
+        return
+    from transformers import AutoTokenizer
+
+    page = (out / "disk.html").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    top = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    shown = [t for t in top if t.strip().isalpha() and repr(t) in page]
+    assert len(shown) >= 10  # the tokens' strings are in the hover text
+    assert hover_text(" the", 1, 1234, 0.5).startswith("' the'<br>rank 1, count 1,234")
+    assert hover_text("<b>", 2, 5, 0.5).startswith("'&lt;b&gt;'<br>")  # escaped: a token is text, not markup
+
+
+def test_without_plotly_the_report_says_how_to_add_it(tmp_path, corpus_file, monkeypatch):
+    pytest.importorskip("powerlaw")
+    import sys
+
+    from helmlm.analysis import report as report_module
+    from helmlm.data.tokenizer import train_bpe
+
+    tokenizer = train_bpe(corpus_file.read_text().split("\n\n"), vocab_size=300)
+    table = torch.randn(len(tokenizer), 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(report_module, "ricci_with_null", lambda *a, **k: ({"unavailable": "skipped"}, {}))
+    report = report_module.analyze_embeddings(table, tokenizer, corpus_file.read_text().split("\n\n"), points=20,
+                                              null_draws=1, progress=False, disk_points=30)
+    monkeypatch.setitem(sys.modules, "plotly", None)  # import plotly -> ImportError
+    monkeypatch.setitem(sys.modules, "plotly.graph_objects", None)
+    files = report_module.write_report(report, tmp_path / "r", title="t")
+    assert tmp_path / "r" / "disk.png" in files and not (tmp_path / "r" / "disk.html").exists()
+    assert report["disk"]["points"] == 30 and report["delta"]["points"] == 20
+    assert "No `disk.html`: plotly is not installed; `pip install 'helmlm[plots]'` adds it" in (
+        tmp_path / "r" / "report.md").read_text()
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["disk"]["html"] is False

@@ -1,9 +1,10 @@
 """The PNG plots of a geometry report (matplotlib, the ``analysis`` extra): the frequency distribution with its
-power-law fit, frequency against norm, delta beside its nulls, Ricci curvature beside its null, and a routed
-model's expert loads."""
+power-law fit, frequency against norm, delta beside its nulls, Ricci curvature beside its null, a routed
+model's expert loads, and the most frequent tokens in the Poincaré disk."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,66 @@ def plot_experts(report: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+GROUP_MARKERS = {"G1": "s", "G2": "^", "G3": "D", "G4": "*"}
+
+
+def plot_disk(report: dict[str, Any], path: Path) -> Path:
+    """The tokens of ``report["_disk"]`` in the Poincaré disk, coloured by frequency-rank bin (most frequent
+    darkest, drawn on top), with dashed circles of geodesic radius 1, 2, ... and the word groups' words labelled.
+    The title names the map (:func:`helmlm.analysis.disk.describe_map`)."""
+    info, raw = report["disk"], report["_disk"]
+    rim = info["disk_radius"]
+    fig, ax = plt.subplots(figsize=(7.2, 7.8))
+    ax.add_patch(plt.Circle((0, 0), rim, fill=False, color="k", lw=1))
+    for d in range(1, 12):
+        r = rim * np.tanh(d / (2 * rim))
+        if r > 0.985 * rim:
+            break
+        ax.add_patch(plt.Circle((0, 0), r, fill=False, color="0.6", lw=0.6, ls="--"))
+        ax.text(0, r, f"d = {d}", fontsize=6, color="0.35", ha="center", va="center",
+                bbox={"fc": "white", "ec": "none", "alpha": 0.7, "pad": 0.5})
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(info["bins"])))
+    for b in reversed(range(len(info["bins"]))):
+        lo, hi = info["bins"][b]["ranks"]
+        xy = raw["xy"][raw["bin"] == b]
+        ax.plot(xy[:, 0], xy[:, 1], "o", ms=3.5, alpha=0.8, color=colors[b], mec="none",
+                label=f"ranks {lo}-{hi} (count {info['bins'][b]['count_min']:,}-{info['bins'][b]['count_max']:,})")
+    for group, marker in GROUP_MARKERS.items():
+        words = [w for w in raw["words"] if w["group"] == group]
+        if not words:
+            continue
+        xy = np.array([w["xy"] for w in words])
+        ax.plot(xy[:, 0], xy[:, 1], marker, ms=7, mfc="none", mec="C3", mew=1.2, label=f"{group} words")
+    _label_words(ax, raw["words"], rim)
+    ax.set_xlim(-1.03 * rim, 1.03 * rim)
+    ax.set_ylim(-1.03 * rim, 1.03 * rim)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    handles, labels = ax.get_legend_handles_labels()
+    bins = len(info["bins"])  # drawn least frequent first (so the frequent ones lie on top), listed the other way
+    order = [*reversed(range(bins)), *range(bins, len(handles))]
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=6.5, loc="upper left",
+              bbox_to_anchor=(-0.02, 1.02), framealpha=0.85)
+    ax.set_title(f"The {info['points']} most frequent tokens in the Poincaré disk\n"
+                 + "\n".join(textwrap.wrap(f"Map: {info['map']}.", 95)), fontsize=8)
+    return _save(fig, path)
+
+
+def _label_words(ax, words: list[dict[str, Any]], rim: float) -> None:
+    """Each word beside its point, one line lower (with a leader line) while it would overlap a label already
+    placed."""
+    placed: list[tuple[float, float]] = []
+    for w in words:
+        x, y = w["xy"]
+        line = 0
+        while any(abs(x - px) < 0.14 * rim and abs(y - 0.035 * rim * line - py) < 0.03 * rim for px, py in placed):
+            line += 1
+        placed.append((x, y - 0.035 * rim * line))
+        ax.annotate(w["word"], (x, y), xytext=(4, 2 - 8.5 * line), textcoords="offset points", fontsize=7,
+                    color="C3", va="center", arrowprops={"arrowstyle": "-", "color": "C3", "lw": 0.4, "alpha": 0.6,
+                                                         "shrinkA": 0, "shrinkB": 3} if line else None)
+
+
 def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     files = [plot_frequency(report, out / "frequency.png"), plot_frequency_vs_norm(report, out / "frequency_norm.png"),
              plot_delta(report, out / "delta.png")]
@@ -107,6 +168,8 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
         files.append(plot_ricci(report, out / "ricci.png"))
     if report.get("experts", {}).get("layers"):
         files.append(plot_experts(report, out / "experts.png"))
+    if report.get("_disk"):
+        files.append(plot_disk(report, out / "disk.png"))
     return files
 
 

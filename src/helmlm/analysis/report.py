@@ -9,6 +9,10 @@ The delta-hyperbolicity is measured on the ``points`` most frequent tokens (dist
 Lorentz table), and on two nulls of the same size, each drawn ``null_draws`` times: Gaussian points with the same
 mean and covariance (for a Lorentz table: in the tangent space at the origin, mapped back by ``expmap0``), and random
 other rows of the same table.
+
+The ``disk_points`` most frequent tokens (default: the same ``points``) and the word groups are also drawn in the
+Poincaré disk (:mod:`helmlm.analysis.disk`: radii exact, angles a projection): ``disk.png``, and ``disk.html`` (with
+the token, its rank and count on hover) where plotly is installed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from helmlm.analysis.frequency import embedding_norms, fit_power_law, frequency_vs_norm, token_counts, token_groups
+from helmlm.analysis.disk import disk_layout
+from helmlm.analysis.frequency import (
+    GROUPS,
+    embedding_norms,
+    fit_power_law,
+    frequency_vs_norm,
+    token_counts,
+    token_groups,
+)
 from helmlm.analysis.hyperbolicity import (
     EXACT_MAX_POINTS,
     delta_hyperbolicity,
@@ -33,6 +45,8 @@ from helmlm.analysis.hyperbolicity import (
 )
 from helmlm.errors import DataError
 from helmlm.geometry import expmap0, logmap0
+
+PLOTLY_MISSING = "plotly is not installed; `pip install 'helmlm[plots]'` adds it"
 
 
 def lorentz_distances(points: Tensor, c: float) -> Tensor:
@@ -91,15 +105,13 @@ def ricci_with_null(table: Tensor, chosen: Tensor, c: float | None, null_draws: 
     """Ollivier-Ricci curvature of the k-NN graph of the chosen rows and of Gaussian nulls (summaries, and the raw
     edge curvatures for the plot); ``{"unavailable": ...}`` without the ``ricci`` extra. ``tick()`` after each of
     the ``1 + null_draws`` graphs."""
-    try:
-        from helmlm.analysis.ricci import knn_graph, ollivier_ricci, summary
-    except ImportError:
-        return {"unavailable": "pip install --no-deps GraphRicciCurvature; pip install pot networkit python-louvain"}, {}
+    from helmlm.analysis.ricci import knn_graph, ollivier_ricci, summary
+
     points = table[chosen].to(torch.float64)
     try:
         tokens = ollivier_ricci(knn_graph(distance_matrix(points, c), k))
-    except ImportError as err:  # GraphRicciCurvature present, one of its own dependencies not
-        return {"unavailable": f"GraphRicciCurvature cannot run: {err}"}, {}
+    except ImportError as err:  # networkx, POT or scipy: the ricci extra
+        return {"unavailable": f"{err.name or err} is not installed: pip install 'helmlm[ricci]'"}, {}
     tick()
     nulls = []
     for draw in range(null_draws):
@@ -111,8 +123,10 @@ def ricci_with_null(table: Tensor, chosen: Tensor, c: float | None, null_draws: 
 
 def analyze_embeddings(table: Tensor, tokenizer, documents: Iterable[str], *, lorentz_curvature: float | None = None,
                        max_tokens: int | None = 1_000_000, points: int = 300, null_draws: int = 5, bins: int = 10,
-                       seed: int = 0, progress: bool = True, log=print) -> dict[str, Any]:
-    """Counts, power-law fit, frequency vs norm, word groups and delta-hyperbolicity with nulls (module docstring)."""
+                       seed: int = 0, progress: bool = True, log=print,
+                       disk_points: int | None = None) -> dict[str, Any]:
+    """Counts, power-law fit, frequency vs norm, word groups, the Poincaré disk and delta-hyperbolicity with nulls
+    (module docstring)."""
     from tqdm.auto import tqdm
 
     table = table.detach().to(torch.float64).cpu()
@@ -133,8 +147,10 @@ def analyze_embeddings(table: Tensor, tokenizer, documents: Iterable[str], *, lo
         "corpus_tokens": int(counts.sum()), "distinct_tokens": int(seen.size),
         "power_law": fit_power_law(counts),
         "frequency_vs_norm": frequency_vs_norm(counts, norms.numpy(), bins),
-        "groups": token_groups(tokenizer, counts, norms.numpy()),
+        "groups": token_groups(tokenizer, counts, norms.numpy(), GROUPS),
     }
+    report["disk"], report["_disk"] = disk_layout(table, tokenizer, counts, order[:disk_points or points],
+                                                  lorentz_curvature, GROUPS)
     if len(chosen) > EXACT_MAX_POINTS:
         log(f"note: {len(chosen)} points is more than the {EXACT_MAX_POINTS} of the exact delta; sampling 16 base "
               "points (a lower bound)")
@@ -168,6 +184,8 @@ def markdown(report: dict[str, Any], title: str) -> str:
               "|---|---|---|---|"]
     lines += [f"| {g['group']} | {', '.join(g['words']) or '-'} | {g['count_mean']:.1f} | {g['norm_mean']:.4f} |"
               for g in report["groups"]]
+    if "disk" in report:
+        lines += _disk_lines(report["disk"])
     how = "exact" if d["tokens"]["exact"] else f"lower bound from {d['tokens']['base_points']} base points"
     lines += ["", "## Delta-hyperbolicity", "",
               f"The {d['points']} most frequent tokens, {d['distance']} distances ({how}). Relative delta = "
@@ -186,6 +204,21 @@ def markdown(report: dict[str, Any], title: str) -> str:
     if report.get("experts", {}).get("layers"):
         lines += _expert_lines(report["experts"])
     return "\n".join(lines) + "\n"
+
+
+def _disk_lines(disk: dict[str, Any]) -> list[str]:
+    lines = ["", "## Poincaré disk", "", f"`disk.png`: the {disk['points']} most frequent tokens and the word groups' "
+             f"single-token words. Map: {disk['map']}.", "", "| frequency ranks | counts | mean geodesic radius |",
+             "|---|---|---|"]
+    lines += [f"| {b['ranks'][0]}-{b['ranks'][1]} | {b['count_min']:,}-{b['count_max']:,} | {b['radius_mean']:.3f} |"
+              for b in disk["bins"]]
+    words = [f"{w['word']} ({w['group']}, rank {w['rank'] or 'unseen'}, radius {w['radius']:.2f})"
+             for w in disk["words"]]
+    lines += ["", "Labelled: " + (", ".join(words) or "none of the groups' words is a single token") + "."]
+    if disk.get("html") is not None:
+        lines += ["", "`disk.html`: the same disk, interactive (hover: the token, its frequency rank and count)."
+                  if disk["html"] else f"No `disk.html`: {PLOTLY_MISSING}."]
+    return lines
 
 
 def _ricci_lines(r: dict[str, Any]) -> list[str]:
@@ -212,12 +245,15 @@ def _expert_lines(experts: dict[str, Any]) -> list[str]:
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, title: str, overwrite: bool = False) -> list[Path]:
-    """``report.json``, ``report.md`` and the PNG plots in ``out_dir`` (refused if it holds a report, unless
-    ``overwrite``); returns the files written."""
+    """``report.json``, ``report.md``, the PNG plots and, with plotly, the interactive ``disk.html`` in ``out_dir``
+    (refused if it holds a report, unless ``overwrite``); returns the files written."""
     out = Path(out_dir)
     if (out / "report.json").exists() and not overwrite:
         raise DataError(f"{out} already holds a report; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    report = dict(report)
+    if "disk" in report:
+        report["disk"] = dict(report["disk"], html="disk.html" if _plotly() else False)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     (out / "report.json").write_text(json.dumps(public, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report, title))
@@ -225,5 +261,19 @@ def write_report(report: dict[str, Any], out_dir: str | Path, title: str, overwr
     try:
         from helmlm.analysis.plots import plot_report
     except ImportError:  # matplotlib missing: the numbers are written all the same
-        return files
-    return files + plot_report(report, out)
+        pass
+    else:
+        files += plot_report(report, out)
+    if report.get("disk", {}).get("html"):
+        from helmlm.analysis.interactive import write_disk_html
+
+        files.append(write_disk_html(report, out / "disk.html"))
+    return files
+
+
+def _plotly() -> bool:
+    try:
+        import plotly.graph_objects  # noqa: F401
+    except ImportError:
+        return False
+    return True
