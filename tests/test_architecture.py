@@ -24,7 +24,7 @@ LAYERS = [
     {"models"},
     {"config", "compat"},
     {"data", "generation", "convert", "peft", "analysis"},
-    {"eval"},
+    {"eval", "serving"},
     {"training"},
     {"cli"},
     {"__main__"},

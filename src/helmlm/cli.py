@@ -194,6 +194,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from helmlm.serving import load_engine, serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    engine = load_engine(args.model_dir, args.adapter, args.name, args.max_queue)
+    where = f"http://{args.host}:{args.port}"
+    print(f"serving {engine.name} at {where}/v1 (OpenAI-compatible; health: {where}/health); Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    serve(engine, args.host, args.port, args.api_key)
+    return 0
+
+
 def _cmd_perplexity(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -450,6 +465,17 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="a model directory (helmlm export, helmlm convert or save_pretrained output)")
+    p.add_argument("--adapter", default=None, help="a LoRA / HypLoRA adapter directory to serve on top")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every /v1 request")
+    p.add_argument("--name", default=None, help="the model's name in the API (default: the directory's name)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429 (default 16)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint directory (step-XXXXXXXX) or a run directory (its newest intact)")
     p.add_argument("out_dir", help="new directory for config.json, model.safetensors and the tokenizer")
@@ -622,6 +648,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
              "Build the offline corpus, train a BPE, pretrain tiny HELM-D and its LLaMA twin on the same tokens, "
              "print validation loss/perplexity (recipe: tiny)."),
     "export": (_cmd_export, _export_args, "turn a training checkpoint into a Hugging Face model directory", None),
+    "serve": (_cmd_serve, _serve_args, "serve a model over an OpenAI-compatible HTTP API",
+              "POST /v1/completions and /v1/chat/completions (streaming with stream: true), GET /v1/models and "
+              "/health; needs `pip install 'helmlm[serve]'` (docs/serving.md)."),
     "analyze": (_cmd_analyze, _analyze_args, "token-embedding geometry of a model, with null baselines",
                 "Token frequencies (power-law fit), frequency vs embedding norm, word groups and delta-hyperbolicity "
                 "beside Gaussian and random-token nulls; writes report.json, report.md and PNG plots "
@@ -701,7 +730,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # The optional dependencies and the extra that installs each (pyproject.toml's optional-dependencies).
 EXTRAS = {"lm_eval": "eval", "accelerate": "eval", "peft": "peft", "gguf": "convert", "datasets": "data",
           "pyarrow": "data", "tensorboard": "tensorboard", "matplotlib": "plots", "plotly": "plots",
-          "powerlaw": "analysis", "scipy": "analysis", "networkx": "ricci", "ot": "ricci"}
+          "powerlaw": "analysis", "scipy": "analysis", "networkx": "ricci", "ot": "ricci", "fastapi": "serve",
+          "uvicorn": "serve", "sse_starlette": "serve"}
 
 
 def main(argv: list[str] | None = None) -> int:

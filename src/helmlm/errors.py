@@ -52,6 +52,19 @@ class GenerationError(HelmlmError, ValueError):
     """An invalid generation request: empty prompt, too long, bad sampling values, not a model directory."""
 
 
+class ServerBusy(HelmlmError, RuntimeError):
+    """The server's request queue is full; the client should retry later (HTTP 429)."""
+
+
+class APIError(HelmlmError, ValueError):
+    """A bad request to ``helmlm serve``'s API, answered with HTTP ``status`` and OpenAI's error shape (``body``)."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 class EvalError(HelmlmError, ValueError):
     """An evaluation request that cannot run: unknown task, bad task data, missing model, existing output file."""
 

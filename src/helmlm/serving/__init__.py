@@ -1,0 +1,36 @@
+"""Serving a model: the decoding engine (:mod:`helmlm.serving.engine`), the OpenAI-compatible API
+(:mod:`helmlm.serving.api`) and :func:`serve`, what ``helmlm serve`` runs. Needs the ``serve`` extra (FastAPI,
+uvicorn, sse-starlette)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_engine(model_dir: str | Path, adapter: str | Path | None = None, name: str | None = None,
+                max_queue: int = 16):
+    """An :class:`~helmlm.serving.engine.Engine` over a model directory, with a LoRA / HypLoRA adapter on top when
+    ``adapter`` is given; it is served as ``name`` (default: the directory's name, or the adapter's)."""
+    from helmlm.generation import load_model_dir
+    from helmlm.serving.engine import Engine
+
+    model, tokenizer = load_model_dir(model_dir)
+    if adapter is not None:
+        from helmlm.peft.adapters import load_adapter
+
+        model = load_adapter(model, adapter)
+    default = Path(adapter if adapter is not None else model_dir).resolve().name
+    return Engine(model, tokenizer, name or default, max_queue=max_queue)
+
+
+def serve(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          graceful_seconds: float = 30.0) -> None:
+    """Serve ``engine`` until SIGINT or SIGTERM; then stop accepting connections and give the requests in flight up
+    to ``graceful_seconds`` to finish (uvicorn's graceful shutdown)."""
+    import uvicorn
+
+    from helmlm.serving.api import create_app
+
+    uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=graceful_seconds)
+    engine.close()

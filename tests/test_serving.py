@@ -1,0 +1,185 @@
+"""``helmlm serve``'s OpenAI-compatible API, tested as clients use it: the official ``openai`` client against a
+server on 127.0.0.1 (completions and chat, streamed and not), outputs equal to ``helmlm generate``'s at temperature
+0 and with a seed, concurrent requests equal to their sequential runs, and bad requests answered in OpenAI's error
+shape while the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+import uvicorn  # noqa: E402
+
+from helmlm.data.tokenizer import train_bpe  # noqa: E402
+from helmlm.generation import SamplingSettings, complete  # noqa: E402
+from helmlm.models import HELMForCausalLM, load_config  # noqa: E402
+from helmlm.models.hf import save_model_dir  # noqa: E402
+from helmlm.serving import load_engine  # noqa: E402
+from helmlm.serving.api import Message, chat_prompt, create_app  # noqa: E402
+from helmlm.serving.engine import Job  # noqa: E402
+
+KEY = "test-key"
+TEXT = "the river runs to the sea and the sea runs to the sky; the time of water is long. " * 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tokenizer = train_bpe([TEXT] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = HELMForCausalLM(load_config("helm_mice_tiny", vocab_size=len(tokenizer), num_hidden_layers=2,
+                                        max_position_embeddings=96))
+    return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("serve") / "tiny-helm")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """The API on a free port of 127.0.0.1, in a thread, with an API key and a queue of 4."""
+    engine = load_engine(model_dir, max_queue=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(engine, KEY), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield engine, f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(10)
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+
+
+def expected(engine, ids, max_tokens: int, temperature: float = 0.0, seed: int = 0, stop=()) -> str:
+    settings = SamplingSettings(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    return complete(engine.model, engine.tokenizer, ids, settings, list(stop))
+
+
+def test_completions_plain_and_streamed_equal_helmlm_generate(server):
+    engine, url = server
+    api = client(url)
+    assert [m.id for m in api.models.list().data] == ["tiny-helm"]
+    prompt = "the river runs"
+    ids = engine.tokenizer(prompt, add_special_tokens=False).input_ids
+    out = api.completions.create(model="tiny-helm", prompt=prompt, max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected(engine, ids, 12)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.total_tokens == len(ids) + out.usage.completion_tokens
+    pieces = [c.choices[0].text for c in api.completions.create(model="tiny-helm", prompt=prompt, max_tokens=12,
+                                                                  temperature=0, stream=True)]
+    assert "".join(pieces) == out.choices[0].text and len(pieces) > 2
+    seeded = [api.completions.create(model="tiny-helm", prompt=prompt, max_tokens=10, temperature=1.0,
+                                     seed=7).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1] == expected(engine, ids, 10, temperature=1.0, seed=7)
+
+
+def test_chat_plain_and_streamed(server):
+    engine, url = server
+    api = client(url)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sea"}]
+    ids, stop = chat_prompt(engine.tokenizer, [Message(**m) for m in messages])
+    out = api.chat.completions.create(model="tiny-helm", messages=messages, max_tokens=10, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == expected(engine, ids, 10, stop=stop)
+    chunks = list(api.chat.completions.create(model="tiny-helm", messages=messages, max_tokens=10, temperature=0,
+                                              stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_streams_equal_their_sequential_runs(server):
+    engine, url = server
+
+    async def one(seed: int) -> str:
+        api = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        stream = await api.completions.create(model="tiny-helm", prompt="the time of", max_tokens=8,
+                                              temperature=1.0, seed=seed, stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def many() -> list[str]:
+        return await asyncio.gather(*(one(seed) for seed in range(4)))  # the queue holds 4
+
+    got = asyncio.run(many())
+    ids = engine.tokenizer("the time of", add_special_tokens=False).input_ids
+    assert got == [expected(engine, ids, 8, temperature=1.0, seed=seed) for seed in range(4)]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    engine, url = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    class Http:  # the raw requests a broken client sends (urllib: no client library in between)
+        @staticmethod
+        def request(path: str, data: bytes | None = None, headers: dict | None = None, json_body=None):
+            if json_body is not None:
+                data = json.dumps(json_body).encode()
+            head = {"content-type": "application/json", **(headers or {})}
+            req = urllib.request.Request(url + path, data=data, headers=head, method="POST" if data else "GET")
+            try:
+                with urllib.request.urlopen(req, timeout=60) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        def post(self, path, content=None, json=None, headers=None):
+            return self.request(path, content, headers, json)
+
+        def get(self, path, headers=None):
+            return self.request(path, None, headers)
+
+    http = Http()
+
+    def error(response, status: int) -> dict:
+        assert response[0] == status, response
+        body = response[1]["error"]
+        assert set(body) == {"message", "type", "param", "code"} and body["message"]
+        return body
+
+    error(http.post("/v1/completions", content=b"{not json", headers=headers), 400)
+    assert error(http.post("/v1/completions", json={"model": "other", "prompt": "x"}, headers=headers),
+                 404)["code"] == "model_not_found"
+    assert error(http.post("/v1/completions", json={"model": "tiny-helm", "prompt": "x", "max_tokens": -1},
+                           headers=headers), 400)["param"] == "max_tokens"
+    long = error(http.post("/v1/completions", json={"model": "tiny-helm", "prompt": TEXT, "max_tokens": 4},
+                           headers=headers), 400)
+    assert long["code"] == "context_length_exceeded"
+    assert error(http.get("/v1/models"), 401)["code"] == "invalid_api_key"
+    assert error(http.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)["type"] == \
+        "authentication_error"
+    # more clients than the queue holds: block the decoding thread, fill the queue, then one more is refused
+    started, release = threading.Event(), threading.Event()
+
+    def hold(piece: str) -> None:
+        started.set()
+        release.wait(30)
+
+    engine.submit(Job([1, 2, 3], SamplingSettings(max_new_tokens=4, temperature=0), on_text=hold))
+    assert started.wait(30)  # the worker is decoding it: the queue is empty again
+    drained = threading.Event()
+    fillers = [Job([1, 2], SamplingSettings(max_new_tokens=1, temperature=0)) for _ in range(engine.jobs.maxsize)]
+    fillers[-1].on_done = lambda text, err: drained.set()
+    for job in fillers:
+        engine.submit(job)
+    try:
+        assert error(http.post("/v1/completions", json={"model": "tiny-helm", "prompt": "x", "max_tokens": 2},
+                               headers=headers), 429)["code"] == "queue_full"
+    finally:
+        release.set()
+    assert drained.wait(60)  # the queued requests ran; the server takes new ones again
+    assert http.get("/health")[1]["status"] == "ok"
+    status, ok = http.post("/v1/completions", json={"model": "tiny-helm", "prompt": "the sea", "max_tokens": 3,
+                                                    "temperature": 0}, headers=headers)
+    assert status == 200 and ok["usage"]["prompt_tokens"] > 0
