@@ -222,11 +222,13 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def complete(model, tokenizer, prompt_ids: Sequence[int], settings: SamplingSettings,
-             stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None, compile: bool = False) -> str:
+             stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None, compile: bool = False,
+             stats: dict | None = None) -> str:
     """The text that continues ``prompt_ids``, ending before the first of the ``stop`` strings (or at EOS, or after
     ``max_new_tokens``). ``on_text`` receives the text as it is generated, in pieces that never include a part of
     a stop string or half of a multi-byte character; their concatenation is the returned text. ``compile``: as in
-    :func:`generate`."""
+    :func:`generate`. ``stats``, when given, receives ``tokens`` (how many were generated, EOS included) and
+    ``finish``: ``length`` when ``max_new_tokens`` ended it, else ``stop`` (EOS or a stop string)."""
     eos = tokenizer.eos_token_id
     hold = max((len(s) for s in stop), default=1) - 1  # what may still become a stop string is held back
     pieces: list[int] = []
@@ -248,7 +250,11 @@ def complete(model, tokenizer, prompt_ids: Sequence[int], settings: SamplingSett
 
     out = generate(model, [list(prompt_ids)], settings, eos_token_id=eos, streamer=stream,
                    stop=stopped if stop else None, compile=compile)[0]
-    text = _cut_at_stop(tokenizer.decode([t for t in out if t != eos]), stop)
+    decoded = tokenizer.decode([t for t in out if t != eos])
+    text = _cut_at_stop(decoded, stop)
+    if stats is not None:
+        ended = eos in out or len(text) < len(decoded)
+        stats.update(tokens=len(out), finish="length" if len(out) >= settings.max_new_tokens and not ended else "stop")
     if on_text is not None and len(text) > len(shown):
         on_text(text[len(shown):])
     return text

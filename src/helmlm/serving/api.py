@@ -152,15 +152,14 @@ async def _respond(engine: Engine, body: Sampling, ids: list[int], stop: list[st
     _, text, err = event
     if err is not None:
         raise APIError(500, f"generation failed: {err}", type="server_error")
-    usage = _usage(engine, ids, text)
-    finish = "length" if usage["completion_tokens"] >= settings.max_new_tokens else "stop"
+    usage, finish = _usage(ids, job), job.stats["finish"]
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
               if kind.startswith("chat") else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
     return {**meta, "object": kind, "choices": [choice], "usage": usage}
 
 
-def _usage(engine: Engine, ids: list[int], text: str) -> dict[str, int]:
-    completion = len(engine.tokenizer(text, add_special_tokens=False).input_ids) if text else 0
+def _usage(ids: list[int], job: Job) -> dict[str, int]:
+    completion = job.stats["tokens"]
     return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
 
 
@@ -187,8 +186,7 @@ async def _stream(engine: Engine, job: Job, events: asyncio.Queue, meta: dict, k
             yield {"data": json.dumps({"error": {"message": f"generation failed: {err}", "type": "server_error",
                                                  "param": None, "code": None}})}
             return
-        usage = _usage(engine, job.prompt_ids, text)
-        finish = "length" if usage["completion_tokens"] >= job.settings.max_new_tokens else "stop"
+        usage, finish = _usage(job.prompt_ids, job), job.stats["finish"]
         yield {"data": json.dumps({**json.loads(chunk(None, finish)), "usage": usage})}
         yield {"data": "[DONE]"}
     except asyncio.CancelledError:

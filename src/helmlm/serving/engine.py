@@ -30,6 +30,7 @@ class Job:
     on_text: Callable[[str], None] = lambda piece: None
     on_done: Callable[[str | None, BaseException | None], None] = lambda text, error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stats: dict = field(default_factory=dict)  # filled by the decoding: tokens generated, finish reason
 
 
 class Engine:
@@ -67,7 +68,8 @@ class Engine:
 
             try:
                 with torch.inference_mode():
-                    text = complete(self.model, self.tokenizer, job.prompt_ids, job.settings, job.stop, on_text)
+                    text = complete(self.model, self.tokenizer, job.prompt_ids, job.settings, job.stop, on_text,
+                                    stats=job.stats)
             except CancelledError as err:
                 job.on_done(None, err)
             except Exception as err:  # reported to the request that caused it; the worker goes on
