@@ -25,7 +25,8 @@ from helmlm.generation import SamplingSettings, complete  # noqa: E402
 from helmlm.models import HELMForCausalLM, load_config  # noqa: E402
 from helmlm.models.hf import save_model_dir  # noqa: E402
 from helmlm.serving import load_engine  # noqa: E402
-from helmlm.serving.api import Message, chat_prompt, create_app  # noqa: E402
+from helmlm.serving.api import create_app  # noqa: E402
+from helmlm.serving.chat import chat_prompt  # noqa: E402
 from helmlm.serving.engine import Job  # noqa: E402
 
 KEY = "test-key"
@@ -99,7 +100,7 @@ def test_chat_plain_and_streamed(server):
     engine, url = server
     api = client(url)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sea"}]
-    ids, stop = chat_prompt(engine.tokenizer, [Message(**m) for m in messages])
+    ids, stop = chat_prompt(engine.tokenizer, messages)
     out = api.chat.completions.create(model="tiny-helm", messages=messages, max_tokens=10, temperature=0)
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == expected(engine, ids, 10, stop=stop)
@@ -193,3 +194,36 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     status, ok = http.post("/v1/completions", json={"model": "tiny-helm", "prompt": "the sea", "max_tokens": 3,
                                                     "temperature": 0}, headers=headers)
     assert status == 200 and ok["usage"]["prompt_tokens"] > 0
+
+
+def test_helmlm_chat_through_a_pseudo_terminal(server, model_dir):
+    """``helmlm chat`` driven through a pty: a greedy reply equal to ``complete`` on the conversation's prompt, the
+    history kept for the next turn, /system and /reset, Ctrl-C that leaves the chat running, /exit."""
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    engine, _ = server
+    child = pexpect.spawn(sys.executable, ["-m", "helmlm", "chat", str(model_dir), "--temperature", "0",
+                                           "--max-new-tokens", "6", "--threads", "1"], encoding="utf-8", timeout=120,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    child.expect_exact("> ")
+    turns = [{"role": "user", "content": "the sea"}]
+    child.sendline("the sea")
+    child.expect_exact("> ")
+    first = expected(engine, chat_prompt(engine.tokenizer, turns)[0], 6, stop=chat_prompt(engine.tokenizer, turns)[1])
+    assert child.before.replace("\r\n", "\n").split("\n", 1)[1].rstrip("\n") == first  # after the echoed line
+    turns += [{"role": "assistant", "content": first.strip()}, {"role": "user", "content": "and the river"}]
+    child.sendline("and the river")
+    child.expect_exact("> ")
+    ids, stop = chat_prompt(engine.tokenizer, turns)
+    assert child.before.replace("\r\n", "\n").split("\n", 1)[1].rstrip("\n") == expected(engine, ids, 6, stop=stop)
+    child.sendline("/system be brief")
+    child.expect_exact("(system message set)")
+    child.sendline("/reset")
+    child.expect_exact("(history cleared)")
+    child.sendline("the time")
+    child.sendintr()  # Ctrl-C: stops the reply (or lands at the prompt), never the chat
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before

@@ -194,6 +194,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from helmlm.generation import SamplingSettings, load_model_dir
+    from helmlm.serving.chat import Chat
+
+    settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                args.repetition_penalty, args.seed)
+    settings.validate()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_dir(args.model_dir)
+    if args.adapter is not None:
+        from helmlm.peft.adapters import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    Chat(model, tokenizer, settings, system=args.system).run()
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from helmlm.serving import load_engine, serve
 
@@ -504,10 +524,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
                    help="start at most N runs now, then stop (run again to continue)")
 
 
-def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="a directory written by `helmlm export` (config, weights, tokenizer)")
-    p.add_argument("--prompt", default=None, help="the prompt (default: one prompt per line from --prompts-file)")
-    p.add_argument("--prompts-file", default=None, help="file with one prompt per line ('-' or absent: stdin)")
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags of `generate` and `chat`."""
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
@@ -515,6 +533,21 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed for exact repeats (default: fresh randomness on each call)")
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="a model directory (helmlm export, helmlm convert or save_pretrained output)")
+    p.add_argument("--adapter", default=None, help="a LoRA / HypLoRA adapter directory to chat with on top")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _sampling_args(p)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="a directory written by `helmlm export` (config, weights, tokenizer)")
+    p.add_argument("--prompt", default=None, help="the prompt (default: one prompt per line from --prompts-file)")
+    p.add_argument("--prompts-file", default=None, help="file with one prompt per line ('-' or absent: stdin)")
+    _sampling_args(p)
     p.add_argument("--verbose", action="store_true", help="also print the seed used (to stderr)")
     p.add_argument("--json", action="store_true",
                    help="no streaming: one JSON line per prompt (prompt, completion, seed)")
@@ -648,6 +681,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
              "Build the offline corpus, train a BPE, pretrain tiny HELM-D and its LLaMA twin on the same tokens, "
              "print validation loss/perplexity (recipe: tiny)."),
     "export": (_cmd_export, _export_args, "turn a training checkpoint into a Hugging Face model directory", None),
+    "chat": (_cmd_chat, _chat_args, "chat with a model in the terminal, replies streamed",
+             "An interactive chat: the tokenizer's chat template when it has one, plain turns otherwise; the "
+             "history is kept. Commands: /reset, /system TEXT, /exit. Ctrl-C stops a reply, Ctrl-D or /exit quits."),
     "serve": (_cmd_serve, _serve_args, "serve a model over an OpenAI-compatible HTTP API",
               "POST /v1/completions and /v1/chat/completions (streaming with stream: true), GET /v1/models and "
               "/health; needs `pip install 'helmlm[serve]'` (docs/serving.md)."),

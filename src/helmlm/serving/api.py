@@ -26,6 +26,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from helmlm.errors import APIError, GenerationError, ServerBusy
 from helmlm.generation import SamplingSettings, fresh_seed
+from helmlm.serving.chat import chat_prompt
 from helmlm.serving.engine import Engine, Job
 
 
@@ -51,17 +52,6 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-
-
-def chat_prompt(tokenizer, messages: list[Message]) -> tuple[list[int], list[str]]:
-    """The prompt ids of a conversation and the stop strings that end the reply: the tokenizer's chat template
-    when it has one, else plain ``Role: text`` turns (the reply stops before the next ``\\nUser:``)."""
-    turns = [{"role": m.role, "content": m.content} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids), []
-    text = "".join(f"{m.role.capitalize()}: {m.content}\n" for m in messages) + "Assistant:"
-    return tokenizer(text, add_special_tokens=False).input_ids, ["\nUser:", "\nSystem:"]
 
 
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
@@ -102,7 +92,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     async def chat(body: ChatRequest):
-        ids, stop = chat_prompt(engine.tokenizer, body.messages)
+        ids, stop = chat_prompt(engine.tokenizer, [m.model_dump() for m in body.messages])
         return await _respond(engine, body, ids, stop, "chat.completion")
 
     return app
