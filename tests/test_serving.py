@@ -227,3 +227,80 @@ def test_helmlm_chat_through_a_pseudo_terminal(server, model_dir):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0, child.before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_cli_server(model_dir, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "helmlm", "serve", str(model_dir), "--port", str(port),
+                             "--threads", "1", *extra], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return proc, url
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+    raise AssertionError("the server did not start")
+
+
+@pytest.mark.slow
+def test_load_32_concurrent_streams_for_3_rounds(model_dir):
+    """``helmlm serve`` from the command line: 32 concurrent streaming requests, 3 rounds; every request completes
+    and equals its sequential run, and the server's memory after round 3 is within 10% (or 20 MB) of round 1's."""
+    psutil = pytest.importorskip("psutil")
+    proc, url = _start_cli_server(model_dir, "--max-queue", "32", "--name", "m")
+    try:
+        async def one(api, seed: int) -> str:
+            stream = await api.completions.create(model="m", prompt="the river", max_tokens=6, temperature=1.0,
+                                                  seed=seed, stream=True)
+            return "".join([c.choices[0].text async for c in stream])
+
+        async def round_() -> list[str]:
+            api = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
+            return await asyncio.gather(*(one(api, seed) for seed in range(32)))
+
+        memory, outputs = [], []
+        for _ in range(3):
+            outputs.append(asyncio.run(round_()))
+            memory.append(psutil.Process(proc.pid).memory_info().rss)
+        sequential = [client(url).completions.create(model="m", prompt="the river", max_tokens=6, temperature=1.0,
+                                                     seed=seed).choices[0].text for seed in range(32)]
+        assert outputs[0] == outputs[1] == outputs[2] == sequential
+        assert memory[2] - memory[0] <= max(0.1 * memory[0], 20e6), memory
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_request_in_flight_and_exits_cleanly(model_dir):
+    proc, url = _start_cli_server(model_dir, "--name", "m")
+    api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+    stream = api.completions.create(model="m", prompt="the sea", max_tokens=40, temperature=0, stream=True)
+    first = next(iter(stream))  # the request is in flight
+    proc.send_signal(__import__("signal").SIGTERM)
+    rest = [c.choices[0].text for c in stream]  # it finishes (or ends cleanly), no broken stream
+    assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
+    assert first.choices[0].text + "".join(rest) == expected_text(model_dir, "the sea", 40)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url + "/health", timeout=2)
+
+
+def expected_text(model_dir, prompt: str, max_tokens: int) -> str:
+    from helmlm.generation import load_model_dir
+
+    model, tokenizer = load_model_dir(model_dir)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    return complete(model.eval(), tokenizer, ids, SamplingSettings(max_new_tokens=max_tokens, temperature=0, seed=0))

@@ -27,10 +27,19 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None
           graceful_seconds: float = 30.0) -> None:
     """Serve ``engine`` until SIGINT or SIGTERM; then stop accepting connections and give the requests in flight up
     to ``graceful_seconds`` to finish (uvicorn's graceful shutdown)."""
+    import signal
+
     import uvicorn
 
     from helmlm.serving.api import create_app
 
-    uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=graceful_seconds)
+    # uvicorn hands a signal it caught back to the handler it found once it has shut down; with this one there, a
+    # graceful stop is the normal end of the command (exit 0), not a death by signal.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning",
+                    timeout_graceful_shutdown=graceful_seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     engine.close()
