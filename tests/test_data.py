@@ -627,11 +627,7 @@ def test_truncated_bin_is_named_by_verify_shards_and_by_token_shards(prepared, t
     d = _copy(prepared, tmp_path)
     path = d / "train-00001.bin"
     after, before = _truncate(path, drop)
-    message = _damage_message(path, f"truncated: {after:,} bytes, the manifest says {before:,}")
-    with pytest.raises(DataError, match=message):
-        verify_shards(d)
-    with pytest.raises(DataError, match=message):
-        TokenShards(d, "train")
+    _both_refuse(d, "train", _damage_message(path, f"truncated: {after:,} bytes, the manifest says {before:,}"))
     verify_shards(d, ["val"])
     assert TokenShards(d, "val").num_documents == read_manifest(d)["splits"]["val"]["documents"]
 
@@ -652,17 +648,21 @@ def test_bin_with_one_byte_flipped_is_named_by_verify_shards(prepared, tmp_path)
         TokenShards(d, "train")
 
 
+def _both_refuse(d, split: str, message: str) -> None:
+    """verify_shards and TokenShards both name the damage."""
+    with pytest.raises(DataError, match=message):
+        verify_shards(d)
+    with pytest.raises(DataError, match=message):
+        TokenShards(d, split)
+
+
 def test_truncated_or_missing_index_is_named(prepared, tmp_path):
     """A truncated .idx.npy is named by verify_shards and TokenShards (not a raw numpy error); so is a missing
     file."""
     d = _copy(prepared, tmp_path)
     path = d / "val-00000.idx.npy"
     after, before = _truncate(path, 8)
-    message = _damage_message(path, f"truncated: {after:,} bytes, the manifest says {before:,}")
-    with pytest.raises(DataError, match=message):
-        verify_shards(d)
-    with pytest.raises(DataError, match=message):
-        TokenShards(d, "val")
+    _both_refuse(d, "val", _damage_message(path, f"truncated: {after:,} bytes, the manifest says {before:,}"))
     path.unlink()
     with pytest.raises(DataError, match=_damage_message(path, "missing")):
         TokenShards(d, "val")
@@ -680,11 +680,7 @@ def test_manifest_without_file_records_still_loads_and_verifies_by_size(prepared
     assert _split_docs(TokenShards(d, "train")) == _split_docs(TokenShards(out, "train"))
     path = d / "train-00002.bin"
     after, before = _truncate(path, 2)
-    message = _damage_message(path, f"truncated: {after:,} bytes, the manifest says {before:,}")
-    with pytest.raises(DataError, match=message):
-        verify_shards(d)
-    with pytest.raises(DataError, match=message):
-        TokenShards(d, "train")
+    _both_refuse(d, "train", _damage_message(path, f"truncated: {after:,} bytes, the manifest says {before:,}"))
     index = d / "val-00000.idx.npy"
     _truncate(index, 8)
     for check in (lambda: verify_shards(d, ["val"]), lambda: TokenShards(d, "val")):

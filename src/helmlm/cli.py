@@ -163,12 +163,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from helmlm.generation import SamplingSettings, check_request, complete, fresh_seed, load_model_dir
+    from helmlm.generation import check_request, complete, fresh_seed, load_model_dir
 
     seed = args.seed if args.seed is not None else fresh_seed()
-    settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                args.repetition_penalty, seed)
-    settings.validate()  # before any loading
+    settings = _sampling(args, seed)  # validated before any loading
     prompts = _read_prompts(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,22 +192,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_chat(args: argparse.Namespace) -> int:
-    from helmlm.generation import SamplingSettings, load_model_dir
-    from helmlm.serving.chat import Chat
+def _sampling(args: argparse.Namespace, seed: int | None):
+    """The validated :class:`SamplingSettings` of `generate`'s and `chat`'s sampling flags."""
+    from helmlm.generation import SamplingSettings
 
     settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                args.repetition_penalty, args.seed)
+                                args.repetition_penalty, seed)
     settings.validate()
+    return settings
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from helmlm.serving import load_model
+    from helmlm.serving.chat import Chat
+
+    settings = _sampling(args, args.seed)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model_dir(args.model_dir)
-    if args.adapter is not None:
-        from helmlm.peft.adapters import load_adapter
-
-        model = load_adapter(model, args.adapter)
+    model, tokenizer = load_model(args.model_dir, args.adapter)
     Chat(model, tokenizer, settings, system=args.system).run()
     return 0
 

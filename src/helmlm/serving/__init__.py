@@ -7,18 +7,26 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_engine(model_dir: str | Path, adapter: str | Path | None = None, name: str | None = None,
-                max_queue: int = 16):
-    """An :class:`~helmlm.serving.engine.Engine` over a model directory, with a LoRA / HypLoRA adapter on top when
-    ``adapter`` is given; it is served as ``name`` (default: the directory's name, or the adapter's)."""
+def load_model(model_dir: str | Path, adapter: str | Path | None = None):
+    """``(model, tokenizer)`` of a model directory, with a LoRA / HypLoRA adapter on top when ``adapter`` is given
+    (what ``helmlm chat`` and ``helmlm serve`` run)."""
     from helmlm.generation import load_model_dir
-    from helmlm.serving.engine import Engine
 
     model, tokenizer = load_model_dir(model_dir)
     if adapter is not None:
         from helmlm.peft.adapters import load_adapter
 
         model = load_adapter(model, adapter)
+    return model, tokenizer
+
+
+def load_engine(model_dir: str | Path, adapter: str | Path | None = None, name: str | None = None,
+                max_queue: int = 16):
+    """An :class:`~helmlm.serving.engine.Engine` over a model directory, with a LoRA / HypLoRA adapter on top when
+    ``adapter`` is given; it is served as ``name`` (default: the directory's name, or the adapter's)."""
+    from helmlm.serving.engine import Engine
+
+    model, tokenizer = load_model(model_dir, adapter)
     default = Path(adapter if adapter is not None else model_dir).resolve().name
     return Engine(model, tokenizer, name or default, max_queue=max_queue)
 

@@ -21,19 +21,14 @@ from helmlm.storage import disk_errors
 from helmlm.training.distributed import full
 
 
-def _record_step(line: str) -> float:
-    """The step of a metrics line; a torn last line (a kill mid-write) or an empty one counts as infinitely late."""
+def _record(line: str) -> tuple[float, str | None]:
+    """``(step, kind)`` of a metrics line; a torn last line (a kill mid-write) or an empty one counts as infinitely
+    late, of no kind."""
     try:
-        return json.loads(line).get("step", 0)
+        record = json.loads(line)
+        return record.get("step", 0), record.get("kind")
     except (json.JSONDecodeError, AttributeError):
-        return math.inf
-
-
-def _record_kind(line: str) -> str | None:
-    try:
-        return json.loads(line).get("kind")
-    except (json.JSONDecodeError, AttributeError):
-        return None
+        return math.inf, None
 
 
 class MetricsLog:
@@ -63,7 +58,7 @@ class MetricsLog:
         if self.file is not None:
             self.file.flush()
         lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if _record_step(line) <= step or _record_kind(line) in keep]
+        kept = [line for line in lines if (record := _record(line))[0] <= step or record[1] in keep]
         tmp = self.path.with_suffix(".tmp")
         with disk_errors("the metrics", self.path.parent):
             try:

@@ -96,17 +96,19 @@ class Recovery:
     def _target(self):
         """The checkpoint to go back to: the newest intact one, or for a repeated rollback (the newest is then the
         previous target) the one before it when there is one."""
-        trainer = self.trainer
+        trainer, wanted = self.trainer, 1 if self.rollbacks > 1 else 0
         intact = []
         for candidate in checkpoint_candidates(trainer.out_dir):
             try:
-                verify_checkpoint(candidate)
+                verify_checkpoint(candidate)  # hashes its files: only as many as needed
                 intact.append(candidate)
             except CheckpointError as problem:
                 trainer.log_fn(f"warning: cannot roll back to {candidate.name}: {problem}")
+            if len(intact) > wanted:
+                break
         if not intact:
             raise NonFiniteLossError(f"no intact checkpoint in {trainer.out_dir} to roll back to")
-        return intact[min(1 if self.rollbacks > 1 else 0, len(intact) - 1)]
+        return intact[min(wanted, len(intact) - 1)]
 
     def _roll_back(self, log: MetricsLog | None) -> dict[str, Any]:
         trainer = self.trainer
