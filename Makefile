@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.helmlm-installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup browser demo test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,24 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# Headless Chromium for the test of `helmlm serve`'s page (tests/browser.py): Debian's chromium and chromium-driver,
+# installed when missing (as root, or with sudo). Without apt-get, the browser tests are skipped with a note.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium \
+	    chromium-driver >/dev/null; \
+	else echo "note: no chromium/chromedriver and no apt-get: the browser tests will be skipped"; fi
+
 demo: $(STAMP)
 	$(VENV)/bin/helmlm demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -n 2 -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -n 2 -q -m ''
 
 # The same suite against the newest release of every dependency (torch stays at $(TORCH_SPEC), the wheel these

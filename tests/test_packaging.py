@@ -30,7 +30,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_carries_every_data_file_the_code_reads(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    data = [p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix in (".yaml", ".jsonl", ".typed")]
+    data = [p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix in (".yaml", ".jsonl", ".typed", ".html", ".css", ".js")]
+    assert {"index.html", "chat.css", "chat.js"} <= {p.name for p in data}  # helmlm serve's page
     assert data and all(str(p.relative_to(PACKAGE.parent)) in names for p in data)
     sources = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")]
     assert all(s in names for s in sources)  # the remote-code generator reads the modules' sources
@@ -45,7 +46,7 @@ def test_the_wheels_metadata_names_the_dependencies_and_extras(wheel):
     base = {r.split(">")[0].split("=")[0].split("<")[0].strip() for r in requires if "extra ==" not in r}
     assert {"torch", "transformers", "safetensors", "geoopt", "filelock", "tqdm"} <= base
     extras = set(meta.get_all("Provides-Extra"))
-    assert {"data", "tensorboard", "eval", "plots", "convert", "peft", "analysis", "ricci", "dev"} <= extras
+    assert {"data", "tensorboard", "eval", "plots", "convert", "peft", "analysis", "ricci", "serve", "dev"} <= extras
     assert not [r for r in requires if "GraphRicciCurvature" in r]  # it pins old numpy/scipy: not an extra
     assert "helmlm = helmlm.cli:main" in entry_points
 

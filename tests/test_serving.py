@@ -6,6 +6,7 @@ shape while the server keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -42,22 +43,30 @@ def model_dir(tmp_path_factory):
     return save_model_dir(model, tokenizer, tmp_path_factory.mktemp("serve") / "tiny-helm")
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    """The API on a free port of 127.0.0.1, in a thread, with an API key and a queue of 4."""
-    engine = load_engine(model_dir, max_queue=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(engine, KEY), host="127.0.0.1", port=port, log_level="warning"))
+@contextlib.contextmanager
+def running(engine, api_key: str | None = None):
+    """The API over ``engine`` on a free port of 127.0.0.1, in a thread; yields its URL."""
+    uv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=_free_port(),
+                                       log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not uv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield engine, f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(10)
+    assert uv.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{uv.config.port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """The API with an API key and a queue of 4."""
+    engine = load_engine(model_dir, max_queue=4)
+    with running(engine, KEY) as url:
+        yield engine, url
 
 
 def client(url: str) -> openai.OpenAI:
@@ -194,6 +203,149 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     status, ok = http.post("/v1/completions", json={"model": "tiny-helm", "prompt": "the sea", "max_tokens": 3,
                                                     "temperature": 0}, headers=headers)
     assert status == 200 and ok["usage"]["prompt_tokens"] > 0
+
+
+@pytest.fixture
+def slow_decoding(monkeypatch):
+    """Each piece of generated text takes 50 ms more (the decoding thread sleeps), so that a test can act in the
+    middle of a reply. Yields the list of how each decoding ended: ``(outcome, pieces sent)``, where outcome is
+    ``"done"`` or the exception's name (``"CancelledError"`` when the client went away)."""
+    import helmlm.serving.engine as engine_module
+
+    ended, real = [], engine_module.complete
+
+    def slow(model, tokenizer, ids, settings, stop, on_text, **kwargs):
+        sent = 0
+
+        def paced(piece: str) -> None:
+            nonlocal sent
+            time.sleep(0.05)
+            on_text(piece)  # raises once the request is cancelled
+            sent += 1
+
+        try:
+            text = real(model, tokenizer, ids, settings, stop, paced, **kwargs)
+        except BaseException as err:
+            ended.append((type(err).__name__, sent))
+            raise
+        ended.append(("done", sent))
+        return text
+
+    monkeypatch.setattr(engine_module, "complete", slow)
+    return ended
+
+
+def _wait_for(condition, seconds: float = 30, what: str = "the condition"):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, slow_decoding):
+    engine, url = server
+    ids = engine.tokenizer("the sea", add_special_tokens=False).input_ids
+    room = engine.context - len(ids)
+    stats: dict = {}
+    complete(engine.model, engine.tokenizer, ids, SamplingSettings(max_new_tokens=room, temperature=0), stats=stats)
+    assert stats["tokens"] > 20  # the full greedy reply is long enough to be cut
+    stream = client(url).completions.create(model="tiny-helm", prompt="the sea", max_tokens=room, temperature=0,
+                                            stream=True)
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()  # the client goes away mid-stream
+    _wait_for(lambda: slow_decoding, what="the decoding to end")
+    outcome, sent = slow_decoding[-1]
+    assert outcome == "CancelledError" and sent < stats["tokens"] // 2, slow_decoding
+    again = client(url).completions.create(model="tiny-helm", prompt="the sea", max_tokens=3, temperature=0)
+    assert again.choices[0].text == expected(engine, ids, 3)  # the server goes on serving
+
+
+def test_the_page_in_headless_chromium(server, slow_decoding, tmp_path):
+    """The page at ``/`` in a real headless Chromium: the model's name, its context and the sampling settings are
+    shown; without the API key the server's 401 message takes the reply's place; with it, a greedy reply streams
+    in, equal to ``complete`` on the conversation's prompt, and the next turn carries the history; New chat forgets
+    it; Stop cuts a reply short and the server stops generating it. Leaves a screenshot in ``tmp_path``."""
+    from browser import chromium
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    engine, url = server
+    with chromium(tmp_path / "profile") as page:
+        def find(id_: str):
+            return page.find_element(By.ID, id_)
+
+        def state() -> str:
+            return page.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+
+        def set_value(id_: str, value) -> None:
+            find(id_).clear()
+            find(id_).send_keys(str(value))
+
+        def replies():
+            return page.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+
+        def say(text: str):
+            n = len(replies())
+            find("prompt").send_keys(text, Keys.ENTER)
+            _wait_for(lambda: len(replies()) == n + 1 and state() == "ready", 60, "the reply")
+            return replies()[-1]
+
+        page.get(url + "/")
+        _wait_for(lambda: state() == "ready", what="the page to load")
+        assert find("model").text == "tiny-helm" and page.title == "tiny-helm · helmlm"
+        assert find("context").text == f"context {engine.context} tokens"
+        assert [find(i).get_attribute("value") for i in ("temperature", "top_p", "max_tokens", "seed")] == \
+            ["0.8", "0.95", "64", ""]  # helmlm chat's defaults
+        assert find("api_key").is_displayed()  # this server wants a key
+        set_value("temperature", 0)
+        set_value("max_tokens", 10)
+
+        refused = say("the sea")
+        assert "error" in refused.get_attribute("class") and "API key" in refused.text
+
+        find("api_key").send_keys(KEY)
+        page.execute_script("""
+            window.seen = [];
+            new MutationObserver(() => {
+              const r = [...document.querySelectorAll('.msg.assistant')].pop();
+              if (r) window.seen.push(r.textContent);
+            }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});""")
+        turns = [{"role": "user", "content": "the sea"}]
+        reply = say("the sea")
+        ids, stop = chat_prompt(engine.tokenizer, turns)
+        assert reply.text == expected(engine, ids, 10, stop=stop).strip()  # the page shows it whole (pre-wrap)
+        assert reply.get_attribute("textContent") == expected(engine, ids, 10, stop=stop)
+        assert len(set(page.execute_script("return window.seen"))) > 2  # it streamed in, piece by piece
+        assert reply.get_attribute("data-finish") in ("stop", "length")
+        assert "tokens/s" in page.find_elements(By.CSS_SELECTOR, ".stats")[-1].text
+
+        turns += [{"role": "assistant", "content": reply.get_attribute("textContent")},
+                  {"role": "user", "content": "and the river"}]
+        second = say("and the river")
+        ids, stop = chat_prompt(engine.tokenizer, turns)
+        assert second.get_attribute("textContent") == expected(engine, ids, 10, stop=stop)
+        page.save_screenshot(str(tmp_path / "page.png"))
+
+        find("reset").click()
+        assert not replies() and state() == "ready"
+        ids, stop = chat_prompt(engine.tokenizer, [{"role": "user", "content": "the time"}])
+        room = engine.context - len(ids)
+        set_value("max_tokens", room)
+        slow_decoding.clear()
+        find("prompt").send_keys("the time", Keys.ENTER)
+        _wait_for(lambda: replies() and len(replies()[-1].get_attribute("textContent")) > 3, what="a partial reply")
+        find("stop").click()
+        _wait_for(lambda: state() == "ready", what="the page after Stop")
+        cut = replies()[-1]
+        assert cut.get_attribute("data-finish") == "stopped"
+        full = expected(engine, ids, room, stop=stop)
+        _wait_for(lambda: slow_decoding, what="the server to stop decoding")
+        assert slow_decoding[-1][0] == "CancelledError"
+        assert full.startswith(cut.get_attribute("textContent"))
+
+    png = (tmp_path / "page.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 def test_helmlm_chat_through_a_pseudo_terminal(server, model_dir):

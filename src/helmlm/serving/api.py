@@ -1,10 +1,11 @@
 """An OpenAI-compatible HTTP API over an :class:`~helmlm.serving.engine.Engine` (FastAPI, server-sent events).
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``. Request
+Endpoints: ``GET /`` (a chat page, :data:`STATIC`), ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``. Request
 fields: ``model``, ``prompt`` / ``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``,
 ``stream``. Responses carry ``usage``; ``stream: true`` sends OpenAI's chunk objects as ``data:`` events and ends
 with ``data: [DONE]``. Every error is a 4xx (or 5xx) with OpenAI's shape ``{"error": {"message", "type", "param",
-"code"}}``. With an API key, every ``/v1`` route wants ``Authorization: Bearer KEY``.
+"code"}}``. With an API key, every ``/v1`` route wants ``Authorization: Bearer KEY``; the page, its assets and
+``/health`` stay open (the page asks for the key and sends it).
 
 Sampling matches ``helmlm generate``: temperature 0 is greedy, and a request with a ``seed`` repeats exactly. A
 request with neither draws a fresh seed. ``stop`` strings end the text before them.
@@ -16,11 +17,13 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
@@ -28,6 +31,8 @@ from helmlm.errors import APIError, GenerationError, ServerBusy
 from helmlm.generation import SamplingSettings, fresh_seed
 from helmlm.serving.chat import chat_prompt
 from helmlm.serving.engine import Engine, Job
+
+STATIC = Path(__file__).parent / "static"  # the page: plain HTML, CSS and JavaScript, shipped in the package
 
 
 class Sampling(BaseModel):
@@ -75,7 +80,14 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.name, "queued": engine.jobs.qsize()}
+        return {"status": "ok", "model": engine.name, "context": engine.context, "auth": api_key is not None,
+                "queued": engine.jobs.qsize()}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     async def models() -> dict[str, Any]:
