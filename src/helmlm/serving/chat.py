@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from helmlm.generation import SamplingSettings, check_request, complete, fresh_seed
 
@@ -17,7 +17,8 @@ def chat_prompt(tokenizer, turns: list[dict[str, str]]) -> tuple[list[int], list
     next ``\\nUser:``)."""
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids), []
+        # transformers 5 returns a BatchEncoding (a Mapping, not a dict) here; older releases a list of ids
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids), []
     text = "".join(f"{t['role'].capitalize()}: {t['content']}\n" for t in turns) + "Assistant:"
     return tokenizer(text, add_special_tokens=False).input_ids, list(PLAIN_STOPS)
 
