@@ -49,7 +49,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -58,24 +57,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import emit, loadavg, log
+
 MIN_LOADER_OVER_TRAIN = 20.0
 MIN_LOADER_TOKENS_PER_S = 1e6
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
-
-
-def loadavg() -> float | None:
-    """1-minute load average: numbers taken on a busy machine (load > cores) are provisional."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

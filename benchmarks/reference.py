@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import _proc_status_kb, current_rss_mb, log, release_free_heap, reset_peak_rss
+from harness import log
+from throughput import _proc_status_kb, current_rss_mb, release_free_heap, reset_peak_rss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

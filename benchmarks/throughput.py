@@ -76,6 +76,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import log
+
 DEFAULT_CONFIGS = ["configs/helm_d_small.yaml", "configs/llama_small.yaml"]
 MIN_TRAIN_RATIO = {"dense": 0.8, "moe": 0.75}  # HELM-D vs LLaMA; HELM-MiCE vs the DeepSeek-style twin
 
@@ -188,10 +190,6 @@ def _option_flags(args: argparse.Namespace) -> list[str]:
     cmd += ["--activation-checkpointing"] * args.activation_checkpointing
     cmd += ["--cpu-malloc", args.cpu_malloc] if args.cpu_malloc != "keep" else []
     return cmd + (["--moe-dispatch", args.moe_dispatch] if args.moe_dispatch else [])
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ child side

@@ -185,3 +185,34 @@ def test_breakdown_times_every_part_of_both_models_and_their_ops():
     bad = subprocess.run([*cmd[:2], "--config", "configs/helm_d_tiny.yaml", "--layer", "7"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--layer 7 does not exist" in bad.stderr and not bad.stdout
+
+
+def test_serve_load_benchmark_prints_json_lines_and_checks_the_outputs(tmp_path):
+    """benchmarks/serve_load.py against a tiny model: JSON lines only on stdout (the server's own output goes to
+    stderr), a baseline, one line per round, and a summary in which every streamed output equals its run alone."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    pytest.importorskip("psutil")
+    import torch
+
+    from helmlm.data.tokenizer import train_bpe
+    from helmlm.models import HELMForCausalLM, load_config
+    from helmlm.models.hf import save_model_dir
+
+    tokenizer = train_bpe(["The river runs to the sea. Once upon a time she said that the morning was long."] * 50,
+                          vocab_size=280)
+    torch.manual_seed(0)
+    model = HELMForCausalLM(load_config("helm_d_tiny", vocab_size=len(tokenizer), num_hidden_layers=1,
+                                        max_position_embeddings=64))
+    model_dir = save_model_dir(model, tokenizer, tmp_path / "tiny")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), str(model_dir), "--clients", "3", "--rounds",
+           "2", "--max-tokens", "4", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["what"] for r in lines] == ["alone", "round", "round", "summary"]
+    rounds = lines[1:3]
+    assert all(r["clients"] == 3 and r["tokens"] <= 12 and r["tokens_per_s"] > 0 and r["rss_mb"] > 0 for r in rounds)
+    assert all(r["ttft_median_s"] <= r["latency_median_s"] for r in rounds)
+    assert lines[-1]["all_equal_to_alone"] is True
+    assert lines[-1]["rss_mb_first_last"] == [rounds[0]["rss_mb"], rounds[1]["rss_mb"]]

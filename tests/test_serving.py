@@ -128,10 +128,10 @@ def test_concurrent_streams_equal_their_sequential_runs(server):
     engine, url = server
 
     async def one(seed: int) -> str:
-        api = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
-        stream = await api.completions.create(model="tiny-helm", prompt="the time of", max_tokens=8,
-                                              temperature=1.0, seed=seed, stream=True)
-        return "".join([c.choices[0].text async for c in stream])
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as api:
+            stream = await api.completions.create(model="tiny-helm", prompt="the time of", max_tokens=8,
+                                                  temperature=1.0, seed=seed, stream=True)
+            return "".join([c.choices[0].text async for c in stream])
 
     async def many() -> list[str]:
         return await asyncio.gather(*(one(seed) for seed in range(4)))  # the queue holds 4
@@ -523,8 +523,8 @@ def test_load_32_concurrent_streams_for_3_rounds(model_dir):
             return "".join([c.choices[0].text async for c in stream])
 
         async def round_() -> list[str]:
-            api = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
-            return await asyncio.gather(*(one(api, seed) for seed in range(32)))
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300) as api:
+                return await asyncio.gather(*(one(api, seed) for seed in range(32)))
 
         memory, outputs = [], []
         for _ in range(3):
