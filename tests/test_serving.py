@@ -447,6 +447,11 @@ def test_the_page_in_headless_chromium(server, slow_decoding, tmp_path):
         assert slow_decoding[-1][0] == "CancelledError"
         assert full.startswith(cut.get_attribute("textContent"))
 
+        with running(engine) as open_url:  # a server without a key: the page does not ask for one
+            page.get(open_url + "/")
+            _wait_for(lambda: state() == "ready", what="the page to load")
+            assert not find("api_key").is_displayed() and find("model").text == "tiny-helm"
+
     png = (tmp_path / "page.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
