@@ -2,7 +2,7 @@
 """Load on ``helmlm serve``: ``--clients`` concurrent streaming completions, ``--rounds`` times, against the command
 started as a separate process on 127.0.0.1, with the official ``openai`` client.
 
-Prints one JSON line for a single request alone (the baseline), one per round, and a summary: wall seconds,
+Prints one JSON line for a single request alone (the baseline, after one warm-up request), one per round, and a summary: wall seconds,
 generated tokens per second, time to first token and whole-request latency (median and p95), the server's resident
 memory after each round, and whether every streamed output equals the same request sent alone (seeded sampling).
 Greedy or seeded requests repeat exactly, so the outputs are checked, not just timed. Example:
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"model_dir": args.model_dir, "adapter": args.adapter, "threads": args.threads,
               "max_tokens": args.max_tokens, "command": shlex.join([sys.executable, *sys.argv])}
     try:
+        run_round(url, [0], args.max_tokens)  # warm-up: the first request pays for lazy initialisation
         alone, wall = run_round(url, [0], args.max_tokens)
         emit({**common, "what": "alone", "tokens_per_s": round(alone[0]["tokens"] / wall, 1),
               "ttft_s": round(alone[0]["ttft_s"], 3), "latency_s": round(wall, 3), "loadavg_1m": loadavg()})

@@ -140,10 +140,11 @@ def test_gpu_script_cpu_smoke():
     assert "flex_error" in attention or attention["max_abs_diff"] < 1e-4
 
 
-def test_throughput_warmup_defaults_to_three_steps_when_compiling():
+def test_throughput_warmup_defaults_to_three_steps_when_compiling(monkeypatch):
     """Compiled measurements skip the slow first steps after compiling unless told otherwise; eager keeps one."""
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: benchmarks/harness.py importable
     spec = importlib.util.spec_from_file_location("throughput_script", SCRIPT)
     throughput = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(throughput)

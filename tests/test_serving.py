@@ -515,6 +515,21 @@ def _start_cli_server(model_dir, *extra: str):
     raise AssertionError("the server did not start")
 
 
+def test_serve_refuses_a_port_in_use_before_loading_the_model(tmp_path):
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the model directory does not even exist: the address is checked first, without waiting for a load
+        proc = subprocess.run([sys.executable, "-m", "helmlm", "serve", str(tmp_path / "absent"), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port" in proc.stderr
+
+
 @pytest.mark.slow
 def test_load_32_concurrent_streams_for_3_rounds(model_dir):
     """``helmlm serve`` from the command line: 32 concurrent streaming requests, 3 rounds; every request completes

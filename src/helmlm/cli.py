@@ -217,16 +217,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from helmlm.serving import load_engine, serve
+    from helmlm.serving import check_address, load_engine, serve
 
+    check_address(args.host, args.port)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     engine = load_engine(args.model_dir, args.adapter, args.name, args.max_queue)
     where = f"http://{args.host}:{args.port}"
-    print(f"serving {engine.name} at {where}/v1 (OpenAI-compatible; health: {where}/health); Ctrl-C stops",
+    print(f"serving {engine.name}: chat page {where}/, OpenAI-compatible API {where}/v1; Ctrl-C stops",
           file=sys.stderr, flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"warning: {args.host} is reachable from other machines and there is no --api-key: anyone who can "
+              "reach it can use the model", file=sys.stderr, flush=True)
     serve(engine, args.host, args.port, args.api_key)
     return 0
 
@@ -687,8 +691,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
              "An interactive chat: the tokenizer's chat template when it has one, plain turns otherwise; the "
              "history is kept. Commands: /reset, /system TEXT, /exit. Ctrl-C stops a reply, Ctrl-D or /exit quits."),
     "serve": (_cmd_serve, _serve_args, "serve a model over an OpenAI-compatible HTTP API",
-              "POST /v1/completions and /v1/chat/completions (streaming with stream: true), GET /v1/models and "
-              "/health; needs `pip install 'helmlm[serve]'` (docs/serving.md)."),
+              "A chat page at /, and POST /v1/completions and /v1/chat/completions (streaming with stream: true), "
+              "GET /v1/models and /health; needs `pip install 'helmlm[serve]'` (docs/serving.md)."),
     "analyze": (_cmd_analyze, _analyze_args, "token-embedding geometry of a model, with null baselines",
                 "Token frequencies (power-law fit), frequency vs embedding norm, word groups and delta-hyperbolicity "
                 "beside Gaussian and random-token nulls; writes report.json, report.md and PNG plots "

@@ -52,6 +52,10 @@ class GenerationError(HelmlmError, ValueError):
     """An invalid generation request: empty prompt, too long, bad sampling values, not a model directory."""
 
 
+class ContextLengthError(GenerationError):
+    """The prompt plus the tokens asked for do not fit in the model's context window."""
+
+
 class ServerBusy(HelmlmError, RuntimeError):
     """The server's request queue is full; the client should retry later (HTTP 429)."""
 

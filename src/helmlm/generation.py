@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from helmlm.errors import GenerationError  # noqa: F401  (re-exported)
+from helmlm.errors import ContextLengthError, GenerationError  # noqa: F401  (GenerationError re-exported)
 from helmlm.models.modeling import CACHE_FIELD, output_cache
 from helmlm.nn.cache import StaticModelCache
 
@@ -91,16 +91,16 @@ def fresh_seed() -> int:
 
 def check_request(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> None:
     """Raise :class:`GenerationError` unless ``prompts`` can be continued under ``settings`` (valid values,
-    non-empty prompts, prompt + ``max_new_tokens`` within the context window)."""
+    non-empty prompts), :class:`ContextLengthError` unless prompt + ``max_new_tokens`` fit in the context window."""
     settings.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("empty prompt: every prompt needs at least one token")
     context = model.config.max_position_embeddings
     longest = max(len(p) for p in prompts)
     if longest + settings.max_new_tokens > context:
-        raise GenerationError(f"prompt of {longest} tokens + max_new_tokens {settings.max_new_tokens} = "
-                              f"{longest + settings.max_new_tokens} exceeds the context window of {context} tokens; "
-                              "shorten the prompt or lower max_new_tokens")
+        raise ContextLengthError(f"prompt of {longest} tokens + max_new_tokens {settings.max_new_tokens} = "
+                                 f"{longest + settings.max_new_tokens} exceeds the context window of {context} tokens; "
+                                 "shorten the prompt or lower max_new_tokens")
 
 
 def static_capacity(needed: int, limit: int) -> int:

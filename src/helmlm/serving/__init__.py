@@ -7,6 +7,27 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on (a port in use, a host this machine does not have) before
+    the model is loaded, which can take a while, rather than after."""
+    import socket
+
+    from helmlm.errors import InputError
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise InputError(f"cannot serve on host {host!r}: {err.strerror}; give an address of this machine with "
+                         "--host (default 127.0.0.1)") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise InputError(f"cannot listen on {host}:{port}: {err.strerror}; choose another --port, or stop what "
+                             "is using it") from None
+
+
 def load_model(model_dir: str | Path, adapter: str | Path | None = None):
     """``(model, tokenizer)`` of a model directory, with a LoRA / HypLoRA adapter on top when ``adapter`` is given
     (what ``helmlm chat`` and ``helmlm serve`` run)."""

@@ -1,11 +1,12 @@
 """An OpenAI-compatible HTTP API over an :class:`~helmlm.serving.engine.Engine` (FastAPI, server-sent events).
 
-Endpoints: ``GET /`` (a chat page, :data:`STATIC`), ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``. Request
-fields: ``model``, ``prompt`` / ``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``,
-``stream``. Responses carry ``usage``; ``stream: true`` sends OpenAI's chunk objects as ``data:`` events and ends
-with ``data: [DONE]``. Every error is a 4xx (or 5xx) with OpenAI's shape ``{"error": {"message", "type", "param",
-"code"}}``. With an API key, every ``/v1`` route wants ``Authorization: Bearer KEY``; the page, its assets and
-``/health`` stay open (the page asks for the key and sends it).
+Endpoints: ``GET /`` (a chat page, :data:`STATIC`), ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions``. Request fields: ``model``, ``prompt`` / ``messages``, ``max_tokens``,
+``temperature``, ``top_p``, ``stop``, ``seed``, ``stream``. Responses carry ``usage``; ``stream: true`` sends
+OpenAI's chunk objects as ``data:`` events and ends with ``data: [DONE]``. Every error is a 4xx (or 5xx) with
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. With an API key, every ``/v1`` route wants
+``Authorization: Bearer KEY``; the page, its assets and ``/health`` stay open (the page asks for the key and sends
+it).
 
 Sampling matches ``helmlm generate``: temperature 0 is greedy, and a request with a ``seed`` repeats exactly. A
 request with neither draws a fresh seed. ``stop`` strings end the text before them.
@@ -27,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
-from helmlm.errors import APIError, GenerationError, ServerBusy
+from helmlm.errors import APIError, ContextLengthError, GenerationError, ServerBusy
 from helmlm.generation import SamplingSettings, fresh_seed
 from helmlm.serving.chat import chat_prompt
 from helmlm.serving.engine import Engine, Job
@@ -125,7 +126,7 @@ def _settings(engine: Engine, body: Sampling, ids: list[int]) -> tuple[SamplingS
     try:
         engine.check(ids, settings)
     except GenerationError as err:
-        code = "context_length_exceeded" if "context" in str(err) or "positions" in str(err) else None
+        code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
         raise APIError(400, str(err), code=code) from None
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return settings, stop
