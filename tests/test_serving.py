@@ -456,6 +456,55 @@ def test_the_page_in_headless_chromium(server, slow_decoding, tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def test_chat_survives_ctrl_c_at_every_point_of_a_turn(server, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) at the prompt, before the reply, during it and after it ends that turn only: the
+    chat goes on, a stopped reply keeps what was said, and a turn interrupted before its reply leaves no trace."""
+    import helmlm.serving.chat as chat_module
+    from helmlm.serving.chat import Chat
+
+    engine, _ = server
+    settings = SamplingSettings(max_new_tokens=6, temperature=0)
+    lines = iter(["(interrupt)", "the sea", "the river", "/exit"])
+    out: list[str] = []
+
+    def read(prompt: str) -> str:
+        line = next(lines)
+        if line == "(interrupt)":
+            raise KeyboardInterrupt  # at the prompt
+        return line
+
+    pieces = 0
+
+    def write(text: str) -> None:
+        nonlocal pieces
+        out.append(text)
+        if text not in ("\n", " [stopped]") and not text.startswith("chat:"):
+            pieces += 1
+            if pieces == 2:  # during the first reply, after its first piece
+                raise KeyboardInterrupt
+
+    chat = Chat(engine.model, engine.tokenizer, settings, read=read, write=write)
+    real_prompt, calls = chat_module.chat_prompt, []
+
+    def prompt_then_interrupt(tokenizer, turns):  # the second reply is interrupted before decoding starts
+        calls.append(len(turns))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_prompt(tokenizer, turns)
+
+    monkeypatch.setattr(chat_module, "chat_prompt", prompt_then_interrupt)
+    try:
+        chat.run()  # returns at /exit
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C escaped the chat")
+    assert " [stopped]" in out
+    first = expected(engine, real_prompt(engine.tokenizer, [{"role": "user", "content": "the sea"}])[0], 6,
+                     stop=real_prompt(engine.tokenizer, [])[1])
+    assert [t["role"] for t in chat.history] == ["user", "assistant"]  # "the river" never got a reply
+    assert chat.history[0]["content"] == "the sea" and first.strip().startswith(chat.history[1]["content"])
+    assert len(chat.history[1]["content"]) < len(first.strip())  # cut short
+
+
 def test_helmlm_chat_through_a_pseudo_terminal(server, model_dir):
     """``helmlm chat`` driven through a pty: a greedy reply equal to ``complete`` on the conversation's prompt, the
     history kept for the next turn, /system and /reset, Ctrl-C that leaves the chat running, /exit."""
@@ -483,6 +532,14 @@ def test_helmlm_chat_through_a_pseudo_terminal(server, model_dir):
     child.expect_exact("(history cleared)")
     child.sendline("the time")
     child.sendintr()  # Ctrl-C: stops the reply (or lands at the prompt), never the chat
+    # the chat still answers. What was typed right after a Ctrl-C may be dropped by the terminal (readline discards
+    # its line on an interrupt), as at any prompt, so the probe is repeated until one is read.
+    for attempt in range(5):
+        child.sendline("/system still here")
+        if child.expect_exact(["(system message set)", pexpect.TIMEOUT], timeout=15) == 0:
+            break
+    else:
+        raise AssertionError(f"the chat stopped answering after Ctrl-C: {child.before!r}")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()

@@ -54,13 +54,13 @@ class Chat:
         return True
 
     def reply(self, line: str) -> None:
+        """Answer ``line``; the turn enters the history once it has been answered (or stopped)."""
         import torch
 
-        self.history.append({"role": "user", "content": line})
-        ids, stop = chat_prompt(self.tokenizer, self.turns())
+        turns = self.turns() + [{"role": "user", "content": line}]
+        ids, stop = chat_prompt(self.tokenizer, turns)
         room = self.model.config.max_position_embeddings - len(ids)
         if room < 1:
-            self.history.pop()
             self.write("(the conversation no longer fits the model's context: /reset to start again)\n")
             return
         settings = SamplingSettings(**{**vars(self.settings), "max_new_tokens": min(self.settings.max_new_tokens,
@@ -68,30 +68,30 @@ class Chat:
         settings.seed = settings.seed if settings.seed is not None else fresh_seed()
         check_request(self.model, [ids], settings)
         said: list[str] = []
-        try:  # Ctrl-C stops this reply, not the chat
+        try:  # Ctrl-C stops this reply, not the chat; what was said so far stays
             with torch.inference_mode():
                 complete(self.model, self.tokenizer, ids, settings, stop,
                          on_text=lambda piece: (said.append(piece), self.write(piece)))
         except KeyboardInterrupt:
             self.write(" [stopped]")
+        self.history = self.history + [{"role": "user", "content": line},
+                                       {"role": "assistant", "content": "".join(said).strip()}]
         self.write("\n")
-        self.history.append({"role": "assistant", "content": "".join(said).strip()})
 
     def run(self) -> None:
         self.write("chat: /reset, /system TEXT, /exit; Ctrl-C stops a reply\n")
         while True:
-            try:
+            try:  # a Ctrl-C anywhere in a turn (at the prompt, before or after the reply) ends that turn only
                 line = self.read("> ").strip()
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    if not self.command(line):
+                        return
+                    continue
+                self.reply(line)
             except EOFError:
                 self.write("\n")
                 return
             except KeyboardInterrupt:
                 self.write("\n")
-                continue
-            if not line:
-                continue
-            if line.startswith("/"):
-                if not self.command(line):
-                    return
-                continue
-            self.reply(line)
