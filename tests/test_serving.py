@@ -124,6 +124,41 @@ def test_chat_plain_and_streamed(server):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_newer_openai_fields_extra_sampling_fields_and_unsupported_ones(server):
+    """max_completion_tokens, text parts and the developer role as OpenAI's newer clients send them; top_k and
+    repetition_penalty as extra fields, equal to ``complete`` with those settings; penalties, logprobs and tools
+    refused with the field named, never silently ignored."""
+    engine, url = server
+    api = client(url)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the sea"}]
+    ids, stop = chat_prompt(engine.tokenizer, messages)
+    want = expected(engine, ids, 5, stop=stop)
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+             {"role": "user", "content": [{"type": "text", "text": "the sea"}]}]
+    out = api.chat.completions.create(model="tiny-helm", messages=parts, max_completion_tokens=5, temperature=0)
+    assert out.choices[0].message.content == want and out.usage.completion_tokens <= 5
+
+    prompt_ids = engine.tokenizer("the river", add_special_tokens=False).input_ids
+    extra = api.completions.create(model="tiny-helm", prompt="the river", max_tokens=8, temperature=1.0, seed=5,
+                                   extra_body={"top_k": 3, "repetition_penalty": 1.3})
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=3, repetition_penalty=1.3, seed=5)
+    assert extra.choices[0].text == complete(engine.model, engine.tokenizer, prompt_ids, settings)
+    plain = api.completions.create(model="tiny-helm", prompt="the river", max_tokens=8, temperature=1.0, seed=5)
+    assert plain.choices[0].text == expected(engine, prompt_ids, 8, temperature=1.0, seed=5)
+    assert plain.choices[0].text != extra.choices[0].text  # so the extra fields were not ignored
+
+    for kwargs, param in (({"presence_penalty": 0.5}, "presence_penalty"),
+                          ({"frequency_penalty": 1.0}, "frequency_penalty"), ({"logprobs": True}, "logprobs"),
+                          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            api.chat.completions.create(model="tiny-helm", messages=messages, max_tokens=2, **kwargs)
+        assert refused.value.body["param"] == param and "not supported" in refused.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as image:
+        api.chat.completions.create(model="tiny-helm", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}])
+    assert "messages" in image.value.body["param"]
+
+
 def test_concurrent_streams_equal_their_sequential_runs(server):
     engine, url = server
 

@@ -1,8 +1,10 @@
 """An OpenAI-compatible HTTP API over an :class:`~helmlm.serving.engine.Engine` (FastAPI, server-sent events).
 
 Endpoints: ``GET /`` (a chat page, :data:`STATIC`), ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
-``POST /v1/chat/completions``. Request fields: ``model``, ``prompt`` / ``messages``, ``max_tokens``,
-``temperature``, ``top_p``, ``stop``, ``seed``, ``stream``. Responses carry ``usage``; ``stream: true`` sends
+``POST /v1/chat/completions``. Request fields: ``model``, ``prompt`` / ``messages`` (text or text parts), ``max_tokens``
+(or ``max_completion_tokens``), ``temperature``, ``top_p``, ``stop``, ``seed``, ``stream``, and ``helmlm generate``'s
+``top_k`` and ``repetition_penalty`` as extra fields. Fields that cannot be honoured (penalties other than 0,
+``logprobs``, ``tools``) are refused, not ignored. Responses carry ``usage``; ``stream: true`` sends
 OpenAI's chunk objects as ``data:`` events and ends with ``data: [DONE]``. Every error is a 4xx (or 5xx) with
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. With an API key, every ``/v1`` route wants
 ``Authorization: Bearer KEY``; the page, its assets and ``/health`` stay open (the page asks for the key and sends
@@ -39,25 +41,43 @@ STATIC = Path(__file__).parent / "static"  # the page: plain HTML, CSS and JavaS
 class Sampling(BaseModel):
     model: str
     max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # the newer name of max_tokens in OpenAI's chat API
     temperature: float = 1.0
     top_p: float = 1.0
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     n: int = 1
+    # helmlm generate's other settings, as extra fields (the openai client sends them with extra_body=...)
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    # OpenAI fields that this server cannot honour: refused unless neutral, rather than silently ignored
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart]
+
+    def turn(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[dict] | None = None
 
 
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
@@ -105,7 +125,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     async def chat(body: ChatRequest):
-        ids, stop = chat_prompt(engine.tokenizer, [m.model_dump() for m in body.messages])
+        ids, stop = chat_prompt(engine.tokenizer, [m.turn() for m in body.messages])
         return await _respond(engine, body, ids, stop, "chat.completion")
 
     return app
@@ -117,12 +137,22 @@ def _settings(engine: Engine, body: Sampling, ids: list[int]) -> tuple[SamplingS
                        code="model_not_found")
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
+    for field in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, field):
+            raise APIError(400, f"{field} is not supported; repetition_penalty (an extra field) is", param=field)
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if getattr(body, "tools", None):
+        raise APIError(400, "tools (function calling) are not supported", param="tools")
     room = (engine.context or 0) - len(ids)
-    max_tokens = body.max_tokens if body.max_tokens is not None else max(1, min(256, room))
+    asked, param = ((body.max_tokens, "max_tokens") if body.max_tokens is not None
+                    else (body.max_completion_tokens, "max_completion_tokens"))
+    max_tokens = asked if asked is not None else max(1, min(256, room))
     if max_tokens < 1:
-        raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        raise APIError(400, f"{param} must be >= 1, got {max_tokens}", param=param)
     seed = body.seed if body.seed is not None else (0 if body.temperature == 0 else fresh_seed())
-    settings = SamplingSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed)
+    settings = SamplingSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=seed)
     try:
         engine.check(ids, settings)
     except GenerationError as err:
