@@ -1,7 +1,8 @@
-"""``helmlm serve``'s OpenAI-compatible API, tested as clients use it: the official ``openai`` client against a
-server on 127.0.0.1 (completions and chat, streamed and not), outputs equal to ``helmlm generate``'s at temperature
-0 and with a seed, concurrent requests equal to their sequential runs, and bad requests answered in OpenAI's error
-shape while the server keeps serving."""
+"""``helmlm chat`` and ``helmlm serve``, tested as clients use them: the official ``openai`` client against a server
+on 127.0.0.1 (completions and chat, streamed and not, on every model kind and with a HypLoRA adapter), outputs equal
+to ``helmlm generate``'s at temperature 0 and with a seed, concurrent requests equal to their sequential runs, bad
+requests answered in OpenAI's error shape while the server keeps serving, a client that goes away cancelling its
+generation, the page at ``/`` in a real headless Chromium, and the terminal chat through a pseudo-terminal."""
 
 from __future__ import annotations
 
