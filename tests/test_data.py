@@ -648,6 +648,22 @@ def test_bin_with_one_byte_flipped_is_named_by_verify_shards(prepared, tmp_path)
         TokenShards(d, "train")
 
 
+def test_an_altered_or_missing_tokenizer_is_named_by_verify_shards(prepared, tmp_path):
+    """The tokenizer beside the shards must be the one that made them: one merge rule dropped (ids would mean other
+    tokens) is named as altered, a deleted tokenizer.json as unloadable; the shards themselves still verify."""
+    d = _copy(prepared, tmp_path)
+    path = d / "tokenizer" / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:-1]
+    path.write_text(json.dumps(spec))
+    with pytest.raises(DataError, match=re.escape(f"{d / 'tokenizer'} is altered: it is not the tokenizer that made "
+                                                  "these shards") + r".*" + re.escape(f"delete {d} and prepare")):
+        verify_shards(d)
+    path.unlink()
+    with pytest.raises(DataError, match=re.escape(f"{d / 'tokenizer'} cannot be loaded")):
+        verify_shards(d)
+
+
 def _both_refuse(d, split: str, message: str) -> None:
     """verify_shards and TokenShards both name the damage."""
     with pytest.raises(DataError, match=message):

@@ -396,7 +396,8 @@ def _load_index(data_dir: Path, shard: dict[str, Any]) -> np.ndarray:
 
 def verify_shards(data_dir: str | Path, splits: Iterable[str] = SPLITS) -> None:
     """Check every shard file of ``splits`` against the manifest of ``data_dir``: present and of the recorded size
-    (all files, first: cheap), then of the recorded sha256 (reads each file once). The first damaged file is a
+    (all files, first: cheap), then of the recorded sha256 (reads each file once); then the tokenizer against its
+    recorded hash. The first damaged file is a
     :class:`DataError` that names it, says what differs and what to do. Directories prepared before the manifest
     recorded ``files`` are checked by size (``.bin``) and by loading their index files; nothing is hashed."""
     data_dir = Path(data_dir)
@@ -424,6 +425,23 @@ def verify_shards(data_dir: str | Path, splits: Iterable[str] = SPLITS) -> None:
                                     f"{_prepare_again(data_dir)}")
             elif file.endswith(_SUFFIX["idx"]):
                 _load_index(data_dir, shard)
+    _verify_tokenizer(data_dir, manifest)
+
+
+def _verify_tokenizer(data_dir: Path, manifest: dict[str, Any]) -> None:
+    """The tokenizer beside the shards is the one that made them (the manifest's hash): ids mean the same tokens."""
+    recorded = manifest.get("tokenizer", {})
+    if not recorded.get("sha256"):
+        return
+    path = data_dir / recorded.get("dir", "tokenizer")
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as err:  # missing or unreadable files: whatever transformers raises, named here
+        raise DataError(f"{path} cannot be loaded ({type(err).__name__}: {str(err)[:200]}); "
+                        f"{_prepare_again(data_dir)}") from None
+    if tokenizer_hash(tokenizer) != recorded["sha256"]:
+        raise DataError(f"{path} is altered: it is not the tokenizer that made these shards (its hash differs from "
+                        f"the manifest's); {_prepare_again(data_dir)}")
 
 
 class TokenShards:
