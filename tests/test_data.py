@@ -649,19 +649,35 @@ def test_bin_with_one_byte_flipped_is_named_by_verify_shards(prepared, tmp_path)
 
 
 def test_an_altered_or_missing_tokenizer_is_named_by_verify_shards(prepared, tmp_path):
-    """The tokenizer beside the shards must be the one that made them: one merge rule dropped (ids would mean other
-    tokens) is named as altered, a deleted tokenizer.json as unloadable; the shards themselves still verify."""
+    """The tokenizer beside the shards must be the one that made them: the manifest records its files' sizes and
+    sha256s; one merge rule dropped from tokenizer.json (text would tokenize differently) is named, and so are a
+    change of the same size and a deleted file. A manifest from before the files were recorded is not checked for them."""
     d = _copy(prepared, tmp_path)
+    recorded = read_manifest(d)["tokenizer"]["files"]
+    assert "tokenizer.json" in recorded and all(
+        recorded[p.name] == {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in (d / "tokenizer").iterdir())
     path = d / "tokenizer" / "tokenizer.json"
-    spec = json.loads(path.read_text())
+    original = path.read_bytes()
+    spec = json.loads(original)
     spec["model"]["merges"] = spec["model"]["merges"][:-1]
     path.write_text(json.dumps(spec))
-    with pytest.raises(DataError, match=re.escape(f"{d / 'tokenizer'} is altered: it is not the tokenizer that made "
-                                                  "these shards") + r".*" + re.escape(f"delete {d} and prepare")):
+    again = re.escape(f"; delete {d} and prepare it again")
+    with pytest.raises(DataError, match=re.escape(f"{path} is truncated: ") + r".*" + again):
+        verify_shards(d)
+    path.write_bytes(original)  # restored: verifies again
+    verify_shards(d)
+    i = original.index(b"merges")
+    path.write_bytes(original[:i] + b"Merges" + original[i + 6:])  # same size, other bytes
+    with pytest.raises(DataError, match=re.escape(f"{path} is altered: its sha256 differs") + r".*" + again):
         verify_shards(d)
     path.unlink()
-    with pytest.raises(DataError, match=re.escape(f"{d / 'tokenizer'} cannot be loaded")):
+    with pytest.raises(DataError, match=re.escape(f"{path} is missing") + r".*" + again):
         verify_shards(d)
+    m = read_manifest(d)
+    del m["tokenizer"]["files"]
+    (d / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+    verify_shards(d)
 
 
 def _both_refuse(d, split: str, message: str) -> None:

@@ -197,7 +197,7 @@ def _prepare_locked(config: DataConfig, out: Path, progress: bool) -> None:
         size = tokenizer_size(tokenizer)
         manifest = {"format": FORMAT_VERSION, "complete": False, "spec": config.spec(),
                     "tokenizer": {"dir": "tokenizer", "sha256": tokenizer_hash(tokenizer), "size": size,
-                                  "eos_id": tokenizer.eos_token_id},
+                                  "eos_id": tokenizer.eos_token_id, "files": _file_records(out / "tokenizer")},
                     "dtype": token_dtype(size).name, "documents_read": 0, "text": TextStats().to_dict(),
                     "bytes_read": 0, "seconds": 0.0, "splits": {s: {"shards": []} for s in SPLITS},
                     "warnings": warnings}
@@ -380,6 +380,23 @@ def _check_size(data_dir: Path, file: str, size: int | None) -> None:
                         f"{_prepare_again(data_dir)}")
 
 
+def _check_hash(data_dir: Path, file: str, sha256: str) -> None:
+    """A :class:`DataError` naming ``data_dir/file`` when its sha256 is not ``sha256`` (or it cannot be read)."""
+    try:
+        actual = file_sha256(data_dir / file)
+    except OSError as err:
+        raise DataError(f"{data_dir / file} cannot be read ({err}); {_prepare_again(data_dir)}") from None
+    if actual != sha256:
+        raise DataError(f"{data_dir / file} is altered: its sha256 differs from the manifest's; "
+                        f"{_prepare_again(data_dir)}")
+
+
+def _file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of the files of ``directory`` (the tokenizer's, written just before)."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(directory.iterdir()) if p.is_file() and not is_bookkeeping(p)}
+
+
 def _load_index(data_dir: Path, shard: dict[str, Any]) -> np.ndarray:
     """The document end offsets of ``shard``; a :class:`DataError` naming the file when it cannot be read or does
     not hold one offset per document of the manifest."""
@@ -416,32 +433,22 @@ def verify_shards(data_dir: str | Path, splits: Iterable[str] = SPLITS) -> None:
     for shard in shards:
         for file, _, sha256 in _shard_files(manifest, shard):
             if sha256 is not None:
-                try:
-                    actual = file_sha256(data_dir / file)
-                except OSError as err:
-                    raise DataError(f"{data_dir / file} cannot be read ({err}); {_prepare_again(data_dir)}") from None
-                if actual != sha256:
-                    raise DataError(f"{data_dir / file} is altered: its sha256 differs from the manifest's; "
-                                    f"{_prepare_again(data_dir)}")
+                _check_hash(data_dir, file, sha256)
             elif file.endswith(_SUFFIX["idx"]):
                 _load_index(data_dir, shard)
     _verify_tokenizer(data_dir, manifest)
 
 
 def _verify_tokenizer(data_dir: Path, manifest: dict[str, Any]) -> None:
-    """The tokenizer beside the shards is the one that made them (the manifest's hash): ids mean the same tokens."""
+    """The tokenizer beside the shards is the one that made them (ids mean the same tokens): its files against the
+    sizes and sha256s that the manifest recorded. Bytes, not the tokenizer's re-serialisation, so that a newer
+    ``tokenizers`` writing the same tokenizer differently is not taken for a change. Manifests from before the
+    tokenizer's files were recorded are not checked here (export still compares the checkpoint's hash)."""
     recorded = manifest.get("tokenizer", {})
-    if not recorded.get("sha256"):
-        return
-    path = data_dir / recorded.get("dir", "tokenizer")
-    try:
-        tokenizer = load_tokenizer(path)
-    except Exception as err:  # missing or unreadable files: whatever transformers raises, named here
-        raise DataError(f"{path} cannot be loaded ({type(err).__name__}: {str(err)[:200]}); "
-                        f"{_prepare_again(data_dir)}") from None
-    if tokenizer_hash(tokenizer) != recorded["sha256"]:
-        raise DataError(f"{path} is altered: it is not the tokenizer that made these shards (its hash differs from "
-                        f"the manifest's); {_prepare_again(data_dir)}")
+    for name, expect in sorted(recorded.get("files", {}).items()):
+        file = f"{recorded.get('dir', 'tokenizer')}/{name}"
+        _check_size(data_dir, file, expect["bytes"])
+        _check_hash(data_dir, file, expect["sha256"])
 
 
 class TokenShards:
