@@ -2,10 +2,11 @@
 """Load on ``helmlm serve``: ``--clients`` concurrent streaming completions, ``--rounds`` times, against the command
 started as a separate process on 127.0.0.1, with the official ``openai`` client.
 
-Prints one JSON line for a single request alone (the baseline, after one warm-up request), one per round, and a summary: wall seconds,
-generated tokens per second, time to first token and whole-request latency (median and p95), the server's resident
-memory after each round, and whether every streamed output equals the same request sent alone (seeded sampling).
-Greedy or seeded requests repeat exactly, so the outputs are checked, not just timed. Example:
+Prints one JSON line for a single request alone (the baseline, after one warm-up request), one per round, and a
+summary: wall seconds, generated tokens per second, time to first token and whole-request latency (median and
+p95), the server's resident memory after each round, and whether every streamed output equals the same request
+sent alone (seeded sampling). Greedy or seeded requests repeat exactly, so the outputs are checked, not just
+timed. Example:
 
     .venv/bin/python benchmarks/serve_load.py runs/models/demo-helm_d_tiny --clients 32 --rounds 3 --max-tokens 32
 """
@@ -16,16 +17,15 @@ import argparse
 import asyncio
 import os
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 
 import openai
 import psutil
 from harness import emit, loadavg, log
+
+from helmlm.serving import serve_process
 
 PROMPTS = ["The river", "Once upon a time", "The history of the", "In the morning", "She said that"]
 
@@ -42,27 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "helmlm", "serve", args.model_dir, "--port", str(port), "--name", "m",
-           "--threads", str(args.threads), "--max-queue", str(max(16, args.clients))]
-    if args.adapter:
-        cmd += ["--adapter", args.adapter]
-    # the server's own output goes to stderr: stdout carries only this script's JSON lines
-    proc = subprocess.Popen(cmd, stdout=sys.stderr, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"helmlm serve exited with {proc.returncode}")
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("helmlm serve did not start within 300 s")
+def server_args(args: argparse.Namespace) -> list[str]:
+    extra = ["--adapter", args.adapter] if args.adapter else []
+    return ["--name", "m", "--threads", str(args.threads), "--max-queue", str(max(16, args.clients)), *extra]
 
 
 async def one(api: openai.AsyncOpenAI, i: int, max_tokens: int) -> dict:
@@ -96,11 +78,12 @@ def p95(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    proc, url = start_server(args)
-    server = psutil.Process(proc.pid)
     common = {"model_dir": args.model_dir, "adapter": args.adapter, "threads": args.threads,
               "max_tokens": args.max_tokens, "command": shlex.join([sys.executable, *sys.argv])}
-    try:
+    # the server's own output goes to stderr: stdout carries only this script's JSON lines
+    with serve_process(args.model_dir, *server_args(args), stdout=sys.stderr,
+                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}) as (proc, url):
+        server = psutil.Process(proc.pid)
         run_round(url, [0], args.max_tokens)  # warm-up: the first request pays for lazy initialisation
         alone, wall = run_round(url, [0], args.max_tokens)
         emit({**common, "what": "alone", "tokens_per_s": round(alone[0]["tokens"] / wall, 1),
@@ -128,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
               "all_equal_to_alone": all(r["equal_to_alone"] for r in rounds),
               "rss_mb_first_last": [rounds[0]["rss_mb"], rounds[-1]["rss_mb"]],
               "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rounds)})
-    finally:
-        proc.terminate()
-        proc.wait(60)
     return 0
 
 

@@ -12,25 +12,14 @@ waits for every streamed reply, and saves the window as a PNG. Example:
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from browser import chromium  # noqa: E402
+from browser import chromium, wait_for  # noqa: E402
 
-
-def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.time() + seconds
-    while not condition():
-        if time.time() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.1)
+from helmlm.serving import serve_process  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,24 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "helmlm", "serve", args.model_dir, "--port", str(port)]
-    server = subprocess.Popen(cmd + (["--adapter", args.adapter] if args.adapter else []), env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return True
-        except OSError:
-            if server.poll() is not None:
-                raise SystemExit(f"helmlm serve exited with {server.returncode}") from None
-            return False
-
-    try:
-        wait_for(up, 300, "the server")
+    extra = ["--adapter", args.adapter] if args.adapter else []
+    with serve_process(args.model_dir, *extra) as (_, url):
         width, height = map(int, args.size.split("x"))
         with tempfile.TemporaryDirectory() as profile, chromium(Path(profile), width, height) as page:
             def state() -> str:
@@ -84,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for(lambda n=n: len(page.find_elements(By.CSS_SELECTOR, ".msg.assistant")) > n
                          and state() == "ready", 600, "the reply")
             page.save_screenshot(args.out)
-        print(f"wrote {args.out}")
-    finally:
-        server.terminate()
-        server.wait(60)
+    print(f"wrote {args.out}")
     return 0
 
 

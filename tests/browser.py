@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,15 @@ def need_chromium() -> None:
         if os.environ.get("HELMLM_REQUIRE_BROWSER") == "1":
             pytest.fail(message)
         pytest.skip(message)
+
+
+def wait_for(condition, seconds: float = 30, what: str = "the condition") -> None:
+    """Poll ``condition()`` every 50 ms until it is true; ``TimeoutError`` naming ``what`` after ``seconds``."""
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

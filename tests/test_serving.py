@@ -21,12 +21,13 @@ import torch
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import uvicorn  # noqa: E402
+from browser import wait_for  # noqa: E402
 
 from helmlm.data.tokenizer import train_bpe  # noqa: E402
 from helmlm.generation import SamplingSettings, complete  # noqa: E402
 from helmlm.models import HELMForCausalLM, load_config  # noqa: E402
 from helmlm.models.hf import save_model_dir  # noqa: E402
-from helmlm.serving import load_engine  # noqa: E402
+from helmlm.serving import free_port, load_engine, serve_process  # noqa: E402
 from helmlm.serving.api import create_app  # noqa: E402
 from helmlm.serving.chat import chat_prompt  # noqa: E402
 from helmlm.serving.engine import Job  # noqa: E402
@@ -51,7 +52,7 @@ def model_dir(tmp_path_factory, tokenizer):
 @contextlib.contextmanager
 def running(engine, api_key: str | None = None):
     """The API over ``engine`` on a free port of 127.0.0.1, in a thread; yields its URL."""
-    uv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=_free_port(),
+    uv = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=free_port(),
                                        log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -374,13 +375,6 @@ def slow_decoding(monkeypatch):
     return ended
 
 
-def _wait_for(condition, seconds: float = 30, what: str = "the condition"):
-    deadline = time.time() + seconds
-    while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, slow_decoding):
     engine, url = server
     ids = engine.tokenizer("the sea", add_special_tokens=False).input_ids
@@ -393,7 +387,7 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, slow_
     chunks = iter(stream)
     next(chunks), next(chunks)
     stream.close()  # the client goes away mid-stream
-    _wait_for(lambda: slow_decoding, what="the decoding to end")
+    wait_for(lambda: slow_decoding, what="the decoding to end")
     outcome, sent = slow_decoding[-1]
     assert outcome == "CancelledError" and sent < stats["tokens"] // 2, slow_decoding
     again = client(url).completions.create(model="tiny-helm", prompt="the sea", max_tokens=3, temperature=0)
@@ -427,11 +421,11 @@ def test_the_page_in_headless_chromium(server, slow_decoding, tmp_path):
         def say(text: str):
             n = len(replies())
             find("prompt").send_keys(text, Keys.ENTER)
-            _wait_for(lambda: len(replies()) == n + 1 and state() == "ready", 60, "the reply")
+            wait_for(lambda: len(replies()) == n + 1 and state() == "ready", 60, "the reply")
             return replies()[-1]
 
         page.get(url + "/")
-        _wait_for(lambda: state() == "ready", what="the page to load")
+        wait_for(lambda: state() == "ready", what="the page to load")
         assert find("model").text == "tiny-helm" and page.title == "tiny-helm · helmlm"
         assert find("context").text == f"context {engine.context} tokens"
         assert [find(i).get_attribute("value") for i in ("temperature", "top_p", "max_tokens", "seed")] == \
@@ -473,19 +467,19 @@ def test_the_page_in_headless_chromium(server, slow_decoding, tmp_path):
         set_value("max_tokens", room)
         slow_decoding.clear()
         find("prompt").send_keys("the time", Keys.ENTER)
-        _wait_for(lambda: replies() and len(replies()[-1].get_attribute("textContent")) > 3, what="a partial reply")
+        wait_for(lambda: replies() and len(replies()[-1].get_attribute("textContent")) > 3, what="a partial reply")
         find("stop").click()
-        _wait_for(lambda: state() == "ready", what="the page after Stop")
+        wait_for(lambda: state() == "ready", what="the page after Stop")
         cut = replies()[-1]
         assert cut.get_attribute("data-finish") == "stopped"
         full = expected(engine, ids, room, stop=stop)
-        _wait_for(lambda: slow_decoding, what="the server to stop decoding")
+        wait_for(lambda: slow_decoding, what="the server to stop decoding")
         assert slow_decoding[-1][0] == "CancelledError"
         assert full.startswith(cut.get_attribute("textContent"))
 
         with running(engine) as open_url:  # a server without a key: the page does not ask for one
             page.get(open_url + "/")
-            _wait_for(lambda: state() == "ready", what="the page to load")
+            wait_for(lambda: state() == "ready", what="the page to load")
             assert not find("api_key").is_displayed() and find("model").text == "tiny-helm"
 
     png = (tmp_path / "page.png").read_bytes()
@@ -582,30 +576,13 @@ def test_helmlm_chat_through_a_pseudo_terminal(server, model_dir):
     assert child.exitstatus == 0, child.before
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_cli_server(model_dir, *extra: str):
+def _cli_server(model_dir, *extra: str):
+    """``helmlm serve`` as a process, one torch thread, its stderr kept for the assertions."""
     import os
     import subprocess
-    import sys
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "helmlm", "serve", str(model_dir), "--port", str(port),
-                             "--threads", "1", *extra], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
-    raise AssertionError("the server did not start")
+    return serve_process(model_dir, "--threads", "1", *extra, timeout=60, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_serve_refuses_a_port_in_use_before_loading_the_model(tmp_path):
@@ -628,8 +605,7 @@ def test_load_32_concurrent_streams_for_3_rounds(model_dir):
     """``helmlm serve`` from the command line: 32 concurrent streaming requests, 3 rounds; every request completes
     and equals its sequential run, and the server's memory after round 3 is within 10% (or 20 MB) of round 1's."""
     psutil = pytest.importorskip("psutil")
-    proc, url = _start_cli_server(model_dir, "--max-queue", "32", "--name", "m")
-    try:
+    with _cli_server(model_dir, "--max-queue", "32", "--name", "m") as (proc, url):
         async def one(api, seed: int) -> str:
             stream = await api.completions.create(model="m", prompt="the river", max_tokens=6, temperature=1.0,
                                                   seed=seed, stream=True)
@@ -647,23 +623,20 @@ def test_load_32_concurrent_streams_for_3_rounds(model_dir):
                                                      seed=seed).choices[0].text for seed in range(32)]
         assert outputs[0] == outputs[1] == outputs[2] == sequential
         assert memory[2] - memory[0] <= max(0.1 * memory[0], 20e6), memory
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight_and_exits_cleanly(model_dir):
-    proc, url = _start_cli_server(model_dir, "--name", "m")
-    api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-    stream = api.completions.create(model="m", prompt="the sea", max_tokens=40, temperature=0, stream=True)
-    first = next(iter(stream))  # the request is in flight
-    proc.send_signal(__import__("signal").SIGTERM)
-    rest = [c.choices[0].text for c in stream]  # it finishes (or ends cleanly), no broken stream
-    assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
-    assert first.choices[0].text + "".join(rest) == expected_text(model_dir, "the sea", 40)
-    with pytest.raises(OSError):
-        urllib.request.urlopen(url + "/health", timeout=2)
+    with _cli_server(model_dir, "--name", "m") as (proc, url):
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        stream = api.completions.create(model="m", prompt="the sea", max_tokens=40, temperature=0, stream=True)
+        first = next(iter(stream))  # the request is in flight
+        proc.send_signal(__import__("signal").SIGTERM)
+        rest = [c.choices[0].text for c in stream]  # it finishes (or ends cleanly), no broken stream
+        assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
+        assert first.choices[0].text + "".join(rest) == expected_text(model_dir, "the sea", 40)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url + "/health", timeout=2)
 
 
 def expected_text(model_dir, prompt: str, max_tokens: int) -> str:

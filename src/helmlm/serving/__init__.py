@@ -4,6 +4,8 @@ uvicorn, sse-starlette)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -26,6 +28,49 @@ def check_address(host: str, port: int) -> None:
         except OSError as err:
             raise InputError(f"cannot listen on {host}:{port}: {err.strerror}; choose another --port, or stop what "
                              "is using it") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port of ``host`` that nothing listens on now (the system picks it)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(model_dir: str | Path, *args: str, timeout: float = 300.0, **popen) -> Iterator[tuple]:
+    """``helmlm serve MODEL_DIR ARGS`` as a process of its own on a free port of 127.0.0.1, for scripts and tests
+    that need a real server: yields ``(process, base URL)`` once it answers ``/health``, and stops it (SIGTERM,
+    then a wait) on leaving. ``popen`` goes to :class:`subprocess.Popen` (``env``, ``stdout``, ``stderr``...). A
+    process that exits before answering is a ``RuntimeError`` with its exit code and, when piped, its stderr."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "helmlm", "serve", str(model_dir), "--port", str(port), *args],
+                            **popen)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    said = proc.stderr.read() if proc.stderr else ""
+                    raise RuntimeError(f"helmlm serve exited with {proc.returncode} before serving: {said}") from None
+                if time.time() > deadline:
+                    raise RuntimeError(f"helmlm serve did not answer within {timeout:.0f} s") from None
+                time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(60)
 
 
 def load_model(model_dir: str | Path, adapter: str | Path | None = None):

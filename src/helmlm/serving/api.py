@@ -175,7 +175,7 @@ async def _respond(engine: Engine, body: Sampling, ids: list[int], stop: list[st
     meta = {"id": f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()), "model": engine.name}
     if body.stream:
-        return EventSourceResponse(_stream(engine, job, events, meta, kind, len(ids)), ping=15)
+        return EventSourceResponse(_stream(job, events, meta, kind), ping=15)
     try:
         while (event := await events.get())[0] != "done":
             pass
@@ -185,42 +185,40 @@ async def _respond(engine: Engine, body: Sampling, ids: list[int], stop: list[st
     _, text, err = event
     if err is not None:
         raise APIError(500, f"generation failed: {err}", type="server_error")
-    usage, finish = _usage(ids, job), job.stats["finish"]
+    usage, finish = _usage(job), job.stats["finish"]
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
               if kind.startswith("chat") else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
     return {**meta, "object": kind, "choices": [choice], "usage": usage}
 
 
-def _usage(ids: list[int], job: Job) -> dict[str, int]:
-    completion = job.stats["tokens"]
-    return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+def _usage(job: Job) -> dict[str, int]:
+    prompt, completion = len(job.prompt_ids), job.stats["tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _stream(engine: Engine, job: Job, events: asyncio.Queue, meta: dict, kind: str, n_prompt: int):
+async def _stream(job: Job, events: asyncio.Queue, meta: dict, kind: str):
     """Server-sent events in OpenAI's chunk format; the client going away cancels the job."""
     chat = kind.startswith("chat")
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
+    def chunk(piece: str | None, finish: str | None, first: bool = False) -> dict:
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": piece} if piece else {})
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
-        return json.dumps({**meta, "object": obj, "choices": [choice]})
+        return {**meta, "object": obj, "choices": [choice]}
 
     try:
         if chat:
-            yield {"data": chunk(None, None, first=True)}
+            yield {"data": json.dumps(chunk(None, None, first=True))}
         while (event := await events.get())[0] == "text":
-            yield {"data": chunk(event[1], None)}
+            yield {"data": json.dumps(chunk(event[1], None))}
         _, text, err = event
         if err is not None:
-            yield {"data": json.dumps({"error": {"message": f"generation failed: {err}", "type": "server_error",
-                                                 "param": None, "code": None}})}
+            yield {"data": json.dumps(APIError(500, f"generation failed: {err}", type="server_error").body)}
             return
-        usage, finish = _usage(job.prompt_ids, job), job.stats["finish"]
-        yield {"data": json.dumps({**json.loads(chunk(None, finish)), "usage": usage})}
+        yield {"data": json.dumps({**chunk(None, job.stats["finish"]), "usage": _usage(job)})}
         yield {"data": "[DONE]"}
     except asyncio.CancelledError:
         job.cancelled.set()

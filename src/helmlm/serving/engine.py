@@ -70,9 +70,7 @@ class Engine:
                 with torch.inference_mode():
                     text = complete(self.model, self.tokenizer, job.prompt_ids, job.settings, job.stop, on_text,
                                     stats=job.stats)
-            except CancelledError as err:
-                job.on_done(None, err)
-            except Exception as err:  # reported to the request that caused it; the worker goes on
+            except Exception as err:  # reported to the request that caused it (CancelledError too); the worker goes on
                 job.on_done(None, err)
             else:
                 job.on_done(text, None)
